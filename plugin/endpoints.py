@@ -1,0 +1,185 @@
+"""HTTP routes on vLLM's own port: the `vllm.endpoint_plugins` entry point.
+
+Runs in the API server process. vLLM loads this plugin only when `VLLM_PLUGINS` names "plasticity"
+(`plasticity serve` sets it). `attach_router` adds the routes; `init_state` builds the one
+`ServerState` object the routes share and asks the worker what it serves.
+
+vLLM's own `--api-key` middleware guards only /v1-style paths, so every route here depends on
+`require_api_key`, which checks the same keys (`--api-key` / VLLM_API_KEY) the same way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import secrets
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+
+from vllm_plasticity import __version__
+from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.train_routes import TrainingService, TrainRequest
+from vllm_plasticity.trainer_client import TrainerClient
+from vllm_plasticity.weight_sharing import sweep_stale_arenas
+
+router = APIRouter(tags=["plasticity"])
+
+
+class ServerState:
+    """Everything the plasticity routes share, created once per API server."""
+
+    def __init__(self, engine_client: Any, args: Namespace, config: PlasticityConfig) -> None:
+        self.engine_client = engine_client
+        self.args = args
+        self.config = config
+        self.model_path: str = str(getattr(args, "model", ""))
+        keys = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
+        keys = [keys] if isinstance(keys, str) else list(keys or [])
+        self.api_key_hashes = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self.worker_info: dict = {}
+        self.weight_manifest: dict | None = None
+        self.weight_manifest_path = None
+        self.training: TrainingService | None = None
+        self.training_unavailable: str | None = None
+
+    async def rpc(self, method: str, *args: Any) -> Any:
+        """Call a worker-extension verb on the (single) worker and return its result."""
+        if self.engine_client is None:
+            raise HTTPException(503, "no engine: this server has no model to act on")
+        results = await self.engine_client.collective_rpc(method, args=args)
+        return results[0]
+
+    async def start(self) -> None:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale_arenas()
+        try:
+            self.worker_info = await self.rpc("plasticity_info")
+        except Exception as exc:  # vLLM started without our --worker-extension-cls
+            self.worker_info = {"error": f"worker extension unavailable: {exc}"}
+            return
+        if self.config.share_weights:
+            self.weight_manifest = await self.rpc("plasticity_weight_manifest")
+            if self.weight_manifest is not None:
+                path = self.config.state_dir / f"weights-{self.weight_manifest['pid']}.json"
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.weight_manifest))
+                os.replace(tmp, path)
+                self.weight_manifest_path = path
+            # vLLM's workers do not always run their exit handlers on shutdown; the API server does
+            # (uvicorn handles SIGTERM/SIGINT), so it removes the shared files it was told about.
+            atexit.register(self.remove_shared_files)
+        if self.config.training:
+            self._start_training()
+
+    def _start_training(self) -> None:
+        if self.weight_manifest_path is None:
+            self.training_unavailable = (f"training needs weights shared in place, and {self.worker_info.get('architecture')} "
+                                         "does not share them (serve a Llama/Qwen2/Qwen3 model with plasticity serve)")
+            return
+        model_config = self.engine_client.model_config
+        trainer = TrainerClient(self.config.state_dir, self.weight_manifest_path, self.model_path)
+        atexit.register(trainer.kill)  # the trainer is our child: stopped by PID with the server
+        self.training = TrainingService(self.engine_client, trainer, model_config.get_vocab_size(),
+                                        model_config.max_model_len)
+        self.training.start()
+
+    def remove_shared_files(self) -> None:
+        arena = (self.weight_manifest or {}).get("arena")
+        for path in (arena, self.weight_manifest_path):
+            if path:
+                Path(path).unlink(missing_ok=True)
+
+
+def get_state(request: Request) -> ServerState:
+    state = getattr(request.app.state, "plasticity", None)
+    if state is None:
+        raise HTTPException(503, "plasticity is not initialised yet")
+    return state
+
+
+def require_api_key(request: Request, state: ServerState = Depends(get_state)) -> ServerState:
+    """401 unless the request carries one of the server's API keys (when it has any)."""
+    if state.api_key_hashes:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.encode()).digest()
+        if scheme.lower() != "bearer" or not any(secrets.compare_digest(digest, h) for h in state.api_key_hashes):
+            raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+    return state
+
+
+def require_training(state: ServerState = Depends(require_api_key)) -> TrainingService:
+    if not state.config.training:
+        raise HTTPException(403, "training is disabled on this server: start it with `plasticity serve --training` "
+                                 "(or PLASTICITY_TRAINING=1)")
+    if state.training is None:
+        raise HTTPException(503, state.training_unavailable or "training is not available")
+    return state.training
+
+
+@router.post("/train")
+async def train(req: TrainRequest, training: TrainingService = Depends(require_training)) -> dict:
+    """Train the served model in place on token IDs; loss on the continuation only.
+
+    Body: {"samples": [{"context_ids": [...], "continuation_ids": [...]}], "steps": 1, "optimizer": {...},
+    "params": {...}, "force": false, "wait": true, "pause": false, "context_mode": "masked"}, or the
+    single-sample shorthand {"context_ids": [...], "continuation_ids": [...]}.
+    """
+    training.validate(req)
+    job = training.submit(req)
+    if not req.wait:
+        return job.summary()
+    await job.done.wait()
+    if job.http_status >= 400:
+        raise HTTPException(job.http_status, f"{job.id}: {job.error}")
+    return job.summary()
+
+
+@router.get("/train/status")
+async def train_status(training: TrainingService = Depends(require_training)) -> dict:
+    """Trainer state (starting, ready, busy, failed, stopped), weight version, queue and recent jobs."""
+    return training.status()
+
+
+@router.get("/train/status/{job_id}")
+async def train_job_status(job_id: str, training: TrainingService = Depends(require_training)) -> dict:
+    """One job: loss per step, timings, outcome."""
+    job = training.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r} (the server keeps the most recent jobs only)")
+    return job.detail()
+
+
+@router.get("/plasticity/info")
+async def info(state: ServerState = Depends(require_api_key)) -> dict:
+    """Plugin version, what is served, and which features this server has enabled."""
+    return {
+        "version": __version__,
+        "model": state.model_path,
+        **{k: state.worker_info.get(k) for k in ("architecture", "dtype", "device", "num_parameters")},
+        "plasticity_architecture": bool(state.worker_info.get("plasticity_architecture")),
+        "weights_shareable": bool(state.worker_info.get("weights_shareable")),
+        "weight_manifest": str(state.weight_manifest_path) if state.weight_manifest_path else None,
+        "features": state.config.features(),
+        "state_dir": str(state.config.state_dir),
+        **({"error": state.worker_info["error"]} if "error" in state.worker_info else {}),
+    }
+
+
+class PlasticityEndpoints:
+    """The `vllm.endpoint_plugins` factory vLLM instantiates (see vllm/plugins/endpoint_plugins)."""
+
+    name = "plasticity"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        server = ServerState(engine_client, args, PlasticityConfig.from_env())
+        state.plasticity = server
+        await server.start()

@@ -1,0 +1,134 @@
+"""Start, wait for and stop a `vllm serve` process: used by the demo, the tests and the benchmarks.
+
+Runs in the caller's process. The server runs in its own process group so that stopping it by PID also
+reaches vLLM's engine-core and worker processes, and a stop always ends with the group gone.
+
+    >>> server = ServerProcess.plasticity(model_dir, port=8123, extra_args=["--dtype", "float32"])
+    >>> try:
+    ...     server.wait_ready()
+    ...     print(requests.get(server.url + "/plasticity/info").json())
+    ... finally:
+    ...     server.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from vllm_plasticity.weight_sharing import sweep_stale_arenas
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """One vLLM OpenAI server process (and its process group)."""
+
+    def __init__(self, cmd: list[str], port: int, env: dict[str, str], log_path: str | os.PathLike | None = None) -> None:
+        """Start `cmd` (which serves on `port`) with exactly the environment `env`."""
+        self.cmd, self.port = cmd, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path) if log_path else None
+        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+
+    @classmethod
+    def plasticity(cls, model: str | os.PathLike, port: int | None = None, extra_args: list[str] = (),
+                   env: dict[str, str] | None = None, log_path=None) -> "ServerProcess":
+        """`plasticity serve MODEL --port PORT EXTRA_ARGS...` with the plugin fully enabled."""
+        port = port or free_port()
+        cmd = [sys.executable, "-m", "vllm_plasticity.cli", "serve", str(model), "--port", str(port), *extra_args]
+        return cls(cmd, port, {**os.environ, **(env or {})}, log_path)
+
+    @classmethod
+    def stock(cls, model: str | os.PathLike, port: int | None = None, extra_args: list[str] = (),
+              env: dict[str, str] | None = None, log_path=None) -> "ServerProcess":
+        """Plain vLLM with the plugin installed but not enabled (no VLLM_PLUGINS, stock architecture)."""
+        port = port or free_port()
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port), *extra_args]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PLASTICITY_") and k != "VLLM_PLUGINS"}
+        if not _cuda():  # the same two CPU settings `plasticity serve` makes (see cli.py)
+            base.setdefault("VLLM_TARGET_DEVICE", "cpu")
+            base.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        return cls(cmd, port, {**base, **(env or {})}, log_path)
+
+    def log_tail(self, n: int = 40) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_ready(self, timeout: float = 600.0, progress=None) -> None:
+        """Block until /health answers 200; raise ServerError (with the log's tail) if it dies first.
+
+        `progress(seconds_waited)` is called about every 15 s, for callers that show a long start.
+        """
+        start = time.monotonic()
+        deadline, next_note = start + timeout, start + 15
+        while time.monotonic() < deadline:
+            if progress and time.monotonic() >= next_note:
+                progress(time.monotonic() - start)
+                next_note += 15
+            if self.proc.poll() is not None:
+                raise ServerError(f"vLLM exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise ServerError(f"vLLM was not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the server, wait up to `grace` seconds, then SIGKILL whatever is left of its group."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # engine core and workers share the group
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        _wait_group_gone(self.pid)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+        sweep_stale_arenas()
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False

@@ -1,0 +1,82 @@
+"""The registered architectures: vLLM's Llama, Qwen2 and Qwen3 whose weights stay real, shareable tensors.
+
+Runs in vLLM's worker process (loaded by "module:Class" string from `register()`).
+
+Stock vLLM on CPU repacks every linear weight for oneDNN after loading and drops `layer.weight` (shape
+[0]); `lm_head` keeps its tensor but multiplies with a packed copy. Either way a write to the weight
+tensor from another process changes nothing. These subclasses keep vLLM's signatures, parameter names
+and `packed_modules_mapping` (the trainer's view builder relies on them) and change two things:
+  1. every linear layer carries vLLM's own `_cpu_skip_gemm_dispatch` flag (made for MLA's kv_b_proj),
+     so it keeps its weight and multiplies with `F.linear` on it;
+  2. the embedding / lm_head quant method does the same for the logits matmul;
+and, when PLASTICITY_SHARE_WEIGHTS (or PLASTICITY_TRAINING) is set, `load_weights` moves the loaded
+weights into a shared-memory arena on CPU (see weight_sharing.py). On CUDA weights are left where they
+are and exported as IPC handles by the worker extension.
+
+Outputs equal the stock classes' (tests/test_foundation.py checks prompt_logprobs within 1e-5 in fp32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.linear import LinearBase
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    UnquantizedEmbeddingMethod,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.platforms import current_platform
+
+from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.weight_sharing import WeightManifest, share_cpu_parameters
+
+
+class PlainEmbeddingMethod(UnquantizedEmbeddingMethod):
+    """Unquantized embedding / lm_head whose logits matmul reads `layer.weight` itself on CPU."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if current_platform.is_cpu():
+            # vLLM's CPU path would build a packed copy here (dispatch_cpu_unquantized_gemm).
+            layer.cpu_linear = F.linear
+
+
+def keep_weights_in_place(model: torch.nn.Module) -> None:
+    """Mark `model`'s layers so no weight is repacked, copied or dropped after loading."""
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module._cpu_skip_gemm_dispatch = True
+        elif isinstance(module, VocabParallelEmbedding) and type(module.quant_method) is UnquantizedEmbeddingMethod:
+            module.quant_method = PlainEmbeddingMethod()
+
+
+class SharedWeightsMixin:
+    """Mixed in front of a vLLM causal LM: weights stay in place and, if enabled, become shareable."""
+
+    plasticity_manifest: WeightManifest | None = None
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        keep_weights_in_place(self)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        if PlasticityConfig.from_env().share_weights and current_platform.is_cpu():
+            self.plasticity_manifest = share_cpu_parameters(self)
+        return loaded
+
+
+class PlasticityLlamaForCausalLM(SharedWeightsMixin, LlamaForCausalLM):
+    pass
+
+
+class PlasticityQwen2ForCausalLM(SharedWeightsMixin, Qwen2ForCausalLM):
+    pass
+
+
+class PlasticityQwen3ForCausalLM(SharedWeightsMixin, Qwen3ForCausalLM):
+    pass

@@ -1,0 +1,251 @@
+"""Online training jobs behind POST /train and GET /train/status (routes in endpoints.py).
+
+Runs in the API server process. Requests are validated here (types, vocabulary, lengths, optimizer keys,
+non-finite numbers) before anything reaches the trainer, so bad input gets a 4xx with the reason and
+changes nothing. Accepted jobs go into one queue; a single asyncio task drives them step by step:
+
+    begin_job -> [pause generation?] step [reset prefix cache, resume] x steps -> end_job
+
+Resetting vLLM's prefix cache after every step means no later request reuses KV computed with the old
+weights (running requests are preempted and recomputed if they hold cached blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+import uuid
+from typing import Literal
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+from vllm_plasticity.trainer_client import TrainerClient, TrainerUnavailable
+
+MAX_STEPS = 1000
+RECENT_JOBS = 50
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Sample(Strict):
+    context_ids: list[StrictInt] = Field(min_length=1, description="conditioning tokens (no loss)")
+    continuation_ids: list[StrictInt] = Field(min_length=1, description="tokens the loss is on")
+
+
+class OptimizerSettings(Strict):
+    """APOLLO settings; omitted keys keep the trainer's defaults (see DESIGN.md)."""
+
+    lr: float | None = Field(None, gt=0)
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_steps: StrictInt | None = Field(None, ge=0)
+    rank: StrictInt | None = Field(None, ge=1)
+    scale: float | None = Field(None, gt=0)
+    proj_refresh: StrictInt | None = Field(None, ge=1)
+    norm_growth_limit: float | None = Field(None, ge=1)
+    mini: StrictBool | None = None
+    grad_clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self):
+        if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        return self
+
+
+class ParamsFilter(Strict):
+    """Which weights train: all by default; `layers` [first, last] limits to those decoder layers."""
+
+    layers: tuple[StrictInt, StrictInt] | None = None
+    attention: StrictBool = True
+    mlp: StrictBool = True
+    embeddings: StrictBool = True
+    norms: StrictBool = True
+
+    @model_validator(mode="after")
+    def _layer_range(self):
+        if self.layers is not None and not 0 <= self.layers[0] <= self.layers[1]:
+            raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
+        return self
+
+
+class TrainRequest(Strict):
+    samples: list[Sample] | None = Field(None, min_length=1)
+    context_ids: list[StrictInt] | None = Field(None, min_length=1, description="single-sample shorthand")
+    continuation_ids: list[StrictInt] | None = Field(None, min_length=1, description="single-sample shorthand")
+    steps: StrictInt = Field(1, ge=1, le=MAX_STEPS)
+    optimizer: OptimizerSettings = OptimizerSettings()
+    params: ParamsFilter = ParamsFilter()
+    force: StrictBool = Field(False, description="train even on samples already trained on")
+    wait: StrictBool = Field(True, description="answer when the job ends (false: answer with the job id at once)")
+    pause: StrictBool = Field(False, description="pause generation around each optimizer step")
+    context_mode: Literal["masked", "no_grad"] = "masked"
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        single = self.context_ids is not None or self.continuation_ids is not None
+        if single and self.samples is not None:
+            raise ValueError("give either samples or context_ids + continuation_ids, not both")
+        if single:
+            if self.context_ids is None or self.continuation_ids is None:
+                raise ValueError("the shorthand needs both context_ids and continuation_ids")
+            self.samples = [Sample(context_ids=self.context_ids, continuation_ids=self.continuation_ids)]
+        if self.samples is None:
+            raise ValueError("no samples: give samples, or context_ids + continuation_ids")
+        return self
+
+
+class TrainJob:
+    """One /train request's life: queued, running, then succeeded or failed."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request: TrainRequest) -> None:
+        self.id = f"train-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        self.request = request
+        self.status = "queued"
+        self.losses: list[float] = []
+        self.step_seconds: list[float] = []
+        self.tokens = 0
+        self.skipped_duplicates = 0
+        self.weight_version: int | None = None
+        self.error: str | None = None
+        self.http_status = 200
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.done = asyncio.Event()
+
+    def summary(self) -> dict:
+        return {"job_id": self.id, "status": self.status, "steps": len(self.losses), "losses": self.losses,
+                "tokens": self.tokens, "weight_version": self.weight_version,
+                "skipped_duplicates": self.skipped_duplicates, **({"error": self.error} if self.error else {})}
+
+    def detail(self) -> dict:
+        return {**self.summary(), "requested_steps": self.request.steps, "samples": len(self.request.samples),
+                "step_seconds": self.step_seconds, "created": self.created, "started": self.started,
+                "finished": self.finished}
+
+
+class TrainingService:
+    """The job queue and its single runner task; owns the TrainerClient."""
+
+    def __init__(self, engine_client, trainer: TrainerClient, vocab_size: int, max_model_len: int) -> None:
+        self.engine_client, self.trainer = engine_client, trainer
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.queue: asyncio.Queue[TrainJob] = asyncio.Queue()
+        self.jobs: collections.OrderedDict[str, TrainJob] = collections.OrderedDict()
+        self.weight_version: int | None = None
+        self.current: TrainJob | None = None
+        self._runner: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+        asyncio.get_running_loop().create_task(self._start_trainer())
+
+    async def _start_trainer(self) -> None:
+        try:
+            await self.trainer.ensure_started()
+            self.weight_version = (await self.trainer.request({"op": "ping"})).get("weight_version")
+        except Exception:  # reported through /train/status; the next job retries
+            pass
+
+    def validate(self, req: TrainRequest) -> None:
+        for i, s in enumerate(req.samples):
+            ids = s.context_ids + s.continuation_ids
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise HTTPException(400, f"samples[{i}]: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            if len(ids) > self.max_model_len:
+                raise HTTPException(400, f"samples[{i}]: context + continuation is {len(ids)} tokens, "
+                                         f"more than the model's maximum length {self.max_model_len}")
+
+    def submit(self, req: TrainRequest) -> TrainJob:
+        job = TrainJob(req)
+        self.jobs[job.id] = job
+        while len(self.jobs) > RECENT_JOBS and next(iter(self.jobs.values())).done.is_set():
+            self.jobs.popitem(last=False)
+        self.queue.put_nowait(job)
+        return job
+
+    async def _run(self) -> None:
+        while True:
+            job = await self.queue.get()
+            self.current = job
+            try:
+                await self._run_job(job)
+            except Exception as exc:  # never let one job kill the runner
+                job.status, job.error, job.http_status = "failed", f"{type(exc).__name__}: {exc}", 500
+            finally:
+                job.finished = time.time()
+                self.current = None
+                job.done.set()
+
+    async def _reset_prefix_cache(self) -> None:
+        # Without preemption first; if running requests hold cached blocks, preempt and recompute them.
+        if not await self.engine_client.reset_prefix_cache():
+            await self.engine_client.reset_prefix_cache(reset_running_requests=True)
+
+    async def _run_job(self, job: TrainJob) -> None:
+        req = job.request
+        job.status, job.started = "running", time.time()
+        try:
+            await self.trainer.ensure_started()
+        except TrainerUnavailable as exc:
+            job.status, job.error, job.http_status = "failed", str(exc), 503
+            return
+        self.trainer.state = "busy"
+        try:
+            begin = await self.trainer.request({
+                "op": "begin_job", "samples": [s.model_dump() for s in req.samples],
+                "optimizer": req.optimizer.model_dump(exclude_none=True), "params": req.params.model_dump(),
+                "force": req.force, "context_mode": req.context_mode,
+                "weight_version": self.weight_version or 0})
+            if not begin["ok"]:
+                job.status, job.error, job.http_status = "rejected", begin["error"], begin["status"]
+                return
+            job.tokens, job.skipped_duplicates = begin["tokens"], begin["skipped_duplicates"]
+            success = False
+            try:
+                for _ in range(req.steps if begin["samples"] else 0):
+                    if req.pause:
+                        await self.engine_client.pause_generation(mode="keep", clear_cache=False)
+                    try:
+                        reply = await self.trainer.request({"op": "step"})
+                        if reply["ok"]:
+                            await self._reset_prefix_cache()
+                    finally:
+                        if req.pause:
+                            await self.engine_client.resume_generation()
+                    if not reply["ok"]:
+                        job.status, job.error, job.http_status = "rejected" if not job.losses else "failed", reply["error"], reply["status"]
+                        return
+                    job.losses.append(reply["loss"])
+                    job.step_seconds.append(reply["seconds"])
+                    job.weight_version = self.weight_version = reply["weight_version"]
+                success = True
+            finally:
+                if self.trainer.alive():
+                    end = await self.trainer.request({"op": "end_job", "success": success})
+                    job.weight_version = self.weight_version = end.get("weight_version", self.weight_version)
+            job.status = "succeeded"
+        except TrainerUnavailable as exc:
+            job.status, job.error, job.http_status = "failed", str(exc), 503
+        finally:
+            if self.trainer.state == "busy":
+                self.trainer.state = "ready"
+
+    def status(self) -> dict:
+        t = self.trainer
+        return {"trainer": {"state": t.state, "pid": t.pid, "restarts": max(0, t.restarts - 1),
+                            "last_error": t.last_error, "log": str(t.log_path)},
+                "weight_version": self.weight_version,
+                "current_job": self.current.id if self.current else None,
+                "queue": [j.id for j in self.jobs.values() if j.status == "queued"],
+                "recent_jobs": [j.summary() for j in reversed(self.jobs.values())][:10]}

@@ -1,0 +1,119 @@
+"""Shared fixtures: the built-in model, and real vLLM servers started once per test session.
+
+This machine has 2 cores: at most one vLLM engine runs at a time. `Servers` holds at most one server
+and stops it before starting another; tests that need the stock server are ordered first so each kind
+of server starts once per session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import requests
+
+from vllm_plasticity.launcher import ServerProcess
+from vllm_plasticity.weight_sharing import SHM_DIR, ARENA_PREFIX
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "plasticity-test-key"
+# fp32 end to end: parity tests compare log-probs within 1e-5.
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16"]
+
+
+def pytest_collection_modifyitems(config, items):
+    # Stock-server tests first: the stock engine then runs once and is gone before the plugin's starts.
+    items.sort(key=lambda item: 0 if "stock_reference" in getattr(item, "fixturenames", ()) else 1)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    from plasticity_training.default_model import default_model_path
+
+    return default_model_path(log=print)
+
+
+class Servers:
+    """At most one running vLLM server; `start` stops the previous one first."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.current: ServerProcess | None = None
+
+    def start(self, name: str, factory) -> ServerProcess:
+        self.stop()
+        server = factory(log_path=self.log_dir / f"{name}.log")
+        self.current = server
+        server.wait_ready()
+        return server
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    s = Servers(tmp_path_factory.mktemp("server-logs"))
+    yield s
+    s.stop()
+    leftovers = list(SHM_DIR.glob(ARENA_PREFIX + "*"))
+    assert not leftovers, f"shared-memory files left behind: {leftovers}"
+
+
+def completion(url: str, model: str, prompt, api_key: str | None = None, **body) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = requests.post(url + "/v1/completions", headers=headers, timeout=120,
+                      json={"model": model, "prompt": prompt, "temperature": 0, **body})
+    r.raise_for_status()
+    return r.json()
+
+
+def prompt_logprobs(url: str, model: str, token_ids: list[int], api_key: str | None = None) -> list[float]:
+    """vLLM's log-prob of each prompt token given the ones before it (positions 1..n-1)."""
+    out = completion(url, model, token_ids, api_key, max_tokens=1, prompt_logprobs=0)
+    entries = out["choices"][0]["prompt_logprobs"]
+    return [entries[i][str(t)]["logprob"] for i, t in enumerate(token_ids) if i > 0]
+
+
+PROBE_PROMPTS = ["The story begins at the door of the old house", "She read the paper twice and"]
+
+
+@pytest.fixture(scope="session")
+def probe_token_ids(default_model) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model)
+    return [tok(p)["input_ids"] for p in PROBE_PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def stock_reference(servers, default_model, probe_token_ids) -> dict:
+    """Run stock vLLM (plugin installed, not enabled) once; keep what later tests compare against."""
+    server = servers.start("stock", lambda log_path: ServerProcess.stock(default_model, extra_args=SERVER_ARGS, log_path=log_path))
+    model = str(default_model)
+    ref = {
+        "completion": completion(server.url, model, PROBE_PROMPTS[0], max_tokens=16)["choices"][0]["text"],
+        "info_status": requests.get(server.url + "/plasticity/info", timeout=10).status_code,
+        "train_status": requests.post(server.url + "/train", json={}, timeout=10).status_code,
+        "prompt_logprobs": [prompt_logprobs(server.url, model, ids) for ids in probe_token_ids],
+        "models": requests.get(server.url + "/v1/models", timeout=10).json(),
+    }
+    servers.stop()
+    return ref
+
+
+@pytest.fixture(scope="session")
+def plasticity_server(servers, default_model, tmp_path_factory) -> ServerProcess:
+    """The plugin-enabled server every integration test shares (training on, so weights are shared; API key on)."""
+    state_dir = tmp_path_factory.mktemp("state")
+    args = [*SERVER_ARGS, "--training", "--api-key", API_KEY, "--state-dir", str(state_dir)]
+    server = servers.start("plasticity", lambda log_path: ServerProcess.plasticity(default_model, extra_args=args, log_path=log_path))
+    server.state_dir = state_dir
+    return server
+
+
+@pytest.fixture(scope="session")
+def auth() -> dict:
+    return {"Authorization": f"Bearer {API_KEY}"}

@@ -1,0 +1,46 @@
+"""`plasticity serve` command construction (pure: no vLLM started)."""
+
+from __future__ import annotations
+
+import json
+
+from vllm_plasticity import WORKER_EXTENSION
+from vllm_plasticity.cli import build_serve_command
+
+
+def _model_dir(tmp_path, arch="LlamaForCausalLM"):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    return str(tmp_path)
+
+
+def test_serve_enables_plugin_on_cpu(tmp_path):
+    model = _model_dir(tmp_path)
+    cmd, env = build_serve_command([model, "--port", "9001", "--training", "--state-dir", str(tmp_path / "s"),
+                                    "--max-num-seqs", "4"], {}, cuda=False)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--model") + 1] == model
+    assert cmd[cmd.index("--port") + 1] == "9001"
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"architectures": ["PlasticityLlamaForCausalLM"]}
+    assert cmd[cmd.index("--worker-extension-cls") + 1] == WORKER_EXTENSION
+    assert cmd[-2:] == ["--max-num-seqs", "4"]  # unknown args pass through to vLLM
+    assert "plasticity" in env["VLLM_PLUGINS"].split(",")
+    assert env["PLASTICITY_TRAINING"] == "1"
+    assert env["PLASTICITY_STATE_DIR"] == str((tmp_path / "s").resolve())
+    assert env["VLLM_TARGET_DEVICE"] == "cpu"
+
+
+def test_serve_on_cuda_keeps_user_settings(tmp_path):
+    model = _model_dir(tmp_path, "Qwen3ForCausalLM")
+    cmd, env = build_serve_command(["--model", model, "--hf-overrides", '{"rope_theta": 5}'],
+                                   {"VLLM_PLUGINS": "other"}, cuda=True)
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"rope_theta": 5, "architectures": ["PlasticityQwen3ForCausalLM"]}
+    assert env["VLLM_PLUGINS"].split(",")[:2] == ["other", "plasticity"]
+    assert "VLLM_TARGET_DEVICE" not in env
+    assert "PLASTICITY_TRAINING" not in env
+
+
+def test_serve_unknown_architecture_is_served_stock(tmp_path, capsys):
+    model = _model_dir(tmp_path, "GPT2LMHeadModel")
+    cmd, _ = build_serve_command([model], {}, cuda=False)
+    assert "--hf-overrides" not in cmd
+    assert "no plasticity subclass" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""The trainer's logic without a server: parameter filters, the two context-freezing modes, rejected steps,
+dedup and persisted state. Runs on a tiny private model (weights in ordinary tensors, vLLM names)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plasticity_training.default_model import ModelSpec, build_model
+from plasticity_training.hf_view import build_hf_view, token_logprobs
+from plasticity_training.trainer import JobError, TrainerCore, param_kind, select_params
+
+TEXT = "\n\n".join(f"The {a} saw the {b} near the {c}." for a, b, c in
+                   zip(["cat", "dog", "owl"] * 30, ["river", "tree", "gate"] * 30, ["hill", "barn", "lake"] * 30))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    spec = ModelSpec(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, train_steps=0)
+    return build_model(spec, tmp_path_factory.mktemp("tiny") / "m", text=TEXT, log=lambda m: None)
+
+
+def vllm_layout(model_dir) -> dict[str, torch.Tensor]:
+    """The tiny model's weights under vLLM's names, fused the way vLLM fuses them."""
+    from safetensors.torch import load_file
+
+    hf = load_file(str(model_dir / "model.safetensors"))
+    out = {}
+    for name, t in hf.items():
+        if ".q_proj." in name:
+            k, v = hf[name.replace("q_proj", "k_proj")], hf[name.replace("q_proj", "v_proj")]
+            out[name.replace("q_proj", "qkv_proj")] = torch.cat([t, k, v]).clone()
+        elif ".gate_proj." in name:
+            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([t, hf[name.replace("gate_proj", "up_proj")]]).clone()
+        elif not any(s in name for s in (".k_proj.", ".v_proj.", ".up_proj.")):
+            out[name] = t.clone()
+    return out
+
+
+@pytest.fixture()
+def core(tiny, tmp_path):
+    weights = vllm_layout(tiny)
+    c = TrainerCore(tiny, weights, tmp_path / "state")
+    c.weights = weights
+    return c
+
+
+def test_view_matches_plain_hf_model(tiny):
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    view = build_hf_view(tiny, vllm_layout(tiny))
+    ids = [5, 17, 42, 99, 7, 250]
+    assert token_logprobs(view, ids) == pytest.approx(token_logprobs(ref, ids), abs=1e-6)
+
+
+def test_param_kinds_and_filters(core):
+    names = list(core.named)
+    assert {param_kind(n) for n in names} == {"attention", "mlp", "embeddings", "norms"}
+    only_layer1_mlp = select_params(names, {"layers": [1, 1], "attention": False, "norms": False})
+    assert only_layer1_mlp and all(n.startswith("model.layers.1.mlp.") for n in only_layer1_mlp)
+    assert select_params(names, {"layers": [5, 9]}) == []
+    with pytest.raises(JobError) as err:
+        core.begin_job([{"context_ids": [1, 2], "continuation_ids": [3]}], params={"layers": [5, 9]})
+    assert err.value.status == 400
+
+
+def test_step_writes_through_views_only_selected_params(core):
+    before = {k: v.clone() for k, v in core.weights.items()}
+    core.begin_job([{"context_ids": [5, 6, 7], "continuation_ids": [8, 9]}], optimizer={"lr": 1e-2},
+                   params={"layers": [1, 1], "attention": False, "norms": False})
+    out = core.step()
+    core.end_job()
+    assert out["weight_version"] == 1 and out["loss"] > 0
+    changed = {k for k in before if not torch.equal(before[k], core.weights[k])}
+    assert changed == {"model.layers.1.mlp.gate_up_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+
+
+def test_masked_and_no_grad_give_same_loss_different_gradients(core):
+    samples = [{"context_ids": [5, 6, 7, 8], "continuation_ids": [9, 10, 11]}]
+
+    def loss_and_grad(mode):
+        core.model.zero_grad(set_to_none=True)
+        for p in core.named.values():
+            p.requires_grad_(True)
+        loss = core._loss(samples, mode)
+        loss.backward()
+        return loss.item(), core.named["model.layers.0.self_attn.k_proj.weight"].grad.clone()
+
+    masked_loss, masked_grad = loss_and_grad("masked")
+    nograd_loss, nograd_grad = loss_and_grad("no_grad")
+    assert nograd_loss == pytest.approx(masked_loss, rel=1e-5)
+    # With the context frozen under no_grad, only the continuation's own keys carry gradient.
+    assert not torch.allclose(masked_grad, nograd_grad)
+
+
+def test_non_finite_loss_is_rejected_and_changes_nothing(core):
+    core.weights["model.norm.weight"][0] = float("nan")  # poisons the forward, not a trained weight
+    before = {k: v.clone() for k, v in core.weights.items()}
+    core.begin_job([{"context_ids": [5, 6], "continuation_ids": [7]}], optimizer={"lr": 1e-2})
+    with pytest.raises(JobError) as err:
+        core.step()
+    assert err.value.status == 422
+    for k, v in before.items():
+        assert torch.equal(v, core.weights[k]) or (torch.isnan(v).any() and torch.equal(v.isnan(), core.weights[k].isnan()))
+    assert core.state.weight_version == 0
+
+
+def test_dedup_and_state_survive_a_restart(tiny, tmp_path):
+    weights = vllm_layout(tiny)
+    sample = {"context_ids": [5, 6], "continuation_ids": [7, 8]}
+    first = TrainerCore(tiny, weights, tmp_path / "s")
+    assert first.begin_job([sample], optimizer={"lr": 1e-3})["skipped_duplicates"] == 0
+    first.step()
+    first.end_job()
+    again = TrainerCore(tiny, weights, tmp_path / "s")  # a fresh trainer process, same state dir
+    assert again.state.weight_version == 1
+    assert again.begin_job([sample], optimizer={"lr": 1e-3})["skipped_duplicates"] == 1
+    again.end_job()
+    assert again.begin_job([sample], optimizer={"lr": 1e-3}, force=True)["samples"] == 1
+    again.step()
+    again.end_job()
+    assert again.optimizer.named_state_dict()["model.layers.0.mlp.down_proj.weight"]["step"].item() == 2
+    with pytest.raises(JobError) as err:
+        TrainerCore(tiny, weights, tmp_path / "s").begin_job([sample], optimizer={"rank": 8}, force=True)
+    assert err.value.status == 409

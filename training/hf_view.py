@@ -1,0 +1,106 @@
+"""A Hugging Face model whose parameters are views into vLLM's live weight tensors.
+
+Runs in the trainer process (and in tests). Imports torch and transformers, never vLLM.
+
+    >>> weights = map_shared_weights(manifest)                  # {vLLM name: tensor aliasing vLLM's}
+    >>> model = build_hf_view(model_path, weights)              # nothing copied
+    >>> model(input_ids).logits                                 # = vLLM's logits for the same weights
+
+vLLM fuses some projections: `qkv_proj` holds q, k, v stacked by rows and `gate_up_proj` holds gate, up
+(see `packed_modules_mapping` in vLLM's Llama/Qwen2/Qwen3; at tensor-parallel size 1 these are contiguous
+row blocks). Each HF projection becomes a row slice of the fused tensor, so a gradient step on the HF
+`q_proj.weight` writes straight into vLLM's `qkv_proj.weight`. vLLM may pad the vocabulary dimension of
+the embedding and lm_head; the HF view takes the first `vocab_size` rows. Tied embeddings stay tied:
+vLLM has one tensor and HF's lm_head points at the same Parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# HF sub-module -> (vLLM fused sub-module, the HF siblings stacked in it, in row order).
+FUSED = {
+    "q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+    "up_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+class ViewError(RuntimeError):
+    pass
+
+
+def vllm_source(hf_name: str, shapes: dict[str, torch.Size]) -> tuple[str, int, int]:
+    """(vLLM tensor name, first row, row count) holding HF parameter `hf_name` of the meta model.
+
+    `shapes` gives the HF model's parameter shapes, used to find a fused slice's offset.
+    """
+    parts = hf_name.split(".")
+    if len(parts) >= 2 and parts[-2] in FUSED:
+        fused, siblings = FUSED[parts[-2]]
+        prefix, leaf = ".".join(parts[:-2]), parts[-1]
+        start = 0
+        for sibling in siblings:
+            rows = shapes[f"{prefix}.{sibling}.{leaf}"][0]
+            if sibling == parts[-2]:
+                return f"{prefix}.{fused}.{leaf}", start, rows
+            start += rows
+    return hf_name, 0, shapes[hf_name][0] if len(shapes[hf_name]) else 0
+
+
+def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn_implementation: str = "sdpa") -> nn.Module:
+    """The HF causal LM for `model_path` with every parameter a view of `weights` (vLLM names)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ViewError(f"model type {config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+    some = next(iter(weights.values()))
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=some.dtype)
+    shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name, shape in shapes.items():
+        if tied and name == "lm_head.weight":
+            continue  # tied below
+        source, start, rows = vllm_source(name, shapes)
+        if source not in weights:
+            raise ViewError(f"no vLLM tensor {source!r} for HF parameter {name!r}")
+        tensor = weights[source]
+        view = tensor[start : start + rows] if len(shape) else tensor
+        if view.shape != shape:
+            if len(shape) == 2 and view.shape[1:] == shape[1:] and view.shape[0] > shape[0]:
+                view = view[: shape[0]]  # vLLM pads the vocabulary dimension
+            else:
+                raise ViewError(f"{name}: HF shape {tuple(shape)} vs vLLM {source} slice {tuple(view.shape)}")
+        module_name, leaf = name.rsplit(".", 1)
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(view, requires_grad=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+    # Buffers (the rotary inverse frequencies) were made on the meta device: rebuild them for real.
+    with torch.device(some.device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise ViewError(f"buffer {name!r} is still on the meta device")
+    model.eval()  # no dropout: the trainer's forward must equal vLLM's
+    return model
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, input_ids: list[int]) -> list[float]:
+    """log p(token_i | tokens_<i) for i = 1..n-1 under `model` (fp32 maths)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], device=device)  # (1, T)
+    logits = model(input_ids=ids).logits.float()  # (1, T, V)
+    logp = torch.log_softmax(logits[0, :-1], dim=-1)  # (T-1, V)
+    return logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
