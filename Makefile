@@ -22,13 +22,16 @@ $(STAMP): pyproject.toml Makefile
 	@if [ "$(PLASTICITY_VLLM)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	@# steering-vectors pins transformers<5 but works with 5.x (see DESIGN.md): installed without deps.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps "steering-vectors==0.12.2"
+	@# The APOLLO reference (CC-BY-NC), for tests only: never imported by the package, never committed.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(VENV)/apollo_ref "apollo-torch==1.0.3" \
+		|| echo "apollo-torch reference not installed: tests/test_apollo.py will skip its reference comparison"
 	@touch $(STAMP)
 
 demo: setup
 	PYTHONUNBUFFERED=1 $(PY) -m vllm_plasticity.demo
 
 test: setup
-	PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)
+	APOLLO_TORCH_REF=$(VENV)/apollo_ref PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 clean-state:
 	rm -rf $${XDG_CACHE_HOME:-$$HOME/.cache}/plasticity

@@ -111,7 +111,8 @@ class TrainJob:
         self.request = request
         self.status = "queued"
         self.losses: list[float] = []
-        self.step_seconds: list[float] = []
+        self.step_seconds: list[float] = []  # the trainer's forward/backward/optimizer time per step
+        self.publish_seconds: list[float] = []  # the server's bookkeeping per step (prefix-cache reset)
         self.tokens = 0
         self.skipped_duplicates = 0
         self.weight_version: int | None = None
@@ -129,7 +130,7 @@ class TrainJob:
 
     def detail(self) -> dict:
         return {**self.summary(), "requested_steps": self.request.steps, "samples": len(self.request.samples),
-                "step_seconds": self.step_seconds, "created": self.created, "started": self.started,
+                "step_seconds": self.step_seconds, "publish_seconds": self.publish_seconds, "created": self.created, "started": self.started,
                 "finished": self.finished}
 
 
@@ -219,7 +220,9 @@ class TrainingService:
                     try:
                         reply = await self.trainer.request({"op": "step"})
                         if reply["ok"]:
+                            t0 = time.perf_counter()
                             await self._reset_prefix_cache()
+                            job.publish_seconds.append(time.perf_counter() - t0)
                     finally:
                         if req.pause:
                             await self.engine_client.resume_generation()

@@ -41,7 +41,8 @@ class TrainerClient:
         self._ctx = zmq.asyncio.Context()
         self._sock = None
         self._endpoint: str | None = None
-        self._lock = asyncio.Lock()  # one request in flight (REQ/REP)
+        self._lock = asyncio.Lock()  # one request in flight (REQ/REP): start's pings included
+        self._start_lock = asyncio.Lock()  # one start at a time
 
     @property
     def pid(self) -> int | None:
@@ -51,11 +52,17 @@ class TrainerClient:
         return self.proc is not None and self.proc.poll() is None
 
     async def ensure_started(self) -> None:
-        if not self.alive():
-            await self.start()
+        """Start the trainer unless it is running; concurrent callers share one start."""
+        async with self._start_lock:
+            if not self.alive():
+                await self.start()
 
     async def start(self) -> None:
         """Start a trainer and wait until it answers a ping."""
+        async with self._lock:
+            await self._start()
+
+    async def _start(self) -> None:
         self.kill()
         self.state = "starting"
         self.restarts += 1

@@ -63,16 +63,19 @@ class ModelSpec:
 
 
 def project_text_files(root: Path = REPO_ROOT) -> list[Path]:
-    """The project's own prose, in a fixed order: the story corpus, then the docs."""
+    """The project's own prose, in a fixed order: the story corpus and its README.
+
+    Only the corpus, not the code docs, so that editing README.md or DESIGN.md does not change the model.
+    """
     files = sorted((root / "amygdala_stories").rglob("*.txt"))
-    files += [p for p in (root / "README.md", root / "DESIGN.md", root / "amygdala_stories" / "README.md") if p.exists()]
-    return files
+    readme = root / "amygdala_stories" / "README.md"
+    return files + ([readme] if readme.exists() else [])
 
 
 def read_project_text(root: Path = REPO_ROOT) -> str:
     files = project_text_files(root)
     if not files:
-        raise RuntimeError(f"no training text found under {root} (expected amygdala_stories/ and README.md)")
+        raise RuntimeError(f"no training text found under {root} (expected amygdala_stories/)")
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files)
 
 

@@ -337,10 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", required=True, help="weight manifest JSON written by the API server")
     parser.add_argument("--model-path", required=True, help="the served model's directory (config.json)")
     parser.add_argument("--state-dir", required=True)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: half the cores; the rest serve vLLM)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # On CPU the trainer shares cores with vLLM's worker. An OpenMP pool as large as the machine spins
+    # against the worker's threads and a 20 ms step took 10-25 s on 2 cores under load; half the cores
+    # (1 of 2 here) keeps steps in milliseconds.
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     from vllm_plasticity.weight_sharing import WeightManifest, map_shared_weights
 
     manifest = WeightManifest.from_dict(json.loads(Path(args.manifest).read_text()))
