@@ -3,6 +3,7 @@
     plasticity serve [MODEL] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR]
                      [--vectors-dir DIR] [any `vllm serve` argument ...]
     plasticity default-model [--rebuild]
+    plasticity extract --out BANK_DIR [...]      (see plasticity_training/extract.py)
 
 `serve` execs vLLM's OpenAI server in this process (so its PID is the server's) with the plugin fully
 enabled: VLLM_PLUGINS names it, the model's architecture is swapped for this project's subclass, the
@@ -131,7 +132,13 @@ def default_model(argv: list[str]) -> None:
     print(path)
 
 
-COMMANDS = {"serve": serve, "default-model": default_model}
+def extract(argv: list[str]) -> None:
+    from plasticity_training.extract import main as extract_main
+
+    extract_main(argv)
+
+
+COMMANDS = {"serve": serve, "default-model": default_model, "extract": extract}
 
 USAGE = """usage: plasticity COMMAND [ARGS]
 
@@ -141,6 +148,8 @@ commands:
                   start vLLM's OpenAI-compatible server with the plugin enabled
                   (MODEL defaults to the built-in model)
   default-model   print the built-in model's path, building it if absent
+  extract --out BANK_DIR [--corpus DIR] [--model DIR | --server URL] [--method M] [--layers SPEC] [--report]
+                  concept vectors from the story corpus into a readout bank (`plasticity extract --help`)
 """
 
 

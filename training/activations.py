@@ -1,0 +1,302 @@
+"""Residual-stream activations of the corpus texts, from a Hugging Face model (or, later, the server).
+
+Runs in the extraction process. The hidden state of layer L is the residual stream at the output of
+decoder layer L, before the final norm, layers indexed from 0: the same state the server's readout
+scores (score = state . unit vector). It is captured with a forward hook on decoder block L, not from
+`output_hidden_states`, whose last entry has the final norm applied. All maths is fp32 whatever dtype
+the model runs in.
+
+    >>> source = HFSource.load("path/to/model")                      # device and dtype picked sanely
+    >>> layers = resolve_layers("0.66", source.num_layers)           # [2] on a 4-layer model
+    >>> acts = source.collect(texts, layers, bases=True, heads=True)
+    >>> acts.pooled["mean"][2].shape                                 # (n_texts, hidden)
+
+Pooling, per text and layer: "last" (the last token's state), "mean" (mean over tokens, skipping the
+first `skip_tokens`: position 0 carries the attention sink's outsized norm in most LLMs) and, for the
+subspace method, the full token trajectory reduced to its right singular vectors ("bases"). Mean
+pooling is the average of what the decode-time readout would read at each prefix of the story.
+
+`ServerSource` is the planned second source (vectors from exactly the weights being served); the
+server side does not exist yet, and it raises a clear error. Its contract is in its docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+Pooling = Literal["mean", "last"]
+POOLINGS: tuple[Pooling, ...] = ("mean", "last")
+DEFAULT_LAYERS = "0.66"  # relative depth: emotion concepts read best around two thirds of the way up
+MAX_TOKENS_CAP = 2048  # default truncation: the model's context, at most this
+
+
+@dataclasses.dataclass
+class Activations:
+    """What extraction and the report need from one pass over the corpus (all fp32, on the CPU)."""
+
+    layers: list[int]
+    hidden_size: int
+    pooled: dict[str, dict[int, Tensor]]  # pooling -> layer -> (N, H)
+    n_tokens: list[int]  # tokens forwarded per text, after truncation
+    bases: dict[int, list[Tensor]] | None = None  # layer -> per text (r_i, H), orthonormal rows
+    heads: dict[str, dict[int, Tensor]] | None = None  # pooling -> layer -> (N, n_heads * head_dim): o_proj input
+    weights: dict[int, dict[str, Tensor]] | None = None  # layer -> {"down_proj": (H, I), "o_proj": (H, n_heads*hd)}
+    n_heads: int | None = None
+    truncated: int = 0  # texts cut at max_tokens
+
+    def saturated(self, layer: int) -> int:
+        """Texts whose token states span the whole space at `layer` (projector = identity, no contrast)."""
+        return sum(v.shape[0] >= self.hidden_size for v in (self.bases or {}).get(layer, []))
+
+
+class ActivationSource(Protocol):
+    """Where activations come from: a local HF model (HFSource) or the running server (ServerSource)."""
+
+    model_name: str  # recorded as the bank's "model"
+    num_layers: int
+    hidden_size: int
+
+    def collect(self, texts: Sequence[str], layers: Sequence[int], *, skip_tokens: int = 1, bases: bool = False,
+                subspace_rank: int | None = None, heads: bool = False, progress: bool = True) -> Activations: ...
+
+
+def resolve_layers(spec: str | Sequence[int | float] | None, num_layers: int) -> list[int]:
+    """Layer indices from a spec: "all", indices ("10,12", "-1"), relative depths ("0.66"), or a mix.
+
+    A relative depth f in [0, 1] (written with a decimal point) is layer round(f * (num_layers - 1)).
+    """
+    spec = DEFAULT_LAYERS if spec is None else spec
+    items = [s for s in re.split(r"[,\s]+", spec.strip()) if s] if isinstance(spec, str) else list(spec)
+    if items == ["all"]:
+        return list(range(num_layers))
+    out: list[int] = []
+    for item in items:
+        text = str(item)
+        try:
+            if isinstance(item, float) or "." in text:
+                f = float(text)
+                if not 0.0 <= f <= 1.0:
+                    raise ValueError
+                idx = round(f * (num_layers - 1))
+            else:
+                idx = int(text)
+                idx = idx + num_layers if idx < 0 else idx
+                if not 0 <= idx < num_layers:
+                    raise ValueError
+        except ValueError:
+            raise ValueError(f"Invalid layer {text!r}: expected an index in [-{num_layers}, {num_layers - 1}], "
+                             f"a relative depth in [0.0, 1.0], or 'all'") from None
+        if idx not in out:
+            out.append(idx)
+    if not out:
+        raise ValueError(f"Invalid layers {spec!r}: no layer given")
+    return sorted(out)
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of an HF model: `<base>.layers` for Llama/Qwen, else the ModuleList of
+    config.num_hidden_layers modules (GPT-2's `h`, ...)."""
+    base = getattr(model, "base_model", model)
+    if isinstance(getattr(base, "layers", None), nn.ModuleList):
+        return base.layers
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise RuntimeError(f"cannot find the decoder layers of {type(model).__name__}: expected `model.layers` or a "
+                       f"ModuleList of num_hidden_layers={n} blocks")
+
+
+def row_basis(states: Tensor, rank: int | None) -> Tensor:
+    """Orthonormal basis (r, H) of the row space of a (T, H) token-state matrix: its right singular vectors,
+    numerically non-zero ones only, at most `rank` of them (None = full rank, min(T, H))."""
+    _, S, Vh = torch.linalg.svd(states, full_matrices=False)  # Vh: (min(T, H), H)
+    tol = S[0] * max(states.shape) * torch.finfo(states.dtype).eps if S.numel() else 0.0
+    r = int((S > tol).sum())
+    return Vh[: min(r, rank) if rank else r]
+
+
+def progress_bar(total: int, enabled: bool, desc: str):
+    """A tqdm bar on stderr (rate and ETA); silent when disabled."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+class HFSource:
+    """Activations from a Hugging Face causal LM held in this process."""
+
+    def __init__(self, model: nn.Module, tokenizer, model_name: str, batch_size: int = 8,
+                 max_tokens: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size} (must be >= 1)")
+        self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
+        self.blocks = find_decoder_layers(model)
+        config = model.config
+        self.num_layers, self.hidden_size = len(self.blocks), int(config.hidden_size)
+        self.n_heads = getattr(config, "num_attention_heads", None)
+        self.batch_size = batch_size
+        context = getattr(config, "max_position_embeddings", None) or MAX_TOKENS_CAP
+        self.max_tokens = max_tokens or min(int(context), MAX_TOKENS_CAP)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | None = None, dtype: str = "auto", **kwargs) -> HFSource:
+        """Load MODEL_DIR (a local directory or a hub name already in the cache).
+
+        `dtype="auto"` runs float32 on the CPU and the checkpoint's own dtype on a GPU.
+        """
+        import transformers
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":
+            dtype_arg = torch.float32 if device == "cpu" else "auto"
+        elif dtype in ("float32", "bfloat16", "float16"):
+            dtype_arg = getattr(torch, dtype)
+        else:
+            raise ValueError(f"Invalid dtype: {dtype!r} (expected auto, float32, bfloat16 or float16)")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype_arg).to(device)
+        name = str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)
+        return cls(model, tokenizer, name, **kwargs)
+
+    @torch.no_grad()
+    def collect(self, texts: Sequence[str], layers: Sequence[int], *, skip_tokens: int = 1, bases: bool = False,
+                subspace_rank: int | None = None, heads: bool = False, progress: bool = True) -> Activations:
+        """Forward every text once (batched, longest first) and pool each requested layer's states."""
+        layers = sorted(set(layers))
+        if not layers or layers[0] < 0 or layers[-1] >= self.num_layers:
+            raise ValueError(f"Invalid layers {layers}: the model has {self.num_layers} (0..{self.num_layers - 1})")
+        if skip_tokens < 0:
+            raise ValueError(f"Invalid skip_tokens: {skip_tokens} (must be >= 0)")
+        if subspace_rank is not None and subspace_rank < 1:
+            raise ValueError(f"Invalid subspace_rank: {subspace_rank} (must be >= 1, or None for full rank)")
+        device = next(self.model.parameters()).device
+        full = [self.tokenizer(t)["input_ids"] for t in texts]
+        enc, truncated = [ids[: self.max_tokens] for ids in full], sum(len(ids) > self.max_tokens for ids in full)
+        order = sorted(range(len(texts)), key=lambda i: (-len(enc[i]), i))  # longest first: fail fast on memory
+        N, H = len(texts), self.hidden_size
+        pooled = {p: {L: torch.zeros(N, H) for L in layers} for p in POOLINGS}
+        basis_rows: dict[int, list[Tensor | None]] = {L: [None] * N for L in layers}
+        head_acts: dict[str, dict[int, Tensor]] = {p: {} for p in POOLINGS}
+
+        captured: dict[str, Tensor] = {}
+        hooks = [self.blocks[L].register_forward_hook(_capture(captured, f"res{L}", stop=L == layers[-1]))
+                 for L in layers]
+        if heads:
+            for L in layers:
+                o_proj = _o_proj(self.blocks[L])
+                if o_proj is not None:
+                    hooks.append(o_proj.register_forward_pre_hook(_capture_input(captured, f"head{L}")))
+        batches = [order[i : i + self.batch_size] for i in range(0, N, self.batch_size)]
+        bar = progress_bar(len(batches), progress, desc="forward")
+        try:
+            for batch in batches:
+                T = len(enc[batch[0]])
+                ids = torch.full((len(batch), T), self.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), T), dtype=torch.long)
+                for b, i in enumerate(batch):
+                    ids[b, : len(enc[i])], mask[b, : len(enc[i])] = torch.tensor(enc[i]), 1
+                captured.clear()
+                try:
+                    self.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                except _StopForward:  # the deepest requested layer is done: skip the rest of the model
+                    pass
+                for b, i in enumerate(batch):
+                    n = len(enc[i])
+                    s = min(skip_tokens, n - 1)  # a one-token text keeps its token
+                    for L in layers:
+                        states = captured[f"res{L}"][b, :n]  # (T_i, H) fp32
+                        pooled["last"][L][i] = states[-1].cpu()
+                        pooled["mean"][L][i] = states[s:].mean(0).cpu()
+                        if bases:
+                            basis_rows[L][i] = row_basis(states[s:], subspace_rank).cpu()
+                        if f"head{L}" in captured:
+                            h = captured[f"head{L}"][b, :n]  # (T_i, n_heads * head_dim)
+                            for p, v in (("last", h[-1]), ("mean", h[s:].mean(0))):
+                                head_acts[p].setdefault(L, torch.zeros(N, h.shape[-1]))[i] = v.cpu()
+                bar.update(1)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            bar.close()
+
+        weights = {}
+        for L in layers:
+            block, o_proj = self.blocks[L], _o_proj(self.blocks[L])
+            down = getattr(getattr(block, "mlp", None), "down_proj", None)
+            w = {}
+            if down is not None:
+                w["down_proj"] = down.weight.detach().float().cpu()  # (H, I): column j = neuron j's write
+            if o_proj is not None:
+                w["o_proj"] = o_proj.weight.detach().float().cpu()  # (H, n_heads * head_dim)
+            weights[L] = w
+        return Activations(
+            layers=layers, hidden_size=H, pooled=pooled, n_tokens=[len(e) for e in enc],
+            bases={L: list(basis_rows[L]) for L in layers} if bases else None,
+            heads={p: d for p, d in head_acts.items() if d} or None if heads else None,
+            weights=weights, n_heads=self.n_heads, truncated=truncated,
+        )
+
+
+class ServerUnavailableError(RuntimeError):
+    pass
+
+
+class ServerSource:
+    """Activations captured by the running `plasticity serve` (planned: NOT AVAILABLE YET).
+
+    Vectors extracted this way come from exactly the weights being served (after online training they
+    differ from the checkpoint on disk). The server side does not exist yet; constructing this raises
+    ServerUnavailableError. The contract it will implement, so it plugs in as an ActivationSource:
+
+        GET  {url}/plasticity/info      -> {"model", "num_hidden_layers", "hidden_size", ...}
+        POST {url}/plasticity/capture   {"texts": [...], "layers": [...], "skip_tokens": 1,
+                                         "pooling": ["mean", "last"], "bases": false, "subspace_rank": null}
+             -> per text: {"n_tokens", "pooled": {"mean": {layer: [H floats]}, "last": {...}},
+                           "bases": {layer: [[H floats], ...]}}       (same definitions as HFSource)
+
+    Weight-based report metrics (neuron alignment, per-head decomposition) need the weights: with
+    --server they are skipped unless the weight manifest (/plasticity/info) is mapped.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        raise ServerUnavailableError(
+            f"--server {url}: activation capture through the running server is not available yet (the "
+            f"server's readout capture route is still being built). Use --model DIR with the served model's "
+            f"weights instead.")
+
+
+def _capture(store: dict[str, Tensor], key: str, stop: bool):
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        store[key] = out.detach().float()  # (B, T, H): the residual stream after this block
+        if stop:
+            raise _StopForward
+
+    return hook
+
+
+def _capture_input(store: dict[str, Tensor], key: str):
+    def hook(module, args):
+        store[key] = args[0].detach().float()  # (B, T, n_heads * head_dim): per-head attention outputs
+
+    return hook
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _o_proj(block: nn.Module) -> nn.Module | None:
+    attn = getattr(block, "self_attn", None)
+    return getattr(attn, "o_proj", None)  # hybrid layers (Mamba, GatedDeltaNet) have none: skipped

@@ -1,0 +1,247 @@
+"""`plasticity extract`: concept vectors from the story corpus into a bank, with an optional quality report.
+
+Runs in its own CLI process (never inside vLLM).
+
+    plasticity extract --corpus amygdala_stories --model MODEL_DIR --out banks/emotions --report
+    python -m plasticity_training.extract --help
+
+    >>> from plasticity_training.extract import ExtractOptions, run
+    >>> run(ExtractOptions(out="banks/emotions", method="pca", layers="0.5,0.66"))   # -> Path of the bank
+
+Order of work: corpus preflight and option checks (no model loaded yet), then the model, one forward
+pass per distinct text, the method per (layer, concept), the bank, then the report. The options are
+saved in the bank's safetensors metadata ("extraction").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from plasticity_training.activations import DEFAULT_LAYERS, POOLINGS, resolve_layers
+from plasticity_training.corpus import CorpusError, load_corpus
+from plasticity_training.methods import METHODS, TRAJECTORY_METHODS, get_method
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractOptions:
+    out: str  # bank directory (created; our files in it are replaced)
+    corpus: str = str(REPO_ROOT / "amygdala_stories")  # stories/ and paired/ layout
+    model: str | None = None  # Hugging Face model directory; None = the built-in default model
+    server: str | None = None  # a running `plasticity serve` URL instead of --model (not available yet)
+    method: str = "pooled"  # one of methods.METHODS
+    layers: str = DEFAULT_LAYERS  # indices, relative depths, or "all" (activations.resolve_layers)
+    pooling: str = "mean"  # "mean" over tokens or the "last" token
+    skip_tokens: int = 1  # leading positions left out of mean pooling and subspace trajectories
+    max_tokens: int | None = None  # truncate texts; None = the model's context, at most 2048
+    batch_size: int = 8  # texts per forward pass
+    device: str | None = None  # None = cuda when available, else cpu
+    dtype: str = "auto"  # model dtype: auto (fp32 on CPU, checkpoint dtype on GPU), float32, bfloat16, float16
+    min_positives: int = 1  # preflight: each emotion needs this many non-empty texts
+    C: float = 1.0  # logistic / logistic_l1: inverse regularization strength
+    subspace_k: int = 5  # subspace: eigenvectors summed
+    subspace_rank: int | None = None  # subspace: singular vectors kept per text; None = full rank
+    report: bool = False  # write quality.json, summary.txt and PNGs
+    loso: bool = True  # include leave-one-story-out accuracy in the report
+    progress: bool = True  # tqdm bars with ETA on stderr
+
+
+def run(options: ExtractOptions, log=None) -> Path:
+    """Extract a bank as `options` say; returns its directory. Raises CorpusError or ValueError before any
+    model loads when the corpus or an option is unusable."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.monotonic()
+    if options.model and options.server:
+        raise ValueError("Invalid source: give --model or --server, not both")
+    if options.pooling not in POOLINGS:
+        raise ValueError(f"Invalid pooling: {options.pooling!r} (expected one of {', '.join(POOLINGS)})")
+    corpus = load_corpus(options.corpus, options.min_positives, log=log)
+    method = get_method(options.method, C=options.C, k=options.subspace_k)
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"Invalid --out {out}: exists and is not a directory")
+    n_base = len(corpus.baselines())
+    log(f"[extract] corpus {corpus.root}: {len(corpus.concepts)} concepts, {len(corpus.texts)} distinct texts "
+        f"({n_base} baselines); method {options.method}, pooling {options.pooling}")
+
+    if options.server:
+        from plasticity_training.activations import ServerSource
+
+        source = ServerSource(options.server)  # raises ServerUnavailableError until the server side exists
+    else:
+        model_dir = options.model
+        if model_dir is None:
+            from plasticity_training.default_model import default_model_path
+
+            model_dir = str(default_model_path(log=log))
+        n_layers = _config_layers(model_dir)
+        if n_layers is not None:
+            resolve_layers(options.layers, n_layers)  # a bad --layers fails before the weights load
+        from plasticity_training.activations import HFSource
+
+        source = HFSource.load(model_dir, device=options.device, dtype=options.dtype,
+                               batch_size=options.batch_size, max_tokens=options.max_tokens)
+    layers = resolve_layers(options.layers, source.num_layers)
+    depth = ", ".join(f"{L} ({L / max(1, source.num_layers - 1):.0%})" for L in layers)
+    log(f"[extract] model {source.model_name}: {source.num_layers} layers, hidden {source.hidden_size}; layers {depth}")
+
+    t1 = time.monotonic()
+    acts = source.collect([t.text for t in corpus.texts], layers, skip_tokens=options.skip_tokens,
+                          bases=options.method in TRAJECTORY_METHODS, subspace_rank=options.subspace_rank,
+                          heads=options.report, progress=options.progress)
+    forward_s = time.monotonic() - t1
+    log(f"[extract] forwarded {len(corpus.texts)} texts ({sum(acts.n_tokens)} tokens) in {forward_s:.1f}s"
+        + (f"; {acts.truncated} truncated at {source.max_tokens} tokens" if acts.truncated else ""))
+    for L in layers if acts.bases else []:
+        if acts.saturated(L):
+            log(f"[extract] warning: layer {L}: {acts.saturated(L)}/{len(corpus.texts)} texts have at least hidden="
+                f"{acts.hidden_size} tokens, so at full rank their projector is the identity (no contrast); "
+                f"consider --subspace-rank below {acts.hidden_size}")
+
+    from plasticity_training.bank import save_bank
+    from plasticity_training.vectors import Contrasts, extract_vectors
+
+    contrasts = Contrasts(corpus, acts, pooling=options.pooling, device=options.device)
+    extraction = extract_vectors(contrasts, method, progress=options.progress)
+    settings = dict(dataclasses.asdict(options), layers=layers, model=source.model_name,
+                    n_texts=len(corpus.texts), n_tokens=sum(acts.n_tokens), truncated=acts.truncated,
+                    forward_seconds=round(forward_s, 2))
+    save_bank(out, extraction.concepts, extraction.vectors, model=source.model_name, method=options.method,
+              extraction=settings)
+    log(f"[extract] wrote {out}: {len(extraction.concepts)} concepts x {len(layers)} layer(s) "
+        f"in {time.monotonic() - t0:.1f}s")
+    if options.report:
+        from plasticity_training.report import build_report, summary_text, write_report
+
+        report = build_report(contrasts, extraction, method, settings=settings, loso=options.loso)
+        paths = write_report(report, extraction, corpus, out)
+        log(summary_text(report).rstrip())
+        log(f"[extract] report: {', '.join(p.name for p in paths)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ExtractOptions(out="")
+    p = argparse.ArgumentParser(
+        prog="plasticity extract",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Extract concept vectors (one unit vector per emotion and layer) from the story corpus "
+                    "and write them as a readout bank for the server.",
+        epilog=EPILOG)
+    src = p.add_argument_group("input and output")
+    src.add_argument("--corpus", default=d.corpus, metavar="DIR",
+                     help="story corpus: stories/<emotion>.txt and paired/<scenario>/{baseline,<emotion>}.txt "
+                          "(default: the project's amygdala_stories)")
+    ex = src.add_mutually_exclusive_group()
+    ex.add_argument("--model", metavar="MODEL_DIR",
+                    help="Hugging Face model directory whose activations to read (default: the built-in model, "
+                         "built on first use)")
+    ex.add_argument("--server", metavar="URL",
+                    help="read activations from a running `plasticity serve` so the vectors come from exactly "
+                         "the served weights. NOT AVAILABLE YET: exits with an error; use --model")
+    src.add_argument("--out", required=True, metavar="BANK_DIR",
+                     help="bank directory to write (readout.safetensors + readout.json; report files with --report)")
+    m = p.add_argument_group("method")
+    m.add_argument("--method", choices=list(METHODS), default=d.method,
+                   help="pooled: mean(positives) - mean(negatives) [default]; mean / pca / logistic: the "
+                        "steering-vectors aggregators on (positive, partner) pairs, a framing's partner being its "
+                        "scenario's baseline and a story's the negatives' mean; logistic_l1: L1-penalised logistic "
+                        "(sparse); subspace: top eigenvectors of the difference of the positives' and negatives' "
+                        "token-trajectory projectors")
+    m.add_argument("--layers", default=d.layers, metavar="SPEC",
+                   help="layers to extract: indices (12,-1), relative depths with a decimal point (0.66 = two "
+                        "thirds of the way up), or 'all'; comma-separated (default: %(default)s). Layer L is the "
+                        "residual stream at the output of decoder layer L, before the final norm")
+    m.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
+                   help="per text: mean over its tokens (what the readout sees on average across the text) or "
+                        "its last token (default: %(default)s). The subspace method uses the whole trajectory and "
+                        "pooling only to orient its vector")
+    m.add_argument("--skip-tokens", type=int, default=d.skip_tokens, metavar="N",
+                   help="leading token positions left out of mean pooling and trajectories: position 0 is the "
+                        "attention sink with an outsized norm (default: %(default)s)")
+    m.add_argument("--C", type=float, default=d.C, dest="C",
+                   help="logistic and logistic_l1: inverse regularization strength; smaller = sparser/smoother "
+                        "(default: %(default)s)")
+    m.add_argument("--subspace-k", type=int, default=d.subspace_k, metavar="K",
+                   help="subspace: eigenvectors of M_pos - M_neg summed, weighted by eigenvalue, negative "
+                        "weights clamped to zero (default: %(default)s)")
+    m.add_argument("--subspace-rank", type=int, default=d.subspace_rank, metavar="R",
+                   help="subspace: right singular vectors kept per text (default: full rank, min(tokens, "
+                        "hidden); texts longer than hidden then carry no contrast, so set R below hidden for "
+                        "small models)")
+    m.add_argument("--min-positives", type=int, default=d.min_positives, metavar="N",
+                   help="preflight: every emotion needs at least N non-empty texts (default: %(default)s)")
+    run_ = p.add_argument_group("running")
+    run_.add_argument("--device", default=d.device, help="torch device (default: cuda when available, else cpu)")
+    run_.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "bfloat16", "float16"),
+                      help="model weights dtype; activations are always cast to float32 for the maths "
+                           "(default: auto = float32 on CPU, the checkpoint's dtype on GPU)")
+    run_.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
+                      help="texts per forward pass (default: %(default)s)")
+    run_.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="N",
+                      help="truncate texts to N tokens (default: the model's context, at most 2048)")
+    run_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rep = p.add_argument_group("report")
+    rep.add_argument("--report", action="store_true",
+                     help="also write quality.json, summary.txt, cosine_L<idx>.png and spectrum_L<idx>.png")
+    rep.add_argument("--no-loso", action="store_true",
+                     help="skip leave-one-story-out accuracy (one method call per held-out text)")
+    return p
+
+
+EPILOG = """\
+corpus roles: an emotion's positives are its story and its framings; its negatives are the other emotions'
+positives and every baseline. Each distinct text is forwarded once. Empty files are skipped with a warning.
+
+output (BANK_DIR):
+  readout.safetensors  layer_<idx>.vectors: [n_concepts, hidden] fp32, unit rows; header metadata
+                       "extraction" holds these options as JSON
+  readout.json         {"concepts", "layers", "hidden_size", "dtype", "model", "method", "created"}
+  with --report        quality.json (per concept and layer), summary.txt (triage: clean / fragmented /
+                       redundant / thin, leave-one-story-out accuracy, valence/arousal correlation),
+                       cosine_L<idx>.png, spectrum_L<idx>.png
+  A concept's readout score at layer L is hidden_state_L . vector.
+
+examples:
+  plasticity extract --out banks/emotions --report
+  plasticity extract --model /models/Qwen3-8B --out banks/q8 --method pca --layers 0.5,0.66,0.8
+  plasticity extract --model /models/Qwen3-8B --out banks/q8s --method subspace --subspace-k 5
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `plasticity extract ARGV`; exits 2 with a one-line reason on a usage or corpus error."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    options = ExtractOptions(
+        out=args.out, corpus=args.corpus, model=args.model, server=args.server, method=args.method,
+        layers=args.layers, pooling=args.pooling, skip_tokens=args.skip_tokens, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, min_positives=args.min_positives,
+        C=args.C, subspace_k=args.subspace_k, subspace_rank=args.subspace_rank, report=args.report,
+        loso=not args.no_loso, progress=not args.no_progress)
+    from plasticity_training.activations import ServerUnavailableError
+
+    try:
+        out = run(options)
+    except (CorpusError, ServerUnavailableError, ValueError) as e:
+        print(f"plasticity extract: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(out)
+
+
+def _config_layers(model_dir: str) -> int | None:
+    """num_hidden_layers from MODEL_DIR/config.json (or its text_config), without loading anything."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+
+
+if __name__ == "__main__":
+    main()
