@@ -1,7 +1,7 @@
 """The `plasticity` console command.
 
-    plasticity serve [MODEL] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR]
-                     [--vectors-dir DIR] [any `vllm serve` argument ...]
+    plasticity serve [MODEL|CHECKPOINT] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR]
+                     [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [any `vllm serve` argument ...]
     plasticity default-model [--rebuild]
     plasticity extract --out BANK_DIR [...]      (see plasticity_training/extract.py)
 
@@ -69,6 +69,7 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     parser.add_argument("--state-dir")
     parser.add_argument("--checkpoint-dir")
     parser.add_argument("--vectors-dir")
+    parser.add_argument("--checkpoint-quiet-seconds")
     parser.add_argument("--port", type=int, default=8000)
     model = None
     if argv and not argv[0].startswith("-"):
@@ -92,6 +93,11 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     for flag, var in (("state_dir", "STATE_DIR"), ("checkpoint_dir", "CHECKPOINT_DIR"), ("vectors_dir", "VECTORS_DIR")):
         if getattr(known, flag):
             env["PLASTICITY_" + var] = str(Path(getattr(known, flag)).expanduser().resolve())
+    if known.checkpoint_quiet_seconds is not None:
+        env["PLASTICITY_CHECKPOINT_QUIET_SECONDS"] = known.checkpoint_quiet_seconds
+    # A checkpoint directory stands for its newest complete generation (`current`).
+    if (Path(model) / "current" / "config.json").is_file():
+        model = str(Path(model) / "current")
     if not cuda:
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         # vLLM sizes the CPU KV cache from NUMA node 0, not the machine; 1 GiB starts anywhere.
@@ -143,8 +149,8 @@ COMMANDS = {"serve": serve, "default-model": default_model, "extract": extract}
 USAGE = """usage: plasticity COMMAND [ARGS]
 
 commands:
-  serve [MODEL] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR] [--vectors-dir DIR]
-        [vllm serve args ...]
+  serve [MODEL|CHECKPOINT] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR]
+        [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [vllm serve args ...]
                   start vLLM's OpenAI-compatible server with the plugin enabled
                   (MODEL defaults to the built-in model)
   default-model   print the built-in model's path, building it if absent

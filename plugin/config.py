@@ -36,6 +36,19 @@ def _path(name: str) -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
+def _seconds(name: str, default: float) -> float:
+    value = os.environ.get(ENV_PREFIX + name)
+    if value is None or value == "":
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise RuntimeError(f"{ENV_PREFIX}{name}={value!r}: expected a number of seconds >= 0")
+    return seconds
+
+
 @dataclasses.dataclass(frozen=True)
 class PlasticityConfig:
     training: bool = False  # PLASTICITY_TRAINING: enables /train and /checkpoint (they change weights)
@@ -43,6 +56,8 @@ class PlasticityConfig:
     state_dir: Path = dataclasses.field(default_factory=_default_state_dir)  # PLASTICITY_STATE_DIR
     checkpoint_dir: Path | None = None  # PLASTICITY_CHECKPOINT_DIR (default: <state_dir>/checkpoints)
     vectors_dir: Path | None = None  # PLASTICITY_VECTORS_DIR: enables /readout/load, paths resolved inside it
+    checkpoint_quiet_seconds: float = 600.0  # PLASTICITY_CHECKPOINT_QUIET_SECONDS: sync after this long without training
+    checkpoint_into_model_dir: bool = False  # PLASTICITY_CHECKPOINT_INTO_MODEL_DIR: allow targets inside the served model's dir
 
     @classmethod
     def from_env(cls) -> "PlasticityConfig":
@@ -53,6 +68,8 @@ class PlasticityConfig:
             state_dir=_path("STATE_DIR") or _default_state_dir(),
             checkpoint_dir=_path("CHECKPOINT_DIR"),
             vectors_dir=_path("VECTORS_DIR"),
+            checkpoint_quiet_seconds=_seconds("CHECKPOINT_QUIET_SECONDS", 600.0),
+            checkpoint_into_model_dir=_flag("CHECKPOINT_INTO_MODEL_DIR"),
         )
 
     @property

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from vllm_plasticity import __version__
 from vllm_plasticity.config import PlasticityConfig
-from vllm_plasticity.train_routes import TrainingService, TrainRequest
+from vllm_plasticity.train_routes import CheckpointRequest, TrainingService, TrainRequest
 from vllm_plasticity.trainer_client import TrainerClient
 from vllm_plasticity.weight_sharing import sweep_stale_arenas
 
@@ -85,7 +85,9 @@ class ServerState:
         trainer = TrainerClient(self.config.state_dir, self.weight_manifest_path, self.model_path)
         atexit.register(trainer.kill)  # the trainer is our child: stopped by PID with the server
         self.training = TrainingService(self.engine_client, trainer, model_config.get_vocab_size(),
-                                        model_config.max_model_len)
+                                        model_config.max_model_len, self.config.resolved_checkpoint_dir,
+                                        self.config.checkpoint_quiet_seconds, self.config.checkpoint_into_model_dir)
+        atexit.register(self.training.checkpoint_at_exit)  # runs before trainer.kill (atexit is LIFO)
         self.training.start()
 
     def remove_shared_files(self) -> None:
@@ -152,6 +154,22 @@ async def train_job_status(job_id: str, training: TrainingService = Depends(requ
     if job is None:
         raise HTTPException(404, f"no job {job_id!r} (the server keeps the most recent jobs only)")
     return job.detail()
+
+
+@router.post("/checkpoint")
+async def write_checkpoint(req: CheckpointRequest | None = None, training: TrainingService = Depends(require_training)) -> dict:
+    """Write the live weights (HF safetensors, block-level diff), optimizer and trainer state, atomically.
+
+    Answers {"path", "bytes_written", "blocks_changed", "blocks_total", "seconds", "weight_version", ...};
+    `path` (the `current` link of the checkpoint) loads in transformers and in `plasticity serve`.
+    """
+    return await training.checkpoint(req.path if req else None)
+
+
+@router.get("/checkpoint")
+async def checkpoint_status(training: TrainingService = Depends(require_training)) -> dict:
+    """The last checkpoint, the next scheduled one, and totals."""
+    return training.checkpoint_status()
 
 
 @router.get("/plasticity/info")

@@ -1,4 +1,4 @@
-"""Online training jobs behind POST /train and GET /train/status (routes in endpoints.py).
+"""Online training jobs and checkpoints behind /train and /checkpoint (routes in endpoints.py).
 
 Runs in the API server process. Requests are validated here (types, vocabulary, lengths, optimizer keys,
 non-finite numbers) before anything reaches the trainer, so bad input gets a 4xx with the reason and
@@ -8,6 +8,10 @@ changes nothing. Accepted jobs go into one queue; a single asyncio task drives t
 
 Resetting vLLM's prefix cache after every step means no later request reuses KV computed with the old
 weights (running requests are preempted and recomputed if they hold cached blocks).
+
+Checkpoints run in the same trainer, under the same lock as jobs, so a sync never overlaps a step: on
+request (POST /checkpoint), after a quiet period with no training (batching many jobs into one write), and
+at clean shutdown (a synchronous request from the API server's exit handler).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import collections
 import itertools
 import time
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from fastapi import HTTPException
@@ -101,6 +106,10 @@ class TrainRequest(Strict):
         return self
 
 
+class CheckpointRequest(Strict):
+    path: str | None = Field(None, description="checkpoint name or path inside the checkpoint directory (default: main)")
+
+
 class TrainJob:
     """One /train request's life: queued, running, then succeeded or failed."""
 
@@ -137,9 +146,16 @@ class TrainJob:
 class TrainingService:
     """The job queue and its single runner task; owns the TrainerClient."""
 
-    def __init__(self, engine_client, trainer: TrainerClient, vocab_size: int, max_model_len: int) -> None:
+    def __init__(self, engine_client, trainer: TrainerClient, vocab_size: int, max_model_len: int,
+                 checkpoint_dir: Path, quiet_seconds: float = 600.0, allow_model_dir: bool = False) -> None:
         self.engine_client, self.trainer = engine_client, trainer
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.checkpoint_dir, self.quiet_seconds, self.allow_model_dir = Path(checkpoint_dir), quiet_seconds, allow_model_dir
+        self.trainer_lock = asyncio.Lock()  # a job or a checkpoint holds the trainer, never both
+        self.checkpointed_version: int | None = None  # weight version of the last checkpoint
+        self.next_checkpoint_at: float | None = None
+        self.last_checkpoint: dict | None = None
+        self.checkpoint_totals = {"checkpoints": 0, "bytes_written": 0, "seconds": 0.0}
         self.queue: asyncio.Queue[TrainJob] = asyncio.Queue()
         self.jobs: collections.OrderedDict[str, TrainJob] = collections.OrderedDict()
         self.weight_version: int | None = None
@@ -147,13 +163,16 @@ class TrainingService:
         self._runner: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._runner = asyncio.get_running_loop().create_task(self._run())
-        asyncio.get_running_loop().create_task(self._start_trainer())
+        loop = asyncio.get_running_loop()
+        self._runner = loop.create_task(self._run())
+        self._scheduler = loop.create_task(self._checkpoint_scheduler())
+        loop.create_task(self._start_trainer())
 
     async def _start_trainer(self) -> None:
         try:
             await self.trainer.ensure_started()
-            self.weight_version = (await self.trainer.request({"op": "ping"})).get("weight_version")
+            # The weights served at start are already on disk (the model, or the checkpoint served).
+            self.weight_version = self.checkpointed_version = (await self.trainer.request({"op": "ping"})).get("weight_version")
         except Exception:  # reported through /train/status; the next job retries
             pass
 
@@ -180,7 +199,10 @@ class TrainingService:
             job = await self.queue.get()
             self.current = job
             try:
-                await self._run_job(job)
+                async with self.trainer_lock:
+                    await self._run_job(job)
+                if job.losses:  # weights changed: a scheduled checkpoint follows after the quiet period
+                    self.next_checkpoint_at = time.time() + self.quiet_seconds
             except Exception as exc:  # never let one job kill the runner
                 job.status, job.error, job.http_status = "failed", f"{type(exc).__name__}: {exc}", 500
             finally:
@@ -243,6 +265,79 @@ class TrainingService:
         finally:
             if self.trainer.state == "busy":
                 self.trainer.state = "ready"
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        return self.weight_version is not None and self.weight_version != self.checkpointed_version
+
+    def checkpoint_target(self, path: str | None) -> Path:
+        """The checkpoint directory a request names: inside the configured directory, never outside."""
+        root = self.checkpoint_dir.resolve()
+        target = (root / (path or "main")).resolve()  # an absolute `path` replaces root: checked below
+        if target == root or root not in target.parents:
+            raise HTTPException(400, f"checkpoint path {path!r} is not inside the checkpoint directory {root} "
+                                     "(give a name or a path below it)")
+        return target
+
+    async def checkpoint(self, path: str | None = None, reason: str = "request") -> dict:
+        target = self.checkpoint_target(path)
+        async with self.trainer_lock:
+            try:
+                await self.trainer.ensure_started()
+                reply = await self.trainer.request({"op": "checkpoint", "target": str(target),
+                                                    "allowed_root": str(self.checkpoint_dir.resolve()),
+                                                    "allow_model_dir": self.allow_model_dir})
+            except TrainerUnavailable as exc:
+                raise HTTPException(503, f"checkpoint not written: {exc}") from exc
+        if not reply.pop("ok"):
+            raise HTTPException(reply["status"], f"checkpoint not written: {reply['error']}")
+        self.checkpointed_version = self.weight_version = reply["weight_version"]
+        self.next_checkpoint_at = None
+        self.last_checkpoint = {**reply, "reason": reason, "time": time.time()}
+        self.checkpoint_totals["checkpoints"] += 1
+        self.checkpoint_totals["bytes_written"] += reply["bytes_written"]
+        self.checkpoint_totals["seconds"] += reply["seconds"]
+        return reply
+
+    async def _checkpoint_scheduler(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            due = self.next_checkpoint_at is not None and time.time() >= self.next_checkpoint_at
+            if due and self.dirty and self.current is None and self.queue.empty():
+                try:
+                    await self.checkpoint(reason="scheduled")
+                except HTTPException as exc:  # reported in GET /checkpoint; retried after another quiet period
+                    self.last_checkpoint = {"error": exc.detail, "reason": "scheduled", "time": time.time()}
+                    self.next_checkpoint_at = time.time() + self.quiet_seconds
+
+    def checkpoint_at_exit(self, timeout: float = 600.0) -> None:
+        """Synchronous, for the API server's exit handler: write a checkpoint if training changed weights."""
+        if not self.dirty or not self.trainer.alive() or self.current is not None:
+            return
+        import json
+
+        import zmq
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.trainer.endpoint)
+            sock.send(json.dumps({"op": "checkpoint", "target": str(self.checkpoint_target(None)),
+                                  "allowed_root": str(self.checkpoint_dir.resolve()),
+                                  "allow_model_dir": self.allow_model_dir}).encode())
+            if sock.poll(int(timeout * 1000)):
+                sock.recv()
+        finally:
+            sock.close()
+            ctx.term()
+
+    def checkpoint_status(self) -> dict:
+        return {"directory": str(self.checkpoint_dir), "quiet_seconds": self.quiet_seconds, "dirty": self.dirty,
+                "next_scheduled": self.next_checkpoint_at if self.dirty else None,
+                "last": self.last_checkpoint, "totals": self.checkpoint_totals}
 
     def status(self) -> dict:
         t = self.trainer

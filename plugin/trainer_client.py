@@ -45,6 +45,10 @@ class TrainerClient:
         self._start_lock = asyncio.Lock()  # one start at a time
 
     @property
+    def endpoint(self) -> str | None:
+        return self._endpoint
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 

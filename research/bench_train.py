@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -118,8 +119,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     samples = samples_for(AutoTokenizer.from_pretrained(model_dir))
-    torch.set_num_threads(1)  # the trainer subprocess shares 2 cores with vLLM; match its budget
-    baseline = in_process_steps(model_dir, samples, args.steps)
+    # The trainer subprocess gets half the cores (trainer.py); the baseline gets the same budget, and runs
+    # while the same (idle) server is up, so both see the same machine.
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     server = ServerProcess.plasticity(model_dir, extra_args=["--dtype", "float32", "--training", "--state-dir", str(work)],
@@ -128,6 +130,7 @@ def main() -> None:
         server.wait_ready()
         while requests.get(server.url + "/train/status", timeout=10).json()["trainer"]["state"] != "ready":
             time.sleep(0.5)
+        baseline = in_process_steps(model_dir, samples, args.steps)
         t0 = time.perf_counter()
         job = requests.post(server.url + "/train", timeout=3600, json={
             "samples": samples, "steps": args.steps, "force": True, "optimizer": {"lr": LR}}).json()

@@ -23,7 +23,18 @@ SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs",
 
 def pytest_collection_modifyitems(config, items):
     # Stock-server tests first: the stock engine then runs once and is gone before the plugin's starts.
-    items.sort(key=lambda item: 0 if "stock_reference" in getattr(item, "fixturenames", ()) else 1)
+    # Tests that restart the server from a checkpoint last: they replace the shared server.
+    def order(item):
+        names = getattr(item, "fixturenames", ())
+        return 0 if "stock_reference" in names else 2 if "servers_restart" in names else 1
+
+    items.sort(key=order)
+
+
+@pytest.fixture(scope="session")
+def servers_restart(servers):
+    """Marks a test that stops the shared plugin server and starts others (ordered last)."""
+    return servers
 
 
 @pytest.fixture(scope="session")

@@ -224,3 +224,14 @@ def test_trainer_killed_mid_job_then_recovers(plasticity_server, default_model, 
     assert r.status_code == 200, r.text
     trainer = status(plasticity_server)["trainer"]
     assert trainer["pid"] != pid and trainer["state"] == "ready" and trainer["restarts"] >= 1
+
+
+def test_pause_mode_trains_and_generation_resumes(plasticity_server, default_model, tok):
+    ids = tok("The first snow came down past the window")["input_ids"]
+    r = post_train(plasticity_server, {"context_ids": ids[:4], "continuation_ids": ids[4:], "steps": 2, "force": True,
+                                       "pause": True, "optimizer": {"lr": 1e-5}})
+    assert r.status_code == 200, r.text
+    assert r.json()["steps"] == 2
+    # Generation was resumed after the last step.
+    out = completion(plasticity_server.url, str(default_model), "The first snow", API_KEY, max_tokens=4)
+    assert out["choices"][0]["text"]

@@ -15,12 +15,16 @@ the server can pause generation, reset the prefix cache and report progress betw
     {"op": "step"}                                   -> {"ok", "loss", "tokens", "weight_version", "seconds"}
     {"op": "end_job", "success": true}               -> {"ok", "weight_version"}   (state saved here)
     {"op": "logprobs", "input_ids": [...]}           -> {"ok", "logprobs": [...]}
+    {"op": "checkpoint", "target": DIR, "allowed_root": DIR, "allow_model_dir": false}
+                                                     -> {"ok", "path", "bytes_written", "blocks_changed", ...}
     {"op": "save_state"} / {"op": "shutdown"}
 Errors: {"ok": false, "status": 4xx/5xx, "error": "reason"}; a rejected step changes no weight.
 
 State files in --state-dir (written atomically: temp file, fsync, rename):
     trainer_state.json        weight version, step and job counts, hashes of trained samples (dedup)
     optimizer.safetensors     APOLLO state keyed by parameter name ("<name>::<key>")
+Both are also saved inside every checkpoint (checkpoint.py), and restored from it when the served model
+is a checkpoint: weights and optimizer state then always come from the same moment.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from plasticity_training import checkpoint as ckpt
 from plasticity_training.apollo import Apollo, NonFiniteGradientError, flatten_state, unflatten_state
 from plasticity_training.hf_view import build_hf_view, token_logprobs
 
@@ -114,6 +119,7 @@ class TrainerState:
     total_tokens: int = 0
     trained: list[str] = dataclasses.field(default_factory=list)  # sample hashes, in training order
     optimizer_settings: dict | None = None  # the shape settings the saved optimizer state was made with
+    checkpoints: int = 0
 
     @classmethod
     def load(cls, path: Path) -> "TrainerState":
@@ -127,16 +133,41 @@ class TrainerCore:
     """The trainer's logic without the socket: one HF view, one optimizer, one job at a time."""
 
     def __init__(self, model_path: str | Path, weights: dict[str, torch.Tensor], state_dir: str | Path) -> None:
+        self.model_path = Path(model_path)
         self.model = build_hf_view(model_path, weights)
         self.vocab_size = self.model.config.vocab_size
         self.pad_id = self.model.config.pad_token_id or 0
         self.named = dict(self.model.named_parameters())  # tied weights appear once
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.restored_from = self._restore_from_checkpoint()
         self.state = TrainerState.load(self.state_dir / "trainer_state.json")
         self.trained = set(self.state.trained)
         self.optimizer: Apollo | None = None
         self.job: dict | None = None
+
+    def _restore_from_checkpoint(self) -> str | None:
+        """Serving a checkpoint: its trainer and optimizer state replace the state directory's.
+
+        The weights being served are the checkpoint's, so state from any other moment would disagree with
+        them; files it replaces are kept as *.before-restore.
+        """
+        try:
+            files = ckpt.load_checkpoint_state(self.model_path)
+        except ckpt.CheckpointError:
+            return None  # not a plasticity checkpoint: keep the state directory's own state
+        marker = self.state_dir / "restored_from.json"
+        generation = str(ckpt.resolve_checkpoint(self.model_path))
+        if marker.exists() and json.loads(marker.read_text()).get("generation") == generation:
+            return generation  # restored before; later state in the state dir is newer than the checkpoint
+        for name in ("trainer_state.json", "optimizer.safetensors"):
+            path = self.state_dir / name
+            if path.exists():
+                os.replace(path, path.with_name(name + ".before-restore"))
+            if name in files:
+                _atomic_write(path, lambda p, data=files[name]: p.write_bytes(data))
+        _atomic_write(marker, lambda p: p.write_text(json.dumps({"generation": generation})))
+        return generation
 
     # ---- optimizer ---------------------------------------------------------------------------
     def _ensure_optimizer(self, settings: dict) -> Apollo:
@@ -271,10 +302,36 @@ class TrainerCore:
             _atomic_write(self.state_dir / "optimizer.safetensors", lambda p: save_file(flat, str(p)))
         self.state.save(self.state_dir / "trainer_state.json")
 
+    def checkpoint(self, target: str, allowed_root: str, allow_model_dir: bool = False) -> dict:
+        """Write the live weights, trainer state and optimizer state as the next checkpoint generation."""
+        if self.job is not None:
+            raise JobError(409, "a training job is running in the trainer")
+        self.save_state()
+        extra = {name: self.state_dir / name for name in ("trainer_state.json", "optimizer.safetensors")
+                 if (self.state_dir / name).exists()}
+        try:
+            report = ckpt.sync_checkpoint(ckpt.hf_tensors(self.model), target, self.model_path, extra_files=extra,
+                                          allowed_root=allowed_root, allow_model_dir=allow_model_dir)
+        except ckpt.CheckpointPathError as exc:
+            raise JobError(400, str(exc)) from exc
+        except ckpt.CheckpointBusyError as exc:
+            raise JobError(409, str(exc)) from exc
+        except ckpt.CheckpointDiskFullError as exc:
+            raise JobError(507, str(exc)) from exc
+        except ckpt.CheckpointError as exc:
+            raise JobError(500, str(exc)) from exc
+        self.state.checkpoints += 1
+        self.state.save(self.state_dir / "trainer_state.json")
+        return {"path": str(report.path), "generation": report.generation, "bytes_written": report.bytes_written,
+                "weight_bytes_written": report.weight_bytes_written, "blocks_changed": report.blocks_changed,
+                "blocks_total": report.blocks_total, "seconds": report.seconds, "full_rewrite": report.full_rewrite,
+                "weight_version": self.state.weight_version}
+
     def status(self) -> dict:
         return {"pid": os.getpid(), "weight_version": self.state.weight_version, "total_steps": self.state.total_steps,
                 "total_jobs": self.state.total_jobs, "trained_samples": len(self.trained),
-                "optimizer_state_bytes": self.optimizer.state_bytes() if self.optimizer else 0}
+                "optimizer_state_bytes": self.optimizer.state_bytes() if self.optimizer else 0,
+                "restored_from": self.restored_from}
 
     def handle(self, msg: dict) -> dict:
         op = msg.get("op")
@@ -289,6 +346,8 @@ class TrainerCore:
             return self.end_job(bool(msg.get("success", True)))
         if op == "logprobs":
             return {"logprobs": token_logprobs(self.model, msg["input_ids"])}
+        if op == "checkpoint":
+            return self.checkpoint(msg["target"], msg["allowed_root"], bool(msg.get("allow_model_dir")))
         if op == "save_state":
             self.save_state()
             return self.status()

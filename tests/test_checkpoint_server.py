@@ -1,0 +1,120 @@
+"""/checkpoint on a real server: block-level diff, stock transformers loads it, bad paths, and a fresh
+server started from a checkpoint (written on request and at clean shutdown) continues training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import torch
+from safetensors.torch import load_file
+
+from conftest import API_KEY, SERVER_ARGS, prompt_logprobs
+from vllm_plasticity.launcher import ServerProcess
+
+pytestmark = pytest.mark.server
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def post(server, path, body=None):
+    return requests.post(server.url + path, json=body, headers=AUTH, timeout=600)
+
+
+def get(server, path):
+    return requests.get(server.url + path, headers=AUTH, timeout=60).json()
+
+
+@pytest.fixture(scope="module")
+def tok(default_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model)
+
+
+def test_checkpoint_requires_training_routes_and_key(plasticity_server):
+    assert requests.post(plasticity_server.url + "/checkpoint", timeout=10).status_code == 401
+
+
+def test_one_layer_step_writes_about_that_layer(plasticity_server, tok, default_model):
+    first = post(plasticity_server, "/checkpoint")
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert {"path", "bytes_written", "blocks_changed", "blocks_total", "seconds", "weight_version"} <= set(body)
+    model_bytes = body["blocks_total"] * 4096
+    ids = tok("The old house stood at the end of the lane")["input_ids"]
+    r = post(plasticity_server, "/train", {"context_ids": ids[:4], "continuation_ids": ids[4:], "force": True,
+                                           "optimizer": {"lr": 1e-3},
+                                           "params": {"layers": [1, 1], "attention": False, "norms": False}})
+    assert r.status_code == 200, r.text
+    second = post(plasticity_server, "/checkpoint").json()
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(default_model)
+    layer_mlp_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * 4  # gate, up, down in fp32
+    assert layer_mlp_bytes * 0.5 <= second["weight_bytes_written"] <= layer_mlp_bytes + 8 * 4096
+    assert second["weight_bytes_written"] < model_bytes / 5
+    assert second["weight_version"] == body["weight_version"] + 1
+    status = get(plasticity_server, "/checkpoint")
+    assert status["last"]["weight_version"] == second["weight_version"] and status["totals"]["checkpoints"] >= 2
+    assert status["dirty"] is False
+
+
+def test_checkpoint_loads_in_stock_transformers(plasticity_server, tok, default_model):
+    import transformers
+
+    from plasticity_training.hf_view import token_logprobs
+
+    path = post(plasticity_server, "/checkpoint").json()["path"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tok("A friend stood at the door with her coat on")["input_ids"]
+    served = prompt_logprobs(plasticity_server.url, str(default_model), ids, API_KEY)
+    assert max(abs(a - b) for a, b in zip(token_logprobs(model, ids), served)) <= 1e-5
+
+
+def test_bad_checkpoint_paths_are_refused_and_change_nothing(plasticity_server):
+    before = post(plasticity_server, "/checkpoint").json()
+    for path in ("../outside", "/tmp/elsewhere", "main/../../x", "."):
+        r = post(plasticity_server, "/checkpoint", {"path": path})
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        assert "checkpoint directory" in r.json()["error"]["message"]
+    # An unwritable target: a path through a regular file (root ignores permission bits).
+    blocker = plasticity_server.state_dir / "checkpoints" / "blocker"
+    blocker.write_text("not a directory")
+    r = post(plasticity_server, "/checkpoint", {"path": "blocker/ckpt"})
+    assert 400 <= r.status_code < 600 and r.status_code != 200
+    assert r.json()["error"]["message"]
+    after = get(plasticity_server, "/checkpoint")["last"]
+    assert after["path"] == before["path"] and after["generation"] == before["generation"]
+
+
+def test_fresh_server_from_checkpoint_continues(servers_restart, plasticity_server, default_model, tok, tmp_path):
+    model = str(default_model)
+    ids = tok("The build passed at midnight after eleven days")["input_ids"]
+    post(plasticity_server, "/checkpoint")
+    # Trained after the explicit checkpoint: only the shutdown checkpoint has this step.
+    r = post(plasticity_server, "/train", {"context_ids": ids[:4], "continuation_ids": ids[4:], "force": True,
+                                           "optimizer": {"lr": 1e-3}})
+    assert r.status_code == 200, r.text
+    version = r.json()["weight_version"]
+    probe = tok("She read the paper twice and then once more")["input_ids"]
+    trained = prompt_logprobs(plasticity_server.url, model, probe, API_KEY)
+    ckpt_dir = plasticity_server.state_dir / "checkpoints" / "main"
+    servers_restart.stop()  # clean shutdown: writes a checkpoint of the last step
+
+    saved_state = json.loads((ckpt_dir / "current" / "plasticity_state" / "trainer_state.json").read_text())
+    assert saved_state["weight_version"] == version
+    saved_opt = load_file(str(ckpt_dir / "current" / "plasticity_state" / "optimizer.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight::step"
+    state_dir = tmp_path / "state2"
+    args = [*SERVER_ARGS, "--training", "--api-key", API_KEY, "--state-dir", str(state_dir)]
+    server = servers_restart.start("restored", lambda log_path: ServerProcess.plasticity(ckpt_dir, extra_args=args,
+                                                                                      log_path=log_path))
+    served_model = requests.get(server.url + "/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"]
+    assert prompt_logprobs(server.url, served_model, probe, API_KEY) == pytest.approx(trained, abs=1e-6)
+    r = post(server, "/train", {"context_ids": ids[:4], "continuation_ids": ids[4:], "force": True,
+                                "optimizer": {"lr": 1e-3}})
+    assert r.status_code == 200, r.text
+    assert r.json()["weight_version"] == version + 1
+    resumed = load_file(str(state_dir / "optimizer.safetensors"))
+    assert resumed[key].item() == saved_opt[key].item() + 1  # optimizer state continued, not restarted
