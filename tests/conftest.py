@@ -19,14 +19,19 @@ REPO = Path(__file__).resolve().parent.parent
 API_KEY = "plasticity-test-key"
 # fp32 end to end: parity tests compare log-probs within 1e-5.
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16"]
+QUIET_SECONDS = 8
 
 
 def pytest_collection_modifyitems(config, items):
     # Stock-server tests first: the stock engine then runs once and is gone before the plugin's starts.
-    # Tests that restart the server from a checkpoint last: they replace the shared server.
+    # Tests that replace the shared server run last; among them, those that still use it first.
     def order(item):
         names = getattr(item, "fixturenames", ())
-        return 0 if "stock_reference" in names else 2 if "servers_restart" in names else 1
+        if "stock_reference" in names:
+            return 0
+        if "servers_restart" in names:
+            return 2 if "plasticity_server" in names else 3
+        return 1
 
     items.sort(key=order)
 
@@ -119,7 +124,9 @@ def stock_reference(servers, default_model, probe_token_ids) -> dict:
 def plasticity_server(servers, default_model, tmp_path_factory) -> ServerProcess:
     """The plugin-enabled server every integration test shares (training on, so weights are shared; API key on)."""
     state_dir = tmp_path_factory.mktemp("state")
-    args = [*SERVER_ARGS, "--training", "--api-key", API_KEY, "--state-dir", str(state_dir)]
+    # A short quiet period so the scheduled checkpoint happens within a test.
+    args = [*SERVER_ARGS, "--training", "--api-key", API_KEY, "--state-dir", str(state_dir),
+            "--checkpoint-quiet-seconds", str(QUIET_SECONDS)]
     server = servers.start("plasticity", lambda log_path: ServerProcess.plasticity(default_model, extra_args=args, log_path=log_path))
     server.state_dir = state_dir
     return server

@@ -10,7 +10,9 @@ import requests
 import torch
 from safetensors.torch import load_file
 
-from conftest import API_KEY, SERVER_ARGS, prompt_logprobs
+import time
+
+from conftest import API_KEY, QUIET_SECONDS, SERVER_ARGS, prompt_logprobs
 from vllm_plasticity.launcher import ServerProcess
 
 pytestmark = pytest.mark.server
@@ -86,6 +88,45 @@ def test_bad_checkpoint_paths_are_refused_and_change_nothing(plasticity_server):
     assert r.json()["error"]["message"]
     after = get(plasticity_server, "/checkpoint")["last"]
     assert after["path"] == before["path"] and after["generation"] == before["generation"]
+
+
+def test_scheduled_checkpoint_after_quiet_period(plasticity_server, tok):
+    ids = tok("The long meeting went on past noon")["input_ids"]
+    r = post(plasticity_server, "/train", {"context_ids": ids[:4], "continuation_ids": ids[4:], "force": True,
+                                           "optimizer": {"lr": 1e-4}})
+    assert r.status_code == 200, r.text
+    status = get(plasticity_server, "/checkpoint")
+    assert status["dirty"] is True and status["next_scheduled"] is not None
+    deadline = time.time() + QUIET_SECONDS + 30
+    while time.time() < deadline and get(plasticity_server, "/checkpoint")["dirty"]:
+        time.sleep(0.5)
+    last = get(plasticity_server, "/checkpoint")["last"]
+    assert last["reason"] == "scheduled" and last["weight_version"] == r.json()["weight_version"]
+
+
+def test_qwen3_tied_model_trains_in_place(servers_restart, tmp_path):
+    """The Qwen3 subclass with tied embeddings: served, shared, trained, and the view still matches."""
+    from plasticity_training.default_model import ModelSpec, build_model, read_project_text
+    from plasticity_training.hf_view import build_hf_view, token_logprobs
+    from vllm_plasticity.weight_sharing import WeightManifest, map_shared_weights
+
+    spec = ModelSpec(arch="qwen3", tie_word_embeddings=True, vocab_size=512, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, train_steps=0)
+    model_dir = build_model(spec, tmp_path / "qwen3", text=read_project_text(), log=lambda m: None)
+    args = [*SERVER_ARGS, "--training", "--api-key", API_KEY, "--state-dir", str(tmp_path / "state")]
+    server = servers_restart.start("qwen3", lambda log_path: ServerProcess.plasticity(model_dir, extra_args=args,
+                                                                                   log_path=log_path))
+    info = get(server, "/plasticity/info")
+    assert info["architecture"] == "PlasticityQwen3ForCausalLM" and info["weights_shareable"]
+    manifest = WeightManifest.from_dict(json.load(open(info["weight_manifest"])))
+    assert "lm_head.weight" not in {t.name for t in manifest.tensors}  # one tensor for both ends
+    ids = [5, 17, 42, 99, 7, 250, 31, 8]
+    r = post(server, "/train", {"context_ids": ids[:4], "continuation_ids": ids[4:], "steps": 3, "optimizer": {"lr": 1e-2}})
+    assert r.status_code == 200, r.text
+    view = build_hf_view(model_dir, map_shared_weights(manifest))
+    assert view.lm_head.weight is view.model.embed_tokens.weight
+    served = prompt_logprobs(server.url, str(model_dir), ids, API_KEY)
+    assert max(abs(a - b) for a, b in zip(token_logprobs(view, ids), served)) <= 1e-5
 
 
 def test_fresh_server_from_checkpoint_continues(servers_restart, plasticity_server, default_model, tok, tmp_path):
