@@ -27,6 +27,7 @@ from vllm_plasticity import ARCHITECTURES, WORKER_EXTENSION
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # VLLM_PLUGINS is an allowlist for *all* plugin groups: keep vLLM's own general plugins loadable.
 VLLM_BUILTIN_PLUGINS = ("lora_filesystem_resolver", "lora_hf_hub_resolver")
+TRAINING_GPU_MEMORY_UTILIZATION = "0.6"
 
 
 def _cuda_available() -> bool:
@@ -114,6 +115,10 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
               f"(training and in-place weight sharing unavailable)", file=sys.stderr)
     if overrides:
         cmd += ["--hf-overrides", json.dumps(overrides)]
+    # vLLM takes 90% of a GPU by default for weights and KV cache; the trainer needs room beside it for
+    # activations, gradients (one model's worth) and optimizer state. 0.6 leaves 40% unless the operator says.
+    if cuda and known.training and not any(a.startswith("--gpu-memory-utilization") for a in passthrough):
+        cmd += ["--gpu-memory-utilization", TRAINING_GPU_MEMORY_UTILIZATION]
     if "--worker-extension-cls" not in passthrough and not any(a.startswith("--worker-extension-cls=") for a in passthrough):
         cmd += ["--worker-extension-cls", WORKER_EXTENSION]
     return cmd + passthrough, env

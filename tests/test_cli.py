@@ -29,6 +29,15 @@ def test_serve_enables_plugin_on_cpu(tmp_path):
     assert env["VLLM_TARGET_DEVICE"] == "cpu"
 
 
+def test_serve_with_training_on_cuda_leaves_room_for_the_trainer(tmp_path):
+    cmd, _ = build_serve_command([_model_dir(tmp_path), "--training"], {}, cuda=True)
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.6"
+    cmd, _ = build_serve_command([_model_dir(tmp_path), "--training", "--gpu-memory-utilization", "0.8"], {}, cuda=True)
+    assert cmd.count("--gpu-memory-utilization") == 1 and cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.8"
+    cmd, _ = build_serve_command([_model_dir(tmp_path)], {}, cuda=True)
+    assert "--gpu-memory-utilization" not in cmd
+
+
 def test_serve_on_cuda_keeps_user_settings(tmp_path):
     model = _model_dir(tmp_path, "Qwen3ForCausalLM")
     cmd, env = build_serve_command(["--model", model, "--hf-overrides", '{"rope_theta": 5}'],

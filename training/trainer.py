@@ -380,6 +380,14 @@ def serve(core: TrainerCore, endpoint: str) -> None:
                 reply = {"ok": True, **core.handle(msg)}
             except JobError as exc:
                 reply = {"ok": False, "status": exc.status, "error": str(exc)}
+            except torch.OutOfMemoryError as exc:  # before any weight changed: the optimizer step allocates first
+                if core.optimizer is not None:
+                    core.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                reply = {"ok": False, "status": 507, "error": "the trainer ran out of memory next to vLLM "
+                         f"({str(exc).splitlines()[0]}); lower vLLM's --gpu-memory-utilization, train fewer "
+                         "parameters (params filter), use APOLLO-Mini, or send shorter samples"}
             except Exception as exc:  # a bug or an unexpected state: report it, keep serving
                 if core.job is not None and msg.get("op") == "step":
                     core.job = None
