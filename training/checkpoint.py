@@ -232,7 +232,8 @@ def plan_layout(tensors: Mapping[str, torch.Tensor], block_size: int = BLOCK_SIZ
         for name in order:
             t = tensors[name]
             nbytes = t.numel() * t.element_size()
-            meta[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+            meta[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         body = json.dumps(meta, separators=(",", ":")).encode()
         total = 8 + len(body)
