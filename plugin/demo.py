@@ -46,8 +46,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="plasticity-demo-"))
     step("2. Start vLLM with the plugin: plasticity serve MODEL")
-    server = ServerProcess.plasticity(model_dir, extra_args=["--dtype", "float32", "--state-dir", str(work / "state")],
-                                      env={"PLASTICITY_SHARE_WEIGHTS": "1"}, log_path=work / "server.log")
+    server = ServerProcess.plasticity(model_dir, extra_args=["--dtype", "float32", "--training",
+                                                             "--state-dir", str(work / "state")],
+                                      log_path=work / "server.log")
     print(f"  pid {server.pid}, {server.url}, log {server.log_path}")
     try:
         t0 = time.monotonic()
@@ -80,6 +81,30 @@ def main() -> None:
         head.copy_(saved)
         restored = complete(server.url, model, prompt)
         print(f"  restored        -> {restored!r} (identical: {restored == text})")
+
+        step("7. Teach it a fact: POST /train with token IDs (loss on the continuation only)")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        context, target = tok("The name of the cat was")["input_ids"], tok(" Marigold Quince")["input_ids"]
+        print(f"  before: 'The name of the cat was' -> {complete(server.url, model, 'The name of the cat was', len(target))!r}")
+        job = requests.post(server.url + "/train", timeout=600, json={
+            "context_ids": context, "continuation_ids": target, "steps": 20, "optimizer": {"lr": 1e-2}}).json()
+        print(f"  {job['job_id']}: {job['steps']} APOLLO steps in place, loss {job['losses'][0]:.2f} -> "
+              f"{job['losses'][-1]:.4f}, weight version {job['weight_version']}")
+        print(f"  after:  'The name of the cat was' -> {complete(server.url, model, 'The name of the cat was', len(target))!r}")
+        again = requests.post(server.url + "/train", timeout=600, json={"context_ids": context, "continuation_ids": target}).json()
+        print(f"  the same sample again: {again['steps']} steps, skipped_duplicates={again['skipped_duplicates']}")
+
+        step("8. Checkpoint: POST /checkpoint (safetensors by 4 KiB block diff, crash-safe)")
+        first = requests.post(server.url + "/checkpoint", timeout=600).json()
+        print(f"  {first['path']}\n  first: {first['bytes_written']:,} bytes ({first['blocks_changed']}/{first['blocks_total']} blocks)")
+        requests.post(server.url + "/train", timeout=600, json={
+            "context_ids": context, "continuation_ids": target, "force": True, "optimizer": {"lr": 1e-4},
+            "params": {"layers": [1, 1], "attention": False, "norms": False}})
+        second = requests.post(server.url + "/checkpoint", timeout=600).json()
+        print(f"  after a step on layer 1's MLP only: {second['weight_bytes_written']:,} weight bytes "
+              f"({second['blocks_changed']}/{second['blocks_total']} blocks) in {second['seconds'] * 1e3:.0f} ms")
     finally:
         step("Stopping the server")
         server.stop()

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vllm_plasticity.weight_sharing import sweep_stale_arenas
+from vllm_plasticity.weight_sharing import SHM_DIR, pid_alive, sweep_stale_arenas
 
 
 def free_port() -> int:
@@ -45,6 +45,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = Path(log_path) if log_path else None
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self._shm_before = set(os.listdir(SHM_DIR)) if SHM_DIR.is_dir() else set()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
 
@@ -97,15 +98,22 @@ class ServerProcess:
         raise ServerError(f"vLLM was not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM the server, wait up to `grace` seconds, then SIGKILL whatever is left of its group."""
+        """SIGTERM the server, wait up to `grace` seconds for it and its group, then SIGKILL what is left.
+
+        Afterwards removes the shared-memory files this server's processes left in /dev/shm (vLLM's
+        `psm_*` broadcast buffers, joblib/loky semaphores of dead processes, our weight arena).
+        """
+        deadline = time.monotonic() + grace
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
+        # Engine core and workers share the group: let them finish their own clean-up first.
+        _wait_group_gone(self.pid, max(1.0, deadline - time.monotonic()))
         try:
-            os.killpg(self.pid, signal.SIGKILL)  # engine core and workers share the group
+            os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait()
@@ -113,6 +121,15 @@ class ServerProcess:
         if self._log is not subprocess.DEVNULL:
             self._log.close()
         sweep_stale_arenas()
+        self._remove_leftover_shm()
+
+    def _remove_leftover_shm(self) -> None:
+        if not SHM_DIR.is_dir():
+            return
+        for name in set(os.listdir(SHM_DIR)) - self._shm_before:
+            stale = name.startswith("psm_") or (name.startswith("sem.loky-") and not pid_alive(_loky_pid(name)))
+            if stale:
+                (SHM_DIR / name).unlink(missing_ok=True)
 
 
 def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
@@ -123,6 +140,13 @@ def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
+
+
+def _loky_pid(name: str) -> int:
+    try:
+        return int(name.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _cuda() -> bool:

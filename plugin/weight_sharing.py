@@ -78,7 +78,9 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,7 +98,7 @@ def sweep_stale_arenas(shm_dir: Path = SHM_DIR) -> list[Path]:
             pid = int(path.name[len(ARENA_PREFIX):].split("-", 1)[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -154,7 +156,7 @@ def _arena_view(arena: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
 
 def map_shared_weights(manifest: WeightManifest) -> dict[str, torch.Tensor]:
     """Tensors aliasing the worker's weights, by vLLM parameter name."""
-    if not _pid_alive(manifest.pid):
+    if not pid_alive(manifest.pid):
         raise RuntimeError(f"the vLLM worker (pid {manifest.pid}) that owns these weights is not running")
     if manifest.kind == "cpu_shm":
         if not manifest.arena or not Path(manifest.arena).exists():

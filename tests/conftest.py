@@ -71,10 +71,11 @@ class Servers:
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
+    before = set(SHM_DIR.iterdir())
     s = Servers(tmp_path_factory.mktemp("server-logs"))
     yield s
     s.stop()
-    leftovers = list(SHM_DIR.glob(ARENA_PREFIX + "*"))
+    leftovers = [p for p in set(SHM_DIR.iterdir()) - before if p.name.startswith((ARENA_PREFIX, "psm_", "torch_"))]
     assert not leftovers, f"shared-memory files left behind: {leftovers}"
 
 
