@@ -6,36 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plasticity_training.default_model import ModelSpec, build_model
 from plasticity_training.hf_view import build_hf_view, token_logprobs
+from tiny_models import TEXT, tiny, vllm_layout  # noqa: F401 (tiny is a fixture)
 from plasticity_training.trainer import JobError, TrainerCore, param_kind, select_params
 
-TEXT = "\n\n".join(f"The {a} saw the {b} near the {c}." for a, b, c in
-                   zip(["cat", "dog", "owl"] * 30, ["river", "tree", "gate"] * 30, ["hill", "barn", "lake"] * 30))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    spec = ModelSpec(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=1, train_steps=0)
-    return build_model(spec, tmp_path_factory.mktemp("tiny") / "m", text=TEXT, log=lambda m: None)
-
-
-def vllm_layout(model_dir) -> dict[str, torch.Tensor]:
-    """The tiny model's weights under vLLM's names, fused the way vLLM fuses them."""
-    from safetensors.torch import load_file
-
-    hf = load_file(str(model_dir / "model.safetensors"))
-    out = {}
-    for name, t in hf.items():
-        if ".q_proj." in name:
-            k, v = hf[name.replace("q_proj", "k_proj")], hf[name.replace("q_proj", "v_proj")]
-            out[name.replace("q_proj", "qkv_proj")] = torch.cat([t, k, v]).clone()
-        elif ".gate_proj." in name:
-            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([t, hf[name.replace("gate_proj", "up_proj")]]).clone()
-        elif not any(s in name for s in (".k_proj.", ".v_proj.", ".up_proj.")):
-            out[name] = t.clone()
-    return out
 
 
 @pytest.fixture()
