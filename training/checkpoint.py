@@ -63,6 +63,7 @@ Usage:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -344,10 +345,19 @@ def _write_small(path: Path, data: bytes, stats: "_Stats") -> None:
             return
     except FileNotFoundError:
         pass
+    with _replacing(path) as fd:
+        _pwrite_all(fd, memoryview(data), 0)
+    stats.bytes_written += len(data)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Yield the fd of a temporary file that, once the block succeeds, is fsynced and renamed over `path`;
+    on any failure it is removed and `path` is untouched."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _pwrite_all(fd, memoryview(data), 0)
+        yield fd
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -355,7 +365,6 @@ def _write_small(path: Path, data: bytes, stats: "_Stats") -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    stats.bytes_written += len(data)
 
 
 # ---- the sync -----------------------------------------------------------------------------------
@@ -485,9 +494,7 @@ def _diff_write(path: Path, plan: FilePlan, bufs: _Buffers, block_size: int, sta
 def _full_write(path: Path, plan: FilePlan, bufs: _Buffers, block_size: int, stats: _Stats, progress) -> None:
     """Write `plan` whole to a temporary file (space reserved first), fsync, rename over `path`."""
     window = bufs.size
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
+    with _replacing(path) as fd:
         try:
             os.posix_fallocate(fd, 0, plan.size)  # ENOSPC here, before anything is written
         except OSError as exc:
@@ -501,13 +508,6 @@ def _full_write(path: Path, plan: FilePlan, bufs: _Buffers, block_size: int, sta
             pos += n
             if progress is not None:
                 progress(pos)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
     blocks = -(-plan.size // block_size)
     stats.blocks_total += blocks
     stats.blocks_changed += blocks
