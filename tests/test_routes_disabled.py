@@ -1,0 +1,44 @@
+"""Routes that change weights are off unless the operator enables them, and always honour the API key.
+(The plugin's router on a bare FastAPI app: no engine is needed to refuse.)"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.endpoints import ServerState, router
+
+BODY = {"context_ids": [1, 2], "continuation_ids": [3]}
+
+
+def client(training: bool, api_key: str | None = "k") -> TestClient:
+    app = FastAPI()
+    app.include_router(router)
+    app.state.plasticity = ServerState(None, Namespace(model="m", api_key=api_key), PlasticityConfig(training=training))
+    return TestClient(app)
+
+
+def test_training_routes_are_off_unless_enabled():
+    c = client(training=False)
+    auth = {"Authorization": "Bearer k"}
+    for method, path in (("post", "/train"), ("get", "/train/status"), ("post", "/checkpoint"), ("get", "/checkpoint")):
+        r = getattr(c, method)(path, headers=auth, **({"json": BODY} if path == "/train" else {}))
+        assert r.status_code == 403, (path, r.status_code)
+        assert "--training" in r.json()["detail"]
+
+
+def test_routes_require_the_api_key_before_anything_else():
+    c = client(training=False)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k"}):
+        assert c.post("/train", json=BODY, headers=headers).status_code == 401
+        assert c.get("/plasticity/info", headers=headers).status_code == 401
+
+
+def test_enabled_training_without_shareable_weights_says_why():
+    c = client(training=True, api_key=None)
+    c.app.state.plasticity.training_unavailable = "training needs weights shared in place"
+    r = c.post("/train", json=BODY)
+    assert r.status_code == 503 and "shared in place" in r.json()["detail"]
