@@ -124,7 +124,29 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     return cmd + passthrough, env
 
 
+SERVE_HELP = """usage: plasticity serve [MODEL|CHECKPOINT] [options] [any `vllm serve` argument ...]
+
+Start vLLM's OpenAI-compatible server with the plasticity plugin enabled. MODEL defaults to the built-in
+model; a checkpoint directory written by POST /checkpoint serves its newest generation and, with
+--training, resumes its optimizer and trainer state.
+
+plasticity options (everything else goes to vLLM unchanged; see README's Configuration table):
+  --port N                         port (default 8000)
+  --training                       enable POST /train and /checkpoint (they change weights)
+  --state-dir DIR                  trainer state, weight manifest, logs (default ~/.cache/plasticity/state)
+  --checkpoint-dir DIR             the only directory checkpoints are written in (default <state-dir>/checkpoints)
+  --checkpoint-quiet-seconds S     checkpoint after S seconds without training (default 600)
+  --vectors-dir DIR                the only directory concept-vector banks may be loaded from
+                                   (for the readout routes, not yet implemented: recorded in /plasticity/info)
+
+`python -m vllm.entrypoints.openai.api_server --help` lists vLLM's own arguments.
+"""
+
+
 def serve(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(SERVE_HELP, end="")
+        return
     cmd, env = build_serve_command(argv, dict(os.environ), cuda=_cuda_available())
     print("plasticity: " + " ".join(cmd), file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)

@@ -53,3 +53,12 @@ def test_serve_unknown_architecture_is_served_stock(tmp_path, capsys):
     cmd, _ = build_serve_command([model], {}, cuda=False)
     assert "--hf-overrides" not in cmd
     assert "no plasticity subclass" in capsys.readouterr().err
+
+
+def test_serve_help_explains_plasticity_flags(capsys):
+    from vllm_plasticity.cli import main
+
+    main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--training", "--state-dir", "--checkpoint-dir", "--checkpoint-quiet-seconds", "--vectors-dir", "--port"):
+        assert flag in out

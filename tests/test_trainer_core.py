@@ -99,3 +99,27 @@ def test_dedup_and_state_survive_a_restart(tiny, tmp_path):
     with pytest.raises(JobError) as err:
         TrainerCore(tiny, weights, tmp_path / "s").begin_job([sample], optimizer={"rank": 8}, force=True)
     assert err.value.status == 409
+
+
+def test_qwen2_view_splits_fused_qkv_bias(tmp_path):
+    """Qwen2 has q/k/v biases: vLLM fuses them like the weights; the view must slice them the same way."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from plasticity_training.default_model import ModelSpec, build_model
+
+    spec = ModelSpec(arch="qwen2", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, train_steps=0)
+    path = build_model(spec, tmp_path / "q2", text=TEXT, log=lambda m: None)
+    hf = load_file(str(path / "model.safetensors"))
+    for name in [n for n in hf if n.endswith("_proj.bias")]:
+        hf[name] = torch.randn_like(hf[name])  # distinct biases, so a wrong slice shows
+    save_file(hf, str(path / "model.safetensors"), metadata={"format": "pt"})
+    weights = vllm_layout(path)
+    fused = weights["model.layers.0.self_attn.qkv_proj.bias"]
+    assert fused.shape[0] == hf["model.layers.0.self_attn.q_proj.bias"].shape[0] * 2  # q (2 heads) + k + v (1 each)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    view = build_hf_view(path, weights)
+    assert torch.equal(view.model.layers[0].self_attn.v_proj.bias, hf["model.layers.0.self_attn.v_proj.bias"])
+    ids = [5, 17, 42, 99, 7, 250]
+    assert token_logprobs(view, ids) == pytest.approx(token_logprobs(ref, ids), abs=1e-6)
