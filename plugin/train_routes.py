@@ -161,6 +161,7 @@ class TrainingService:
         self.weight_version: int | None = None
         self.current: TrainJob | None = None
         self._runner: asyncio.Task | None = None
+        self._scheduler: asyncio.Task | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -281,14 +282,16 @@ class TrainingService:
                                      "(give a name or a path below it)")
         return target
 
+    def _checkpoint_message(self, target: Path) -> dict:
+        return {"op": "checkpoint", "target": str(target), "allowed_root": str(self.checkpoint_dir.resolve()),
+                "allow_model_dir": self.allow_model_dir}
+
     async def checkpoint(self, path: str | None = None, reason: str = "request") -> dict:
         target = self.checkpoint_target(path)
         async with self.trainer_lock:
             try:
                 await self.trainer.ensure_started()
-                reply = await self.trainer.request({"op": "checkpoint", "target": str(target),
-                                                    "allowed_root": str(self.checkpoint_dir.resolve()),
-                                                    "allow_model_dir": self.allow_model_dir})
+                reply = await self.trainer.request(self._checkpoint_message(target))
             except TrainerUnavailable as exc:
                 raise HTTPException(503, f"checkpoint not written: {exc}") from exc
         if not reply.pop("ok"):
@@ -325,9 +328,7 @@ class TrainingService:
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.trainer.endpoint)
-            sock.send(json.dumps({"op": "checkpoint", "target": str(self.checkpoint_target(None)),
-                                  "allowed_root": str(self.checkpoint_dir.resolve()),
-                                  "allow_model_dir": self.allow_model_dir}).encode())
+            sock.send(json.dumps(self._checkpoint_message(self.checkpoint_target(None))).encode())
             if sock.poll(int(timeout * 1000)):
                 sock.recv()
         finally:

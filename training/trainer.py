@@ -380,7 +380,7 @@ def serve(core: TrainerCore, endpoint: str) -> None:
                 reply = {"ok": True, **core.handle(msg)}
             except JobError as exc:
                 reply = {"ok": False, "status": exc.status, "error": str(exc)}
-            except torch.OutOfMemoryError as exc:  # before any weight changed: the optimizer step allocates first
+            except torch.OutOfMemoryError as exc:  # mostly in forward/backward, before any weight changes
                 if core.optimizer is not None:
                     core.optimizer.zero_grad(set_to_none=True)
                 if torch.cuda.is_available():
