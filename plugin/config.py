@@ -36,6 +36,15 @@ def _path(name: str) -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
+def _count(name: str, default: int) -> int:
+    value = os.environ.get(ENV_PREFIX + name)
+    if value is None or value == "":
+        return default
+    if not value.strip().isdigit() or int(value) < 1:
+        raise RuntimeError(f"{ENV_PREFIX}{name}={value!r}: expected a whole number >= 1")
+    return int(value)
+
+
 def _seconds(name: str, default: float) -> float:
     value = os.environ.get(ENV_PREFIX + name)
     if value is None or value == "":
@@ -58,6 +67,8 @@ class PlasticityConfig:
     vectors_dir: Path | None = None  # PLASTICITY_VECTORS_DIR: enables /readout/load, paths resolved inside it
     checkpoint_quiet_seconds: float = 600.0  # PLASTICITY_CHECKPOINT_QUIET_SECONDS: sync after this long without training
     checkpoint_into_model_dir: bool = False  # PLASTICITY_CHECKPOINT_INTO_MODEL_DIR: allow targets inside the served model's dir
+    readout_capacity: int = 256  # PLASTICITY_READOUT_CAPACITY: concepts loaded at once, all banks together
+    steer_slots: int = 32  # PLASTICITY_STEER_SLOTS: distinct steering settings in one batch
 
     @classmethod
     def from_env(cls) -> "PlasticityConfig":
@@ -70,6 +81,8 @@ class PlasticityConfig:
             vectors_dir=_path("VECTORS_DIR"),
             checkpoint_quiet_seconds=_seconds("CHECKPOINT_QUIET_SECONDS", 600.0),
             checkpoint_into_model_dir=_flag("CHECKPOINT_INTO_MODEL_DIR"),
+            readout_capacity=_count("READOUT_CAPACITY", 256),
+            steer_slots=_count("STEER_SLOTS", 32),
         )
 
     @property
@@ -81,5 +94,6 @@ class PlasticityConfig:
             "training": self.training,
             "checkpoints": self.training,
             "weight_sharing": self.share_weights,
-            "readout_loading": self.vectors_dir is not None,
+            "readout": self.vectors_dir is not None,
+            "steering": self.vectors_dir is not None,
         }

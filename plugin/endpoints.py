@@ -2,7 +2,8 @@
 
 Runs in the API server process. vLLM loads this plugin only when `VLLM_PLUGINS` names "plasticity"
 (`plasticity serve` sets it). `attach_router` adds the routes; `init_state` builds the one
-`ServerState` object the routes share and asks the worker what it serves.
+`ServerState` object the routes share and asks the worker what it serves. Readout and steering routes
+(and the wrapped completion routes) live in readout_routes.py.
 
 vLLM's own `--api-key` middleware guards only /v1-style paths, so every route here depends on
 `require_api_key`, which checks the same keys (`--api-key` / VLLM_API_KEY) the same way.
@@ -23,6 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from vllm_plasticity import __version__
 from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.readout_routes import ReadoutService, attach_readout_routes
 from vllm_plasticity.train_routes import CheckpointRequest, TrainingService, TrainRequest
 from vllm_plasticity.trainer_client import TrainerClient
 from vllm_plasticity.weight_sharing import sweep_stale_arenas
@@ -46,6 +48,7 @@ class ServerState:
         self.weight_manifest_path = None
         self.training: TrainingService | None = None
         self.training_unavailable: str | None = None
+        self.readout: ReadoutService | None = None
 
     async def rpc(self, method: str, *args: Any) -> Any:
         """Call a worker-extension verb on the (single) worker and return its result."""
@@ -62,6 +65,7 @@ class ServerState:
         except Exception as exc:  # vLLM started without our --worker-extension-cls
             self.worker_info = {"error": f"worker extension unavailable: {exc}"}
             return
+        self.readout = ReadoutService(self)
         if self.config.share_weights:
             self.weight_manifest = await self.rpc("plasticity_weight_manifest")
             if self.weight_manifest is not None:
@@ -183,6 +187,7 @@ async def info(state: ServerState = Depends(require_api_key)) -> dict:
         "weights_shareable": bool(state.worker_info.get("weights_shareable")),
         "weight_manifest": str(state.weight_manifest_path) if state.weight_manifest_path else None,
         "features": state.config.features(),
+        "readout": state.worker_info.get("readout"),
         "state_dir": str(state.config.state_dir),
         **({"error": state.worker_info["error"]} if "error" in state.worker_info else {}),
     }
@@ -196,6 +201,9 @@ class PlasticityEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        readout_router = APIRouter(tags=["plasticity"])  # per app: it wraps this app's completion routes
+        attach_readout_routes(app, readout_router, require_api_key)
+        app.include_router(readout_router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         server = ServerState(engine_client, args, PlasticityConfig.from_env())

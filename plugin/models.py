@@ -27,12 +27,13 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     UnquantizedEmbeddingMethod,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.platforms import current_platform
 
 from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.residual_tap import TapBuffers, install_buffers, tap_layers, tapped_layer_class
 from vllm_plasticity.weight_sharing import WeightManifest, share_cpu_parameters
 
 
@@ -55,13 +56,30 @@ def keep_weights_in_place(model: torch.nn.Module) -> None:
 
 
 class SharedWeightsMixin:
-    """Mixed in front of a vLLM causal LM: weights stay in place and, if enabled, become shareable."""
+    """Mixed in front of a vLLM causal LM: weights stay in place and, if enabled, become shareable;
+    when banks can be loaded (PLASTICITY_VECTORS_DIR), every decoder layer taps the residual stream."""
 
     plasticity_manifest: WeightManifest | None = None
+    plasticity_tapped_layer_arg: dict = {}  # the constructor's own layer-type argument, where it has one
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = PlasticityConfig.from_env()
+        tap = config.vectors_dir is not None
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **(self.plasticity_tapped_layer_arg if tap else {}))
         keep_weights_in_place(self)
+        if tap:
+            # vLLM keys its on-disk compile cache by the config's hash, not by the layer classes: mark the
+            # config so a graph compiled without the tap is never loaded for a tapped model (or the reverse).
+            if isinstance(vllm_config.additional_config, dict):
+                vllm_config.additional_config["plasticity_residual_tap"] = 1
+            tap_layers(self.model.layers)
+            scheduler = vllm_config.scheduler_config
+            hf_config = vllm_config.model_config.hf_config.get_text_config()
+            install_buffers(TapBuffers(
+                num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+                max_tokens=scheduler.max_num_batched_tokens, capacity=config.readout_capacity,
+                steer_rows=min(config.steer_slots, scheduler.max_num_seqs) + 1,
+                device=torch.device(vllm_config.device_config.device)))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
@@ -71,7 +89,7 @@ class SharedWeightsMixin:
 
 
 class PlasticityLlamaForCausalLM(SharedWeightsMixin, LlamaForCausalLM):
-    pass
+    plasticity_tapped_layer_arg = {"layer_type": tapped_layer_class(LlamaDecoderLayer)}
 
 
 class PlasticityQwen2ForCausalLM(SharedWeightsMixin, Qwen2ForCausalLM):

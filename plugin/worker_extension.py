@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from pathlib import Path
+
 from vllm_plasticity import ARCHITECTURES
 from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.readout_worker import ReadoutEngine, basis_bank, read_bank_files
+from vllm_plasticity.residual_tap import current_buffers
 from vllm_plasticity.weight_sharing import export_cuda_parameters
 
 
@@ -34,6 +38,7 @@ class PlasticityWorkerExtension:
             "device": str(param.device),
             "weights_shareable": shareable,
             "num_parameters": sum(p.numel() for p in model.parameters()),
+            "readout": self._plasticity_readout_limits(),
         }
 
     def plasticity_weight_manifest(self) -> dict | None:
@@ -47,3 +52,42 @@ class PlasticityWorkerExtension:
             return export_cuda_parameters(model).to_dict()
         manifest = getattr(model, "plasticity_manifest", None)
         return manifest.to_dict() if manifest is not None else None
+
+    # ---- readout and steering (see readout_worker.py) ----------------------------------------------
+
+    def _plasticity_readout_limits(self) -> dict | None:
+        b = current_buffers()
+        if b is None:
+            return None
+        return {"num_layers": b.num_layers, "hidden_size": b.hidden_size, "capacity": b.capacity,
+                "steer_slots": b.steer_rows - 1}
+
+    def _plasticity_readout(self) -> ReadoutEngine:
+        engine = getattr(self, "_plasticity_readout_engine", None)
+        if engine is None:
+            buffers = current_buffers()
+            if buffers is None:
+                raise RuntimeError("this model has no residual tap (serve a Llama/Qwen2/Qwen3 model with "
+                                   "PLASTICITY_VECTORS_DIR set)")
+            engine = self._plasticity_readout_engine = ReadoutEngine(buffers, self.model_runner)
+        return engine
+
+    def plasticity_readout_load(self, name: str, path: str | None = None, basis: list[int] | None = None,
+                                layers: list[int] | None = None) -> dict:
+        """Load bank `name` from a bank directory (already checked by the API server to lie inside the
+        vectors directory) or, with `basis=[start, stop]`, standard basis rows at `layers`."""
+        engine = self._plasticity_readout()
+        if basis is not None:
+            concepts, vectors = basis_bank(basis[0], basis[1], list(layers or []), engine.buffers.hidden_size)
+            return engine.load(name, concepts, vectors, source=f"basis {basis[0]}:{basis[1]}", method="basis")
+        concepts, vectors, meta = read_bank_files(Path(path))
+        if layers:
+            vectors = {L: v for L, v in vectors.items() if L in set(layers)}
+        return engine.load(name, concepts, vectors, source=str(path), **meta)
+
+    def plasticity_readout_unload(self, name: str) -> bool:
+        return self._plasticity_readout().unload(name)
+
+    def plasticity_readout_fetch(self, key: str, final: bool = True) -> dict:
+        engine = getattr(self, "_plasticity_readout_engine", None)
+        return engine.fetch(key, final) if engine is not None else {}

@@ -123,13 +123,16 @@ def stock_reference(servers, default_model, probe_token_ids) -> dict:
 
 @pytest.fixture(scope="session")
 def plasticity_server(servers, default_model, tmp_path_factory) -> ServerProcess:
-    """The plugin-enabled server every integration test shares (training on, so weights are shared; API key on)."""
+    """The plugin-enabled server every integration test shares (training on, so weights are shared; API key
+    on; banks loadable from `server.vectors_dir`, so every decoder layer is tapped)."""
     state_dir = tmp_path_factory.mktemp("state")
+    vectors_dir = tmp_path_factory.mktemp("vectors")
     # A short quiet period so the scheduled checkpoint happens within a test.
     args = [*SERVER_ARGS, "--training", "--api-key", API_KEY, "--state-dir", str(state_dir),
-            "--checkpoint-quiet-seconds", str(QUIET_SECONDS)]
+            "--checkpoint-quiet-seconds", str(QUIET_SECONDS), "--vectors-dir", str(vectors_dir)]
     server = servers.start("plasticity", lambda log_path: ServerProcess.plasticity(default_model, extra_args=args, log_path=log_path))
     server.state_dir = state_dir
+    server.vectors_dir = vectors_dir
     return server
 
 

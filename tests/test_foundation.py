@@ -36,7 +36,7 @@ def test_routes_present_and_info(plasticity_server, auth):
     assert info["device"] == "cpu"
     assert info["weights_shareable"] is True
     assert info["version"]
-    assert set(info["features"]) >= {"training", "checkpoints", "weight_sharing", "readout_loading"}
+    assert set(info["features"]) >= {"training", "checkpoints", "weight_sharing", "readout", "steering"}
 
 
 def test_plugin_routes_honour_api_key(plasticity_server):

@@ -1,0 +1,313 @@
+"""Worker side of readout and steering: loaded banks, per-step batch bookkeeping, collected scores.
+
+Runs in vLLM's worker process, driven by the worker-extension verbs (`plasticity_readout_*`) and by a
+wrapper around the model runner's `_model_forward` (vLLM documents that method as the override point for
+model execution; the worker extension installs the wrapper on its own runner when the first bank loads).
+
+Per step, before the forward: each request in the batch is planned once from its `extra_args`
+(`vllm_xargs` over HTTP): `readout` (a bank name), `steer` ([bank/concept, coef, ...]), `steer_layers`,
+and `plasticity_key` (set by the API server, to find the scores again). Its tokens' rows of `steer_index`
+point at the steering row for its settings. After the forward: the score rows of requests that asked for
+readout are copied out, keyed by the internal request id and the token's position in the sequence.
+
+The V1 model runner (CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0) lays a step out as contiguous rows per
+request in `input_batch.req_ids` order with bounds in `query_start_loc`; the V2 runner (GPU default in
+0.32) is not handled yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_plasticity.residual_tap import TapBuffers
+from vllm_plasticity.steer_spec import SteeringError, SteerTerm, check_steer
+
+MAX_STORED_REQUESTS = 4096  # scores nobody fetched (client gone) are dropped oldest first beyond this
+
+
+@dataclasses.dataclass
+class LoadedBank:
+    name: str
+    concepts: list[str]
+    layers: list[int]
+    columns: range  # this bank's columns of read[L], the same in each of its layers
+    vectors: dict[int, torch.Tensor]  # layer -> (n_concepts, hidden) fp32 unit rows, on the worker's device
+    digest: str  # identifies the vectors: steering cache salts change when a bank is replaced
+    source: str
+    method: str
+    model: str
+
+    def info(self) -> dict:
+        return {"name": self.name, "concepts": self.concepts, "layers": self.layers, "digest": self.digest,
+                "source": self.source, "method": self.method, "model": self.model,
+                "hidden_size": next(iter(self.vectors.values())).shape[1]}
+
+
+@dataclasses.dataclass
+class RequestPlan:
+    key: str | None
+    steer_row: int  # 0: not steered
+    readout: LoadedBank | None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class RequestScores:
+    key: str | None
+    bank: str
+    layers: list[int]
+    concepts: list[str]
+    rows: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # position -> (layers, concepts)
+    error: str | None = None
+
+
+def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank]) -> tuple[tuple, dict[int, torch.Tensor]]:
+    """(key identifying the settings and the vectors, layer -> sum of coef * unit vector)."""
+    key, total = [], {}
+    for bank_name, concept, coef, layers in terms:
+        bank = banks[bank_name]
+        row = bank.concepts.index(concept)
+        for L in layers:
+            add = coef * bank.vectors[L][row]
+            total[L] = total[L] + add if L in total else add
+        key.append((bank.digest, row, coef, layers))
+    return tuple(sorted(key)), total
+
+
+class ReadoutEngine:
+    """Banks loaded into the tap's buffers, steering rows, and the scores collected per request."""
+
+    def __init__(self, buffers: TapBuffers, runner) -> None:
+        self.buffers = buffers
+        self.runner = runner
+        self.banks: dict[str, LoadedBank] = {}
+        self.generation = 0  # bumped on every load/unload: request plans made before are redone
+        self.plans: dict[str, tuple[int, RequestPlan]] = {}
+        self.steer_rows: OrderedDict[tuple, int] = OrderedDict()  # settings key -> row, least recent first
+        self.store: OrderedDict[str, RequestScores] = OrderedDict()
+        self._step_readouts: list[tuple[str, int, int, int, RequestPlan]] = []
+        self._rows_this_step: set[int] = set()
+        self._row_layers: dict[int, frozenset[int]] = {}  # steering row -> layers it steers
+        self._original_forward = runner._model_forward
+        runner._model_forward = self._model_forward
+
+    # ---- banks -------------------------------------------------------------------------------------
+
+    def load(self, name: str, concepts: list[str], vectors: dict[int, torch.Tensor], *, source: str,
+             method: str = "", model: str = "") -> dict:
+        """Load (or replace) bank `name`: unit rows per layer into free columns of the read table."""
+        b = self.buffers
+        hidden = {v.shape[1] for v in vectors.values()}
+        if hidden != {b.hidden_size}:
+            raise ValueError(f"bank {name!r} has hidden size {sorted(hidden)}, the model has {b.hidden_size}")
+        bad = [L for L in vectors if not 0 <= L < b.num_layers]
+        if bad:
+            raise ValueError(f"bank {name!r} has layers {bad} outside the model's 0..{b.num_layers - 1}")
+        for L, v in vectors.items():
+            if v.shape[0] != len(concepts) or not torch.isfinite(v).all():
+                raise ValueError(f"bank {name!r} layer {L}: shape {tuple(v.shape)} for {len(concepts)} concepts, "
+                                 "or values that are not finite")
+        old = self.banks.pop(name, None)
+        columns = self._free_columns(len(concepts))
+        if columns is None:
+            if old is not None:
+                self.banks[name] = old
+            used = sum(len(x.columns) for x in self.banks.values())
+            raise ValueError(f"bank {name!r} has {len(concepts)} concepts; {b.capacity - used} of the readout "
+                             f"capacity {b.capacity} are free (unload a bank, or raise PLASTICITY_READOUT_CAPACITY)")
+        if old is not None:
+            self._clear(old)
+        digest = hashlib.sha256()
+        unit = {}
+        for L in sorted(vectors):
+            v = vectors[L].detach().to(torch.float32).cpu()
+            v = v / v.norm(dim=1, keepdim=True)
+            digest.update(v.numpy().tobytes())
+            unit[L] = v.to(b.read.device)
+            b.read[L, columns.start:columns.stop] = unit[L]
+        bank = LoadedBank(name, list(concepts), sorted(vectors), columns, unit, digest.hexdigest()[:16],
+                          source, method, model)
+        self.banks[name] = bank
+        self._changed()
+        return bank.info()
+
+    def bank_shapes(self) -> dict[str, tuple[list[str], list[int]]]:
+        return {name: (b.concepts, b.layers) for name, b in self.banks.items()}
+
+    def unload(self, name: str) -> bool:
+        bank = self.banks.pop(name, None)
+        if bank is not None:
+            self._clear(bank)
+            self._changed()
+        return bank is not None
+
+    def _free_columns(self, n: int) -> range | None:
+        taken = sorted((x.columns for x in self.banks.values()), key=lambda r: r.start)
+        start = 0
+        for r in taken:
+            if r.start - start >= n:
+                break
+            start = max(start, r.stop)
+        return range(start, start + n) if start + n <= self.buffers.capacity else None
+
+    def _clear(self, bank: LoadedBank) -> None:
+        for L in bank.layers:
+            self.buffers.read[L, bank.columns.start:bank.columns.stop] = 0
+
+    def _changed(self) -> None:
+        self.generation += 1
+        self.steer_rows.clear()
+        self._row_layers.clear()
+        self.buffers.steer.zero_()
+        b = self.buffers
+        b.read_layers = frozenset(L for x in self.banks.values() for L in x.layers)
+        b.read_width = max((x.columns.stop for x in self.banks.values()), default=0)
+
+    # ---- per step ----------------------------------------------------------------------------------
+
+    def _model_forward(self, *args, **kwargs):
+        self._before_forward()
+        output = self._original_forward(*args, **kwargs)
+        self._after_forward()
+        return output
+
+    def _plan(self, req_id: str, extra: dict) -> RequestPlan:
+        cached = self.plans.get(req_id)
+        if cached is not None and cached[0] == self.generation:
+            return cached[1]
+        plan = RequestPlan(key=extra.get("plasticity_key"), steer_row=0, readout=None)
+        try:
+            if extra.get("readout") is not None:
+                plan.readout = self.banks.get(str(extra["readout"]))
+                if plan.readout is None:
+                    raise SteeringError(f"readout: no bank {extra['readout']!r} is loaded")
+            if extra.get("steer"):
+                terms = check_steer(extra["steer"], extra.get("steer_layers"), self.bank_shapes())
+                plan.steer_row = self._steer_row(*steering_vectors(terms, self.banks))
+        except SteeringError as exc:
+            plan.error = str(exc)
+        self.plans[req_id] = (self.generation, plan)
+        return plan
+
+    def _steer_row(self, key: tuple, vectors: dict[int, torch.Tensor]) -> int:
+        rows = self.steer_rows
+        if key in rows:
+            rows.move_to_end(key)
+            return rows[key]
+        b = self.buffers
+        in_use = set(rows.values())
+        free = [r for r in range(1, b.steer_rows) if r not in in_use]
+        if free:
+            row = free[0]
+        else:  # reuse the least recently planned settings' row, unless this step already uses it
+            victims = [k for k, r in rows.items() if r not in self._rows_this_step]
+            if not victims:
+                raise SteeringError(f"more than {b.steer_rows - 1} distinct steering settings in one batch "
+                                    "(raise PLASTICITY_STEER_SLOTS)")
+            row = rows.pop(victims[0])
+            # Requests planned onto that row are planned again when they next run.
+            for req_id in [r for r, (_, p) in self.plans.items() if p.steer_row == row]:
+                del self.plans[req_id]
+        b.steer[:, row] = 0
+        for L, v in vectors.items():
+            b.steer[L, row] = v
+        rows[key] = row
+        self._row_layers[row] = frozenset(vectors)
+        return row
+
+    def _before_forward(self) -> None:
+        runner, b = self.runner, self.buffers
+        req_ids = list(runner.input_batch.req_ids)
+        bounds = runner.query_start_loc.np[: len(req_ids) + 1]
+        computed = runner.input_batch.num_computed_tokens_cpu
+        index = np.zeros(b.max_tokens, dtype=np.int64)
+        self._step_readouts = []
+        self._rows_this_step = set()
+        steered: set[int] = set()
+        for i, req_id in enumerate(req_ids):
+            state = runner.requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            extra = getattr(params, "extra_args", None) or {}
+            if not any(k in extra for k in ("readout", "steer")):
+                continue
+            plan = self._plan(req_id, extra)
+            start, stop = int(bounds[i]), int(bounds[i + 1])
+            if plan.steer_row:
+                index[start:stop] = plan.steer_row
+                self._rows_this_step.add(plan.steer_row)
+                steered |= self._row_layers.get(plan.steer_row, frozenset())
+            if plan.readout is not None or (plan.error and extra.get("readout") is not None):
+                self._step_readouts.append((req_id, start, stop, int(computed[i]), plan))
+        b.steer_layers = frozenset(steered)
+        if steered:
+            b.steer_index.copy_(torch.from_numpy(index).to(b.steer_index.device, non_blocking=False))
+        else:
+            b.steer_index.zero_()
+        known = set(req_ids)
+        for req_id in [r for r in self.plans if r not in known and r not in runner.requests]:
+            del self.plans[req_id]
+
+    def _after_forward(self) -> None:
+        b = self.buffers
+        for req_id, start, stop, first_position, plan in self._step_readouts:
+            bank = plan.readout
+            entry = self.store.get(req_id)
+            if entry is None:
+                entry = RequestScores(plan.key, bank.name if bank else "", bank.layers if bank else [],
+                                      bank.concepts if bank else [])
+                self.store[req_id] = entry
+                while len(self.store) > MAX_STORED_REQUESTS:
+                    self.store.popitem(last=False)
+            if plan.error:
+                entry.error = plan.error
+                continue
+            cols = bank.columns
+            block = b.scores[bank.layers, start:stop, cols.start:cols.stop].transpose(0, 1).cpu().numpy()
+            for offset in range(stop - start):
+                entry.rows[first_position + offset] = block[offset].copy()
+
+    # ---- results -----------------------------------------------------------------------------------
+
+    def fetch(self, key: str, final: bool) -> dict[str, dict]:
+        """Scores collected for the requests tagged `key`, by internal request id, and forget them.
+
+        {req_id: {"bank", "layers", "concepts", "positions", "scores", "error"?}}; `final` also drops
+        the entries (the response is complete), otherwise only the positions returned (streaming).
+        """
+        out = {}
+        for req_id in [r for r, e in self.store.items() if e.key == key]:
+            entry = self.store[req_id]
+            positions = sorted(entry.rows)
+            out[req_id] = {"bank": entry.bank, "layers": entry.layers, "concepts": entry.concepts,
+                           "positions": positions,
+                           "scores": [entry.rows[p].tolist() for p in positions],
+                           **({"error": entry.error} if entry.error else {})}
+            entry.rows.clear()
+            if final:
+                del self.store[req_id]
+        return out
+
+
+def read_bank_files(path: Path) -> tuple[list[str], dict[int, torch.Tensor], dict]:
+    """Read a bank directory with the extraction side's loader (one format, one reader)."""
+    from plasticity_training.bank import load_bank
+
+    bank = load_bank(path)
+    return bank.concepts, dict(bank.vectors), {"method": bank.method, "model": bank.model}
+
+
+def basis_bank(start: int, stop: int, layers: list[int], hidden_size: int) -> tuple[list[str], dict[int, torch.Tensor]]:
+    """Standard basis rows e_start..e_stop-1 at `layers`: their scores are the hidden state's coordinates.
+
+    This is how `plasticity extract --server` reads raw hidden states through the same tap as readout.
+    """
+    if not 0 <= start < stop <= hidden_size:
+        raise ValueError(f"basis [{start}, {stop}) is not inside the hidden size {hidden_size}")
+    eye = torch.eye(hidden_size, dtype=torch.float32)[start:stop]
+    return [f"dim_{i}" for i in range(start, stop)], {L: eye for L in layers}

@@ -1,0 +1,133 @@
+"""The residual tap: one custom op after every decoder layer, reading and steering the residual stream.
+
+Runs in vLLM's worker process. Definitions (README "Readout and steering"): the hidden state of layer L is
+the residual stream at the output of decoder layer L, before the final norm; in vLLM's layers that is
+`hidden_states + residual` after the layer's `forward`. Steering adds a vector to `residual` (so the next
+layer's fused add-norm, or the final norm, sees it); the readout score of a concept is the dot product of
+the (steered) stream with the concept's unit vector.
+
+Why a custom op on fixed buffers: the layers run inside `@support_torch_compile`, where forward hooks never
+fire. `plasticity::residual_tap` is registered with vLLM's `direct_register_custom_op`, so inductor keeps it
+opaque, and it touches only tensors allocated once, before compilation and CUDA-graph capture:
+
+    read[L]        (capacity, hidden)      fp32  concept unit vectors of the banks loaded at layer L (else 0)
+    scores[L]      (max_tokens, capacity)  fp32  this step's scores, row = token in the batch
+    steer[L]       (steer_rows, hidden)    fp32  steering vectors; row 0 is zero ("not steered")
+    steer_index    (max_tokens,)           int64 each token's steering row
+
+The worker (readout_worker.py) fills `steer_index`, `read` and `steer` between steps and copies scores
+out after each forward. When the op runs eagerly (CPU, --enforce-eager, torch.compile without CUDA
+graphs) it skips layers with nothing to do; while a CUDA graph is being captured it always emits the full
+kernels, because a replayed graph cannot branch on state loaded after capture.
+
+The tap exists only when banks can be loaded (PLASTICITY_VECTORS_DIR set); otherwise the op returns at
+once and the model is the plain one. Memory: 4 * layers * (capacity * hidden + max_tokens * capacity +
+steer_rows * hidden) bytes, e.g. 0.3 MB per layer for the built-in model, ~70 MB per layer for an 8B
+model at capacity 256 and 16k batched tokens (PLASTICITY_READOUT_CAPACITY lowers it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import Library
+from vllm.model_executor.models.utils import PPMissingLayer
+from vllm.utils.torch_utils import direct_register_custom_op
+
+
+class TapBuffers:
+    """The fixed tensors the op reads and writes, plus which layers have work this step (eager only)."""
+
+    def __init__(self, *, num_layers: int, hidden_size: int, max_tokens: int, capacity: int, steer_rows: int,
+                 device: torch.device) -> None:
+        f32 = dict(dtype=torch.float32, device=device)
+        self.num_layers, self.hidden_size, self.max_tokens = num_layers, hidden_size, max_tokens
+        self.capacity, self.steer_rows = capacity, steer_rows
+        self.read = torch.zeros(num_layers, capacity, hidden_size, **f32)
+        self.scores = torch.zeros(num_layers, max_tokens, capacity, **f32)
+        self.steer = torch.zeros(num_layers, steer_rows, hidden_size, **f32)
+        self.steer_index = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        # Eager-mode shortcuts, maintained by the worker: layers with loaded concepts, columns in use,
+        # and the layers some request in the current batch steers.
+        self.read_layers: frozenset[int] = frozenset()
+        self.read_width = 0
+        self.steer_layers: frozenset[int] = frozenset()
+
+    def tap(self, hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+        n = hidden_states.shape[0]
+        capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or layer in self.steer_layers:
+            rows = self.steer[layer].index_select(0, self.steer_index[:n])
+            residual.add_(rows.to(residual.dtype))
+        if capturing or layer in self.read_layers:
+            width = self.capacity if capturing else self.read_width
+            stream = hidden_states.float() + residual.float()
+            self.scores[layer, :n, :width] = stream @ self.read[layer, :width].T
+
+
+_buffers: TapBuffers | None = None
+
+
+def install_buffers(buffers: TapBuffers | None) -> None:
+    """Make `buffers` the ones the op uses in this process (the model's __init__ calls this)."""
+    global _buffers
+    _buffers = buffers
+
+
+def current_buffers() -> TapBuffers | None:
+    return _buffers
+
+
+def _residual_tap(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    if _buffers is not None:
+        _buffers.tap(hidden_states, residual, layer)
+
+
+def _residual_tap_fake(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    return None
+
+
+_library = Library("plasticity", "FRAGMENT")  # kept alive: the op lives as long as this object
+direct_register_custom_op("residual_tap", _residual_tap, mutates_args=["residual"], fake_impl=_residual_tap_fake,
+                          target_lib=_library)
+
+
+class ResidualTapMixin:
+    """Put in front of a vLLM decoder-layer class: after the layer, call the tap with its outputs.
+
+    `forward(positions, hidden_states, residual, ...)` returns `(hidden_states, residual)` in vLLM's
+    Llama/Qwen2/Qwen3 layers; the stream after the layer is their sum.
+    """
+
+    plasticity_layer: int
+
+    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+        hidden_states, residual = super().forward(positions, hidden_states, residual, *args, **kwargs)
+        torch.ops.plasticity.residual_tap(hidden_states, residual, self.plasticity_layer)
+        return hidden_states, residual
+
+
+def tapped_layer_class(layer_class: type) -> type:
+    """The subclass of `layer_class` that taps its output (one class per layer class, cached)."""
+    cached = _tapped_classes.get(layer_class)
+    if cached is None:
+        cached = type(f"Tapped{layer_class.__name__}", (ResidualTapMixin, layer_class), {})
+        _tapped_classes[layer_class] = cached
+    return cached
+
+
+_tapped_classes: dict[type, type] = {}
+
+
+def tap_layers(layers: torch.nn.ModuleList) -> None:
+    """Make every decoder layer in `layers` a tapped one, in place (no new parameters, no copies), and
+    give each its index (its position in the full list; pipeline stages hold placeholders elsewhere).
+
+    Used where the architecture offers no layer-type argument (Qwen2/Qwen3 build their model inline);
+    Llama takes `layer_type=` and is tapped from the start, so only the indices are set here.
+    """
+    for index, module in enumerate(layers):
+        if isinstance(module, PPMissingLayer):
+            continue
+        if not isinstance(module, ResidualTapMixin):
+            module.__class__ = tapped_layer_class(type(module))
+        module.plasticity_layer = index
