@@ -89,7 +89,7 @@ def test_help_explains_every_option(capsys):
         for flag in action.option_strings:
             assert flag in out
         assert action.help, action.option_strings
-    for words in ("readout.safetensors", "readout.json", "quality.json", "not available yet", "0.66"):
+    for words in ("readout.safetensors", "readout.json", "quality.json", "served weights", "0.66"):
         assert words in flat
 
 
@@ -148,11 +148,12 @@ def test_deterministic(tiny, tmp_path):
         assert torch.equal(banks[0].vectors[L], banks[1].vectors[L])
 
 
-def test_server_path_is_not_available_yet(tiny, tmp_path, capsys):
+def test_server_path_without_a_server_says_so(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--corpus", str(tiny[1]), "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "b")])
     assert e.value.code == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "cannot connect" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
     with pytest.raises(SystemExit):
         main(["--model", "m", "--server", "http://x", "--out", "b"])  # mutually exclusive
 

@@ -16,13 +16,14 @@ first `skip_tokens`: position 0 carries the attention sink's outsized norm in mo
 subspace method, the full token trajectory reduced to its right singular vectors ("bases"). Mean
 pooling is the average of what the decode-time readout would read at each prefix of the story.
 
-`ServerSource` is the planned second source (vectors from exactly the weights being served); the
-server side does not exist yet, and it raises a clear error. Its contract is in its docstring.
+`ServerSource` reads the same states through a running server's readout (vectors from exactly the
+weights being served, after /train too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -253,27 +254,111 @@ class ServerUnavailableError(RuntimeError):
 
 
 class ServerSource:
-    """Activations captured by the running `plasticity serve` (planned: NOT AVAILABLE YET).
+    """Activations read through a running `plasticity serve`: exactly the weights being served (after
+    online training they differ from any checkpoint on disk).
 
-    Vectors extracted this way come from exactly the weights being served (after online training they
-    differ from the checkpoint on disk). The server side does not exist yet; constructing this raises
-    ServerUnavailableError. The contract it will implement, so it plugs in as an ActivationSource:
+    It reads the residual stream with the server's own readout: it loads a "basis" bank (the standard
+    basis vectors e_a..e_b at the requested layers, so each score is one coordinate of the hidden
+    state), sends every text as a prompt with `readout` set, and unloads the bank. When the hidden size
+    exceeds the server's free readout capacity, it goes through the coordinates in slices, one pass over
+    the corpus per slice (hidden / capacity passes; `PLASTICITY_READOUT_CAPACITY` on the server sets it).
+    Texts are tokenized by the server (`/tokenize`), as the server would for a prompt.
 
-        GET  {url}/plasticity/info      -> {"model", "num_hidden_layers", "hidden_size", ...}
-        POST {url}/plasticity/capture   {"texts": [...], "layers": [...], "skip_tokens": 1,
-                                         "pooling": ["mean", "last"], "bases": false, "subspace_rank": null}
-             -> per text: {"n_tokens", "pooled": {"mean": {layer: [H floats]}, "last": {...}},
-                           "bases": {layer: [[H floats], ...]}}       (same definitions as HFSource)
+        >>> source = ServerSource("http://127.0.0.1:8000", api_key="...")
+        >>> acts = source.collect(texts, [2], bases=True)
 
-    Weight-based report metrics (neuron alignment, per-head decomposition) need the weights: with
-    --server they are skipped unless the weight manifest (/plasticity/info) is mapped.
+    Needs a server started with --vectors-dir (readout on). Weight-based report metrics (single-neuron
+    alignment, per-head decomposition) need the weights themselves and are left out on this path.
     """
 
-    def __init__(self, url: str, api_key: str | None = None) -> None:
-        raise ServerUnavailableError(
-            f"--server {url}: activation capture through the running server is not available yet (the "
-            f"server's readout capture route is still being built). Use --model DIR with the served model's "
-            f"weights instead.")
+    def __init__(self, url: str, api_key: str | None = None, max_tokens: int | None = None,
+                 concurrency: int = 4, timeout: float = 600.0) -> None:
+        import requests
+
+        self.url, self.timeout, self.concurrency = url.rstrip("/"), timeout, max(1, concurrency)
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        info = self._call("get", "/plasticity/info")
+        limits = info.get("readout")
+        if not limits:
+            raise ServerUnavailableError(f"--server {url}: readout is off on that server; start it with "
+                                         "`plasticity serve MODEL --vectors-dir DIR`")
+        self.num_layers, self.hidden_size, self.capacity = limits["num_layers"], limits["hidden_size"], limits["capacity"]
+        self.model_name = str(info.get("model"))
+        served = self._call("get", "/v1/models")["data"][0]
+        self.served_name = served["id"]
+        context = int(served.get("max_model_len") or MAX_TOKENS_CAP)
+        self.max_tokens = min(max_tokens or MAX_TOKENS_CAP, context - 1)  # room for the one generated token
+        self.n_heads = None
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        import requests
+
+        try:
+            r = self.session.request(method, self.url + path, json=body, timeout=self.timeout)
+        except requests.ConnectionError as exc:
+            raise ServerUnavailableError(f"--server {self.url}: cannot connect ({exc.__class__.__name__})") from None
+        if r.status_code == 401:
+            raise ServerUnavailableError(f"--server {self.url}: 401, the server wants an API key (--api-key)")
+        if r.status_code >= 400:
+            raise ServerUnavailableError(f"--server {self.url}{path}: {r.status_code} {r.text[:500]}")
+        return r.json()
+
+    def _free_capacity(self) -> int:
+        banks = self._call("get", "/readout")["banks"]
+        return self.capacity - sum(len(b["concepts"]) for b in banks)
+
+    def _states(self, ids: list[int], bank: str) -> Tensor:
+        out = self._call("post", "/v1/completions", {"model": self.served_name, "prompt": ids, "max_tokens": 1,
+                                                     "temperature": 0, "vllm_xargs": {"readout": bank}})
+        readout = out["choices"][0]["readout"]
+        if "error" in readout or readout["positions"] != list(range(len(ids))):
+            raise ServerUnavailableError(f"--server {self.url}: readout did not cover the prompt: "
+                                         f"{readout.get('error', readout['positions'][:8])}")
+        return torch.tensor(readout["scores"], dtype=torch.float32)  # (T, layers, width)
+
+    def collect(self, texts: Sequence[str], layers: Sequence[int], *, skip_tokens: int = 1, bases: bool = False,
+                subspace_rank: int | None = None, heads: bool = False, progress: bool = True) -> Activations:
+        from concurrent.futures import ThreadPoolExecutor
+
+        layers = sorted(set(layers))
+        if not layers or layers[0] < 0 or layers[-1] >= self.num_layers:
+            raise ValueError(f"Invalid layers {layers}: the model has {self.num_layers} (0..{self.num_layers - 1})")
+        full = [self._call("post", "/tokenize", {"model": self.served_name, "prompt": t})["tokens"] for t in texts]
+        enc, truncated = [ids[: self.max_tokens] for ids in full], sum(len(ids) > self.max_tokens for ids in full)
+        N, H = len(texts), self.hidden_size
+        width = min(H, self._free_capacity())
+        if width < 1:
+            raise ServerUnavailableError(f"--server {self.url}: no free readout capacity (unload a bank)")
+        slices = [(a, min(a + width, H)) for a in range(0, H, width)]
+        states = {L: [torch.zeros(len(ids), H) for ids in enc] for L in layers}
+        bar = progress_bar(N * len(slices), progress, desc="server forward")
+        try:
+            for k, (a, b) in enumerate(slices):
+                name = f"capture-{os.getpid()}-{k}"
+                self._call("post", "/readout/load", {"name": name, "basis": [a, b], "layers": layers})
+                try:
+                    with ThreadPoolExecutor(self.concurrency) as pool:
+                        for i, block in enumerate(pool.map(lambda ids: self._states(ids, name), enc)):
+                            for j, L in enumerate(layers):
+                                states[L][i][:, a:b] = block[:, j, :]
+                            bar.update(1)
+                finally:
+                    self._call("delete", f"/readout/{name}")
+        finally:
+            bar.close()
+        pooled = {p: {L: torch.zeros(N, H) for L in layers} for p in POOLINGS}
+        basis_rows: dict[int, list[Tensor]] = {L: [] for L in layers}
+        for L in layers:
+            for i, x in enumerate(states[L]):
+                s = min(skip_tokens, len(x) - 1)
+                pooled["last"][L][i], pooled["mean"][L][i] = x[-1], x[s:].mean(0)
+                if bases:
+                    basis_rows[L].append(row_basis(x[s:], subspace_rank))
+        return Activations(layers=layers, hidden_size=H, pooled=pooled, n_tokens=[len(e) for e in enc],
+                           bases=basis_rows if bases else None, heads=None, weights=None, n_heads=None,
+                           truncated=truncated)
 
 
 def _capture(store: dict[str, Tensor], key: str, stop: bool):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ class ExtractOptions:
     out: str  # bank directory (created; our files in it are replaced)
     corpus: str = str(REPO_ROOT / "amygdala_stories")  # stories/ and paired/ layout
     model: str | None = None  # Hugging Face model directory; None = the built-in default model
-    server: str | None = None  # a running `plasticity serve` URL instead of --model (not available yet)
+    server: str | None = None  # a running `plasticity serve` URL instead of --model (its readout must be on)
+    api_key: str | None = None  # the server's API key (default: $VLLM_API_KEY)
     method: str = "pooled"  # one of methods.METHODS
     layers: str = DEFAULT_LAYERS  # indices, relative depths, or "all" (activations.resolve_layers)
     pooling: str = "mean"  # "mean" over tokens or the "last" token
@@ -73,7 +75,8 @@ def run(options: ExtractOptions, log=None) -> Path:
     if options.server:
         from plasticity_training.activations import ServerSource
 
-        source = ServerSource(options.server)  # raises ServerUnavailableError until the server side exists
+        source = ServerSource(options.server, api_key=options.api_key or os.environ.get("VLLM_API_KEY"),
+                              max_tokens=options.max_tokens)
     else:
         model_dir = options.model
         if model_dir is None:
@@ -143,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Hugging Face model directory whose activations to read (default: the built-in model, "
                          "built on first use)")
     ex.add_argument("--server", metavar="URL",
-                    help="read activations from a running `plasticity serve` so the vectors come from exactly "
-                         "the served weights. NOT AVAILABLE YET: exits with an error; use --model")
+                    help="read activations through a running `plasticity serve` (started with --vectors-dir) so "
+                         "the vectors come from exactly the served weights, after /train too; one pass over the "
+                         "corpus per slice of hidden/readout-capacity coordinates")
+    src.add_argument("--api-key", metavar="KEY", help="the server's API key for --server (default: $VLLM_API_KEY)")
     src.add_argument("--out", required=True, metavar="BANK_DIR",
                      help="bank directory to write (readout.safetensors + readout.json; report files with --report)")
     m = p.add_argument_group("method")
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for `plasticity extract ARGV`; exits 2 with a one-line reason on a usage or corpus error."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     options = ExtractOptions(
-        out=args.out, corpus=args.corpus, model=args.model, server=args.server, method=args.method,
+        out=args.out, corpus=args.corpus, model=args.model, server=args.server, api_key=args.api_key, method=args.method,
         layers=args.layers, pooling=args.pooling, skip_tokens=args.skip_tokens, max_tokens=args.max_tokens,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, min_positives=args.min_positives,
         C=args.C, subspace_k=args.subspace_k, subspace_rank=args.subspace_rank, report=args.report,

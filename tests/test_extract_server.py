@@ -1,0 +1,64 @@
+"""`plasticity extract --server`: activations read through the running server's readout, exactly the
+served weights; the bank it writes loads into that server and scores tokens."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+import torch
+
+from plasticity_training.activations import HFSource, ServerSource
+from plasticity_training.bank import load_bank
+from plasticity_training.extract import main
+from test_extract_corpus import write_corpus
+from test_readout import AUTH, assert_scores_match, complete, hf_forward, live_hf, sequence
+from tests.conftest import API_KEY
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("server_corpus") / "corpus")
+
+
+def test_server_activations_equal_hugging_face_on_the_served_weights(plasticity_server, default_model, corpus):
+    from transformers import AutoTokenizer
+
+    texts = ["The door of the old house was open.", "She read the letter twice and smiled.",
+             "He waited in the rain for an hour, and nobody came to the station."]
+    server = ServerSource(plasticity_server.url, api_key=API_KEY)
+    # Slices of the hidden size narrower than the capacity exercise the multi-pass path.
+    server._free_capacity = lambda: 48  # 3 slices of the 128 coordinates
+    acts = server.collect(texts, [1, 3], bases=True, progress=False)
+    hf = HFSource(live_hf(plasticity_server), AutoTokenizer.from_pretrained(default_model), "live")
+    ref = hf.collect(texts, [1, 3], bases=True, progress=False)
+    assert acts.n_tokens == ref.n_tokens
+    for pooling in ("mean", "last"):
+        for L in (1, 3):
+            assert (acts.pooled[pooling][L] - ref.pooled[pooling][L]).abs().max().item() <= TOL
+    for a, b in zip(acts.bases[3], ref.bases[3]):  # same subspace: projectors agree
+        assert (a.T @ a - b.T @ b).abs().max().item() <= 1e-3
+    banks = requests.get(plasticity_server.url + "/readout", headers=AUTH, timeout=10).json()["banks"]
+    assert not [b for b in banks if b["name"].startswith("capture-")]  # its basis banks are unloaded
+
+
+def test_extracted_bank_loads_into_the_server_and_gives_readouts(plasticity_server, default_model, corpus):
+    out = plasticity_server.vectors_dir / "from_server"
+    code = main(["--corpus", str(corpus), "--server", plasticity_server.url, "--api-key", API_KEY,
+                 "--out", str(out), "--layers", "1,3", "--no-progress"])
+    assert code in (0, None)
+    bank = load_bank(out)
+    assert bank.model == str(default_model) and bank.layers == [1, 3]
+    r = requests.post(plasticity_server.url + "/readout/load", json={"name": "emotions", "path": "from_server"},
+                      headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    try:
+        result = complete(plasticity_server, str(default_model), "The letter said she had won.", max_tokens=4,
+                          vllm_xargs={"readout": "emotions"})
+        readout = result["choices"][0]["readout"]
+        assert readout["concepts"] == bank.concepts
+        states, _ = hf_forward(live_hf(plasticity_server), sequence(result))
+        assert_scores_match(readout, states, bank.vectors)
+    finally:
+        requests.delete(plasticity_server.url + "/readout/emotions", headers=AUTH, timeout=10)
