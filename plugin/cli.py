@@ -136,8 +136,7 @@ plasticity options (everything else goes to vLLM unchanged; see README's Configu
   --state-dir DIR                  trainer state, weight manifest, logs (default ~/.cache/plasticity/state)
   --checkpoint-dir DIR             the only directory checkpoints are written in (default <state-dir>/checkpoints)
   --checkpoint-quiet-seconds S     checkpoint after S seconds without training (default 600)
-  --vectors-dir DIR                the only directory concept-vector banks may be loaded from
-                                   (for the readout routes, not yet implemented: recorded in /plasticity/info)
+  --vectors-dir DIR                turn on readout and steering; the only directory banks are loaded from
 
 `python -m vllm.entrypoints.openai.api_server --help` lists vLLM's own arguments.
 """

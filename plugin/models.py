@@ -13,7 +13,11 @@ and, when PLASTICITY_SHARE_WEIGHTS (or PLASTICITY_TRAINING) is set, `load_weight
 weights into a shared-memory arena on CPU (see weight_sharing.py). On CUDA weights are left where they
 are and exported as IPC handles by the worker extension.
 
-Outputs equal the stock classes' (tests/test_foundation.py checks prompt_logprobs within 1e-5 in fp32).
+When PLASTICITY_VECTORS_DIR is set, every decoder layer is also tapped (residual_tap.py): one custom op
+after the layer reads and steers the residual stream for readout and steering.
+
+Outputs equal the stock classes' (tests/test_foundation.py checks prompt_logprobs within 1e-5 in fp32,
+on the tests' tapped server).
 """
 
 from __future__ import annotations

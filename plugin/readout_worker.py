@@ -63,8 +63,19 @@ class RequestScores:
     bank: str
     layers: list[int]
     concepts: list[str]
-    rows: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # position -> (layers, concepts)
+    blocks: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)  # (first position, (n, layers, concepts))
     error: str | None = None
+
+    def take(self) -> tuple[list[int], list]:
+        """Positions and their scores collected since the last take; a position computed twice (a
+        preempted request recomputes its tokens) keeps its latest scores."""
+        rows: dict[int, np.ndarray] = {}
+        for first, block in self.blocks:
+            for offset, row in enumerate(block):
+                rows[first + offset] = row
+        self.blocks.clear()
+        positions = sorted(rows)
+        return positions, [rows[p].tolist() for p in positions]
 
 
 def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank]) -> tuple[tuple, dict[int, torch.Tensor]]:
@@ -254,7 +265,14 @@ class ReadoutEngine:
             del self.plans[req_id]
 
     def _after_forward(self) -> None:
+        if not self._step_readouts:
+            return
         b = self.buffers
+        # One device-to-host copy per step of every row and column in use, then numpy slices per request.
+        tokens = max(stop for _, _, stop, _, _ in self._step_readouts)
+        layers = sorted({L for *_, plan in self._step_readouts if plan.readout for L in plan.readout.layers})
+        at = {L: i for i, L in enumerate(layers)}
+        host = b.scores[layers, :tokens, : b.read_width].cpu().numpy()  # advanced index: a copy
         for req_id, start, stop, first_position, plan in self._step_readouts:
             bank = plan.readout
             entry = self.store.get(req_id)
@@ -268,9 +286,9 @@ class ReadoutEngine:
                 entry.error = plan.error
                 continue
             cols = bank.columns
-            block = b.scores[bank.layers, start:stop, cols.start:cols.stop].transpose(0, 1).cpu().numpy()
-            for offset in range(stop - start):
-                entry.rows[first_position + offset] = block[offset].copy()
+            rows = [at[L] for L in bank.layers]
+            block = host[rows, start:stop, cols.start:cols.stop].transpose(1, 0, 2)  # (tokens, layers, concepts)
+            entry.blocks.append((first_position, block))
 
     # ---- results -----------------------------------------------------------------------------------
 
@@ -283,12 +301,10 @@ class ReadoutEngine:
         out = {}
         for req_id in [r for r, e in self.store.items() if e.key == key]:
             entry = self.store[req_id]
-            positions = sorted(entry.rows)
+            positions, scores = entry.take()
             out[req_id] = {"bank": entry.bank, "layers": entry.layers, "concepts": entry.concepts,
-                           "positions": positions,
-                           "scores": [entry.rows[p].tolist() for p in positions],
+                           "positions": positions, "scores": scores,
                            **({"error": entry.error} if entry.error else {})}
-            entry.rows.clear()
             if final:
                 del self.store[req_id]
         return out

@@ -113,7 +113,8 @@ def test_qwen3_tied_model_trains_in_place(servers_restart, tmp_path):
     spec = ModelSpec(arch="qwen3", tie_word_embeddings=True, vocab_size=512, hidden_size=64, intermediate_size=128,
                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, train_steps=0)
     model_dir = build_model(spec, tmp_path / "qwen3", text=read_project_text(), log=lambda m: None)
-    args = [*SERVER_ARGS, "--training", "--api-key", API_KEY, "--state-dir", str(tmp_path / "state")]
+    args = [*SERVER_ARGS, "--training", "--api-key", API_KEY, "--state-dir", str(tmp_path / "state"),
+            "--vectors-dir", str(tmp_path / "vectors")]
     server = servers_restart.start("qwen3", lambda log_path: ServerProcess.plasticity(model_dir, extra_args=args,
                                                                                    log_path=log_path))
     info = get(server, "/plasticity/info")
@@ -127,6 +128,21 @@ def test_qwen3_tied_model_trains_in_place(servers_restart, tmp_path):
     assert view.lm_head.weight is view.model.embed_tokens.weight
     served = prompt_logprobs(server.url, str(model_dir), ids, API_KEY)
     assert max(abs(a - b) for a, b in zip(token_logprobs(view, ids), served)) <= 1e-5
+
+    # Readout and steering on the Qwen3 layers (tapped after construction: no layer-type argument there).
+    from plasticity_training.bank import save_bank
+    from test_readout import hf_forward
+
+    vectors = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(3)), dim=1)
+    save_bank(tmp_path / "vectors" / "q", ["a", "b"], {1: vectors}, model="t", method="t")
+    assert post(server, "/readout/load", {"name": "q", "path": "q"}).status_code == 200
+    r = post(server, "/v1/completions", {"model": str(model_dir), "prompt": ids, "max_tokens": 3, "temperature": 0,
+                                         "return_token_ids": True, "readout": "q", "steer": ["q/a", 5.0]})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    states, _ = hf_forward(view, ids + choice["token_ids"], steer={1: 5.0 * vectors[0]})
+    got = torch.tensor(choice["readout"]["scores"])[:, 0, :]
+    assert (got - states[1][: len(got)] @ vectors.T).abs().max().item() <= 1e-4
 
 
 def test_fresh_server_from_checkpoint_continues(servers_restart, plasticity_server, default_model, tok, tmp_path):

@@ -42,3 +42,24 @@ def test_enabled_training_without_shareable_weights_says_why():
     c.app.state.plasticity.training_unavailable = "training needs weights shared in place"
     r = c.post("/train", json=BODY)
     assert r.status_code == 503 and "shared in place" in r.json()["detail"]
+
+
+def test_readout_and_steering_routes_are_off_without_a_vectors_dir():
+    from vllm_plasticity.endpoints import PlasticityEndpoints
+    from vllm_plasticity.readout_routes import ReadoutService
+
+    app = FastAPI()
+    PlasticityEndpoints().attach_router(app)
+    state = ServerState(None, Namespace(model="m", api_key="k"), PlasticityConfig())
+    state.readout = ReadoutService(state)
+    app.state.plasticity = state
+    c = TestClient(app)
+    auth = {"Authorization": "Bearer k"}
+    calls = (("post", "/readout/load", {"name": "b", "path": "b"}), ("post", "/steering/default", {"steer": []}),
+             ("delete", "/readout/b", None), ("delete", "/steering/default", None))
+    for method, path, body in calls:
+        assert getattr(c, method)(path, **({"json": body} if body else {})).status_code == 401, path
+        r = getattr(c, method)(path, headers=auth, **({"json": body} if body else {}))
+        assert r.status_code in (403, 404), (path, r.status_code)
+    r = c.post("/readout/load", headers=auth, json={"name": "b", "path": "b"})
+    assert r.status_code == 403 and "--vectors-dir" in r.json()["detail"]
