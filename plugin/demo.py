@@ -46,8 +46,10 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="plasticity-demo-"))
     step("2. Start vLLM with the plugin: plasticity serve MODEL")
+    vectors_dir = work / "vectors"
     server = ServerProcess.plasticity(model_dir, extra_args=["--dtype", "float32", "--training",
-                                                             "--state-dir", str(work / "state")],
+                                                             "--state-dir", str(work / "state"),
+                                                             "--vectors-dir", str(vectors_dir)],
                                       log_path=work / "server.log")
     print(f"  pid {server.pid}, {server.url}, log {server.log_path}")
     try:
@@ -105,6 +107,35 @@ def main() -> None:
         second = requests.post(server.url + "/checkpoint", timeout=600).json()
         print(f"  after a step on layer 1's MLP only: {second['weight_bytes_written']:,} weight bytes "
               f"({second['blocks_changed']}/{second['blocks_total']} blocks) in {second['seconds'] * 1e3:.0f} ms")
+
+        step("9. Extract concept vectors from amygdala_stories through the server (plasticity extract --server)")
+        from plasticity_training.extract import ExtractOptions, run
+
+        t0 = time.monotonic()
+        run(ExtractOptions(out=str(vectors_dir / "emotions"), server=server.url, layers="0.66", progress=False),
+            log=lambda m: print("  " + m, flush=True))
+        print(f"  {time.monotonic() - t0:.0f}s: read through the served (just trained) weights, not the files on disk")
+
+        step("10. Hot-load the bank and read per-token concept scores (vllm_xargs: readout)")
+        bank = requests.post(server.url + "/readout/load", timeout=60, json={"name": "emotions", "path": "emotions"}).json()
+        print(f"  loaded {len(bank['concepts'])} concepts at layer(s) {bank['layers']}")
+        r = requests.post(server.url + "/v1/completions", timeout=120, json={
+            "model": model, "prompt": "She opened the letter and", "max_tokens": 8, "temperature": 0,
+            "return_token_ids": True, "vllm_xargs": {"readout": "emotions"}}).json()["choices"][0]
+        readout, ids = r["readout"], r["prompt_token_ids"] + r["token_ids"]
+        for position, scores in list(zip(readout["positions"], readout["scores"]))[-6:]:
+            top = sorted(zip(scores[0], readout["concepts"]), reverse=True)[:3]
+            print(f"  {tok.decode([ids[position]])!r:>14}: " + ", ".join(f"{c} {v:+.2f}" for v, c in top))
+
+        step("11. Steer: add a concept's vector to the residual stream, per request (vllm_xargs: steer)")
+        prompt = "She opened the letter and"
+        plain = complete(server.url, model, prompt, 16)
+        print(f"  plain:             {plain!r}")
+        for concept, coef in (("joy", 8.0), ("fear", 8.0)):
+            r = requests.post(server.url + "/v1/completions", timeout=120, json={
+                "model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                "vllm_xargs": {"steer": [f"emotions/{concept}", coef]}}).json()
+            print(f"  steer {concept} x{coef:<4}: {r['choices'][0]['text']!r}")
     finally:
         step("Stopping the server")
         server.stop()

@@ -17,7 +17,9 @@ args) and salts its prefix cache, then calls vLLM's handler and adds each choice
 the worker by that tag: `choice["readout"] = {"bank", "layers", "concepts", "positions", "scores"}` with
 `scores[i][j][k]` = concept k at layer j for the token at `positions[i]` (prompt tokens from 0, then the
 generated ones; the last generated token is never fed back, so it has no state). Streaming responses
-carry, in each chunk, the scores computed since the previous chunk.
+carry, in each chunk, the scores computed since the previous chunk. `readout_encoding: "base64"` returns
+`scores` as base64 of little-endian float32 with `scores_shape` instead of nested lists (much smaller
+and faster for wide banks; `plasticity extract --server` uses it).
 
 Prefix cache: KV computed without steering must never serve a steered request (and the reverse), and a
 readout request needs every prompt token computed to score it. Steered requests get a cache salt
@@ -27,6 +29,7 @@ requests get a salt of their own.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -34,6 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -197,6 +201,10 @@ class ReadoutService:
                 raise HTTPException(400, f"{name} is given both in vllm_xargs and in the body, differently")
             if values and values[0] is not None:
                 fields[name] = flat_steer(values[0])
+        encodings = [src.pop("readout_encoding") for src in (xargs, extra) if "readout_encoding" in src]
+        encoding = encodings[0] if encodings else "json"
+        if encoding not in ("json", "base64"):
+            raise HTTPException(400, f"readout_encoding must be 'json' or 'base64', got {encoding!r}")
         if "steer" not in fields and "steer_layers" in fields:
             raise HTTPException(400, "steer_layers without steer")
         if "steer" not in fields and self.default_steer is not None:
@@ -226,7 +234,7 @@ class ReadoutService:
         if request.cache_salt:
             salt += "-" + hashlib.sha256(request.cache_salt.encode()).hexdigest()[:16]
         request.cache_salt = salt
-        return {"key": key, "readout": readout, "n": request.n or 1}
+        return {"key": key, "readout": readout, "n": request.n or 1, "encoding": encoding}
 
     async def fetch(self, key: str, final: bool) -> dict[str, dict]:
         return await self.state.rpc("plasticity_readout_fetch", key, final)
@@ -244,10 +252,24 @@ def choice_index(req_id: str, n: int, completions: bool) -> int:
     return (int(prompt.group(1)) if prompt else 0) * n + (int(child.group(1)) if child else 0)
 
 
-def readout_field(result: dict | None) -> dict:
+def scores_array(result: dict) -> np.ndarray:
+    return np.frombuffer(result["scores"], dtype="<f4").reshape(result["shape"])
+
+
+def readout_field(result: dict | None, encoding: str, scores: np.ndarray | None = None) -> dict:
+    """The `readout` object of one choice: scores as nested lists, or base64 of float32 when asked."""
     if result is None:
         return {"error": "no scores were collected for this choice"}
-    return result
+    scores = scores_array(result) if scores is None else scores
+    out = {k: result[k] for k in ("bank", "layers", "concepts", "positions")}
+    if encoding == "base64":
+        out.update(scores=base64.b64encode(scores.astype("<f4").tobytes()).decode(), scores_shape=list(scores.shape),
+                   scores_dtype="float32")
+    else:
+        out["scores"] = scores.tolist()
+    if "error" in result:
+        out["error"] = result["error"]
+    return out
 
 
 async def with_readout(service: ReadoutService, plan: dict, response: Any, completions: bool) -> Any:
@@ -262,7 +284,7 @@ async def with_readout(service: ReadoutService, plan: dict, response: Any, compl
     results = await service.fetch(plan["key"], True)
     by_choice = {choice_index(rid, plan["n"], completions): r for rid, r in results.items()}
     for choice in body.get("choices", []):
-        choice["readout"] = readout_field(by_choice.get(choice.get("index", 0)))
+        choice["readout"] = readout_field(by_choice.get(choice.get("index", 0)), plan["encoding"])
     headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
     return JSONResponse(body, status_code=200, headers=headers)
 
@@ -279,15 +301,16 @@ async def stream_with_readout(service: ReadoutService, plan: dict, events: Any, 
                     if data.get("choices"):
                         for rid, result in (await service.fetch(plan["key"], False)).items():
                             index = choice_index(rid, plan["n"], completions)
-                            held = pending.setdefault(index, {**result, "positions": [], "scores": []})
+                            held = pending.setdefault(index, {**result, "positions": [], "arrays": []})
                             held["positions"] += result["positions"]
-                            held["scores"] += result["scores"]
+                            held["arrays"].append(scores_array(result))
                             if "error" in result:
                                 held["error"] = result["error"]
                         for choice in data["choices"]:
                             held = pending.pop(choice.get("index", 0), None)
                             if held is not None and (held["positions"] or "error" in held):
-                                choice["readout"] = held
+                                choice["readout"] = readout_field(held, plan["encoding"],
+                                                                  np.concatenate(held["arrays"]))
                         event = "data: " + json.dumps(data)
                 parts.append(event)
             yield "\n\n".join(parts)

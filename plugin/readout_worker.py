@@ -66,16 +66,17 @@ class RequestScores:
     blocks: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)  # (first position, (n, layers, concepts))
     error: str | None = None
 
-    def take(self) -> tuple[list[int], list]:
-        """Positions and their scores collected since the last take; a position computed twice (a
-        preempted request recomputes its tokens) keeps its latest scores."""
+    def take(self) -> tuple[list[int], np.ndarray]:
+        """Positions and their scores (positions, layers, concepts) collected since the last take; a
+        position computed twice (a preempted request recomputes its tokens) keeps its latest scores."""
         rows: dict[int, np.ndarray] = {}
         for first, block in self.blocks:
             for offset, row in enumerate(block):
                 rows[first + offset] = row
         self.blocks.clear()
         positions = sorted(rows)
-        return positions, [rows[p].tolist() for p in positions]
+        shape = (len(positions), len(self.layers), len(self.concepts))
+        return positions, np.stack([rows[p] for p in positions]) if positions else np.zeros(shape, np.float32)
 
 
 def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank]) -> tuple[tuple, dict[int, torch.Tensor]]:
@@ -177,7 +178,6 @@ class ReadoutEngine:
         self._row_layers.clear()
         self.buffers.steer.zero_()
         b = self.buffers
-        b.read_layers = frozenset(L for x in self.banks.values() for L in x.layers)
         b.read_width = max((x.columns.stop for x in self.banks.values()), default=0)
 
     # ---- per step ----------------------------------------------------------------------------------
@@ -256,6 +256,8 @@ class ReadoutEngine:
             if plan.readout is not None or (plan.error and extra.get("readout") is not None):
                 self._step_readouts.append((req_id, start, stop, int(computed[i]), plan))
         b.steer_layers = frozenset(steered)
+        # Only the layers some request in this step reads: loaded banks cost nothing until asked for.
+        b.read_layers = frozenset(L for *_, plan in self._step_readouts if plan.readout for L in plan.readout.layers)
         if steered:
             b.steer_index.copy_(torch.from_numpy(index).to(b.steer_index.device, non_blocking=False))
         else:
@@ -295,15 +297,18 @@ class ReadoutEngine:
     def fetch(self, key: str, final: bool) -> dict[str, dict]:
         """Scores collected for the requests tagged `key`, by internal request id, and forget them.
 
-        {req_id: {"bank", "layers", "concepts", "positions", "scores", "error"?}}; `final` also drops
-        the entries (the response is complete), otherwise only the positions returned (streaming).
+        {req_id: {"bank", "layers", "concepts", "positions", "scores", "shape", "error"?}}, scores as raw
+        little-endian float32 bytes of `shape` (positions, layers, concepts): msgpack carries bytes
+        cheaply, lists of floats slowly. `final` also drops the entries (the response is complete),
+        otherwise only the positions returned (streaming).
         """
         out = {}
         for req_id in [r for r, e in self.store.items() if e.key == key]:
             entry = self.store[req_id]
             positions, scores = entry.take()
+            scores = np.ascontiguousarray(scores, dtype="<f4")
             out[req_id] = {"bank": entry.bank, "layers": entry.layers, "concepts": entry.concepts,
-                           "positions": positions, "scores": scores,
+                           "positions": positions, "scores": scores.tobytes(), "shape": list(scores.shape),
                            **({"error": entry.error} if entry.error else {})}
             if final:
                 del self.store[req_id]

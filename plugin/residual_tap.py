@@ -17,13 +17,14 @@ opaque, and it touches only tensors allocated once, before compilation and CUDA-
 
 The worker (readout_worker.py) fills `steer_index`, `read` and `steer` between steps and copies scores
 out after each forward. When the op runs eagerly (CPU, --enforce-eager, torch.compile without CUDA
-graphs) it skips layers with nothing to do; while a CUDA graph is being captured it always emits the full
-kernels, because a replayed graph cannot branch on state loaded after capture.
+graphs) it skips layers no request in the step reads or steers; while a CUDA graph is being captured
+it always emits the full kernels, because a replayed graph cannot branch on state loaded after capture.
 
-The tap exists only when banks can be loaded (PLASTICITY_VECTORS_DIR set); otherwise the op returns at
-once and the model is the plain one. Memory: 4 * layers * (capacity * hidden + max_tokens * capacity +
-steer_rows * hidden) bytes, e.g. 0.3 MB per layer for the built-in model, ~70 MB per layer for an 8B
-model at capacity 256 and 16k batched tokens (PLASTICITY_READOUT_CAPACITY lowers it).
+The tap exists only when banks can be loaded (PLASTICITY_VECTORS_DIR set); otherwise the layers are
+vLLM's own, with no op and no buffers. Memory: 4 * layers * (capacity * hidden + max_tokens * capacity +
+steer_rows * hidden) bytes: about 2 MB per layer for the built-in model (2048 batched tokens), about
+13 MB per layer for an 8B model (hidden 4096, 8k batched tokens) at the default capacity of 256
+concepts (PLASTICITY_READOUT_CAPACITY lowers it).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class TapBuffers:
         self.scores = torch.zeros(num_layers, max_tokens, capacity, **f32)
         self.steer = torch.zeros(num_layers, steer_rows, hidden_size, **f32)
         self.steer_index = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        # Eager-mode shortcuts, maintained by the worker: layers with loaded concepts, columns in use,
-        # and the layers some request in the current batch steers.
+        # Eager-mode shortcuts, maintained by the worker per step: the layers some request in the batch
+        # reads, the columns in use, and the layers some request in the batch steers.
         self.read_layers: frozenset[int] = frozenset()
         self.read_width = 0
         self.steer_layers: frozenset[int] = frozenset()

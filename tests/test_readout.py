@@ -86,6 +86,10 @@ def sequence(out, choice=0):
     return c["prompt_token_ids"] + c["token_ids"]
 
 
+def positions_of(out, choice=0):
+    return out["choices"][choice]["readout"]["positions"]
+
+
 def assert_scores_match(readout, states, vectors):
     assert readout["positions"] == list(range(len(readout["positions"])))
     for j, L in enumerate(readout["layers"]):
@@ -151,6 +155,12 @@ def test_streaming_readout_equals_the_non_streaming_one(plasticity_server, defau
                 chunks_with_scores += 1
                 positions += readout["positions"]
                 scores += readout["scores"]
+    packed = complete(plasticity_server, model, PROMPTS[0], max_tokens=8,
+                      vllm_xargs={"readout": "rand", "readout_encoding": "base64"})["choices"][0]["readout"]
+    import base64
+    import numpy as np
+    raw = np.frombuffer(base64.b64decode(packed["scores"]), dtype="<f4").reshape(packed["scores_shape"])
+    assert raw.tolist() == full["choices"][0]["readout"]["scores"] and packed["positions"] == positions_of(full)
     assert "".join(texts) == full["choices"][0]["text"]
     assert positions == full["choices"][0]["readout"]["positions"]
     assert chunks_with_scores >= 7  # token by token, not all at the end
@@ -344,6 +354,7 @@ def test_bad_banks_and_settings_get_a_4xx_with_a_reason_and_change_nothing(plast
         "not a number": ({"steer": ["rand/c0", "big"]}, "finite"),
         "layer outside bank": ({"steer": ["rand/c0", 1.0], "steer_layers": [1]}, "steer_layers"),
         "reserved key": ({"plasticity_key": "x"}, "reserved"),
+        "bad encoding": ({"readout": "rand", "readout_encoding": "xml"}, "readout_encoding"),
     }
     for label, (xargs, reason) in bad_requests.items():
         r = post(server, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2, "vllm_xargs": xargs})

@@ -310,13 +310,19 @@ class ServerSource:
         return self.capacity - sum(len(b["concepts"]) for b in banks)
 
     def _states(self, ids: list[int], bank: str) -> Tensor:
+        import base64
+
+        import numpy as np
+
         out = self._call("post", "/v1/completions", {"model": self.served_name, "prompt": ids, "max_tokens": 1,
-                                                     "temperature": 0, "vllm_xargs": {"readout": bank}})
+                                                     "temperature": 0, "vllm_xargs": {"readout": bank,
+                                                                                      "readout_encoding": "base64"}})
         readout = out["choices"][0]["readout"]
         if "error" in readout or readout["positions"] != list(range(len(ids))):
             raise ServerUnavailableError(f"--server {self.url}: readout did not cover the prompt: "
                                          f"{readout.get('error', readout['positions'][:8])}")
-        return torch.tensor(readout["scores"], dtype=torch.float32)  # (T, layers, width)
+        raw = np.frombuffer(base64.b64decode(readout["scores"]), dtype="<f4").reshape(readout["scores_shape"])
+        return torch.from_numpy(raw.copy())  # (T, layers, width)
 
     def collect(self, texts: Sequence[str], layers: Sequence[int], *, skip_tokens: int = 1, bases: bool = False,
                 subspace_rank: int | None = None, heads: bool = False, progress: bool = True) -> Activations:
