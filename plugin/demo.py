@@ -73,6 +73,9 @@ def main() -> None:
             "model": model, "messages": [{"role": "user", "content": "Tell me about the morning."}],
             "max_tokens": 24, "temperature": 0})
         print(f"  assistant: {r.json()['choices'][0]['message']['content']!r}")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
 
         step("6. The served weights are shared memory: change one from this process, no restart")
         weights = map_shared_weights(WeightManifest.from_dict(json.loads(Path(info["weight_manifest"]).read_text())))
@@ -84,39 +87,15 @@ def main() -> None:
         restored = complete(server.url, model, prompt)
         print(f"  restored        -> {restored!r} (identical: {restored == text})")
 
-        step("7. Teach it a fact: POST /train with token IDs (loss on the continuation only)")
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        context, target = tok("The name of the cat was")["input_ids"], tok(" Marigold Quince")["input_ids"]
-        print(f"  before: 'The name of the cat was' -> {complete(server.url, model, 'The name of the cat was', len(target))!r}")
-        job = requests.post(server.url + "/train", timeout=600, json={
-            "context_ids": context, "continuation_ids": target, "steps": 20, "optimizer": {"lr": 1e-2}}).json()
-        print(f"  {job['job_id']}: {job['steps']} APOLLO steps in place, loss {job['losses'][0]:.2f} -> "
-              f"{job['losses'][-1]:.4f}, weight version {job['weight_version']}")
-        print(f"  after:  'The name of the cat was' -> {complete(server.url, model, 'The name of the cat was', len(target))!r}")
-        again = requests.post(server.url + "/train", timeout=600, json={"context_ids": context, "continuation_ids": target}).json()
-        print(f"  the same sample again: {again['steps']} steps, skipped_duplicates={again['skipped_duplicates']}")
-
-        step("8. Checkpoint: POST /checkpoint (safetensors by 4 KiB block diff, crash-safe)")
-        first = requests.post(server.url + "/checkpoint", timeout=600).json()
-        print(f"  {first['path']}\n  first: {first['bytes_written']:,} bytes ({first['blocks_changed']}/{first['blocks_total']} blocks)")
-        requests.post(server.url + "/train", timeout=600, json={
-            "context_ids": context, "continuation_ids": target, "force": True, "optimizer": {"lr": 1e-4},
-            "params": {"layers": [1, 1], "attention": False, "norms": False}})
-        second = requests.post(server.url + "/checkpoint", timeout=600).json()
-        print(f"  after a step on layer 1's MLP only: {second['weight_bytes_written']:,} weight bytes "
-              f"({second['blocks_changed']}/{second['blocks_total']} blocks) in {second['seconds'] * 1e3:.0f} ms")
-
-        step("9. Extract concept vectors from amygdala_stories through the server (plasticity extract --server)")
+        step("7. Extract concept vectors from amygdala_stories through the server (plasticity extract --server)")
         from plasticity_training.extract import ExtractOptions, run
 
         t0 = time.monotonic()
         run(ExtractOptions(out=str(vectors_dir / "emotions"), server=server.url, layers="0.66", progress=False),
             log=lambda m: print("  " + m, flush=True))
-        print(f"  {time.monotonic() - t0:.0f}s: read through the served (just trained) weights, not the files on disk")
+        print(f"  {time.monotonic() - t0:.0f}s, read through the served weights (after /train too: not the files on disk)")
 
-        step("10. Hot-load the bank and read per-token concept scores (vllm_xargs: readout)")
+        step("8. Hot-load the bank and read per-token concept scores (vllm_xargs: readout)")
         bank = requests.post(server.url + "/readout/load", timeout=60, json={"name": "emotions", "path": "emotions"}).json()
         print(f"  loaded {len(bank['concepts'])} concepts at layer(s) {bank['layers']}")
         r = requests.post(server.url + "/v1/completions", timeout=120, json={
@@ -127,15 +106,37 @@ def main() -> None:
             top = sorted(zip(scores[0], readout["concepts"]), reverse=True)[:3]
             print(f"  {tok.decode([ids[position]])!r:>14}: " + ", ".join(f"{c} {v:+.2f}" for v, c in top))
 
-        step("11. Steer: add a concept's vector to the residual stream, per request (vllm_xargs: steer)")
+        step("9. Steer: add a concept's vector to the residual stream, per request (vllm_xargs: steer)")
         prompt = "She opened the letter and"
         plain = complete(server.url, model, prompt, 16)
         print(f"  plain:             {plain!r}")
-        for concept, coef in (("joy", 8.0), ("fear", 8.0)):
+        for concept, coef in (("joyful", 8.0), ("terrified", 8.0)):
             r = requests.post(server.url + "/v1/completions", timeout=120, json={
                 "model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0,
-                "vllm_xargs": {"steer": [f"emotions/{concept}", coef]}}).json()
-            print(f"  steer {concept} x{coef:<4}: {r['choices'][0]['text']!r}")
+                "vllm_xargs": {"steer": [f"emotions/{concept}", coef]}})
+            r.raise_for_status()
+            print(f"  steer {concept} x{coef:<4}: {r.json()['choices'][0]['text']!r}")
+        step("10. Teach it a fact: POST /train with token IDs (loss on the continuation only)")
+        context, target = tok("The name of the cat was")["input_ids"], tok(" Marigold Quince")["input_ids"]
+        print(f"  before: 'The name of the cat was' -> {complete(server.url, model, 'The name of the cat was', len(target))!r}")
+        job = requests.post(server.url + "/train", timeout=600, json={
+            "context_ids": context, "continuation_ids": target, "steps": 20, "optimizer": {"lr": 1e-2}}).json()
+        print(f"  {job['job_id']}: {job['steps']} APOLLO steps in place, loss {job['losses'][0]:.2f} -> "
+              f"{job['losses'][-1]:.4f}, weight version {job['weight_version']}")
+        print(f"  after:  'The name of the cat was' -> {complete(server.url, model, 'The name of the cat was', len(target))!r}")
+        again = requests.post(server.url + "/train", timeout=600, json={"context_ids": context, "continuation_ids": target}).json()
+        print(f"  the same sample again: {again['steps']} steps, skipped_duplicates={again['skipped_duplicates']}")
+
+        step("11. Checkpoint: POST /checkpoint (safetensors by 4 KiB block diff, crash-safe)")
+        first = requests.post(server.url + "/checkpoint", timeout=600).json()
+        print(f"  {first['path']}\n  first: {first['bytes_written']:,} bytes ({first['blocks_changed']}/{first['blocks_total']} blocks)")
+        requests.post(server.url + "/train", timeout=600, json={
+            "context_ids": context, "continuation_ids": target, "force": True, "optimizer": {"lr": 1e-4},
+            "params": {"layers": [1, 1], "attention": False, "norms": False}})
+        second = requests.post(server.url + "/checkpoint", timeout=600).json()
+        print(f"  after a step on layer 1's MLP only: {second['weight_bytes_written']:,} weight bytes "
+              f"({second['blocks_changed']}/{second['blocks_total']} blocks) in {second['seconds'] * 1e3:.0f} ms")
+
     finally:
         step("Stopping the server")
         server.stop()

@@ -372,22 +372,23 @@ def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
     except ImportError:
         pass
 
+    # Two routes, because FastAPI reads each one's request model from its signature.
     if completion is not None:
         @router.post("/v1/completions", **route_args)
         async def create_completion(request: CompletionRequest, raw_request: Request):
-            service = getattr(getattr(raw_request.app.state, "plasticity", None), "readout", None)
-            plan = service.plan(request) if service is not None else None
-            response = await completion(request, raw_request)
-            if plan is None or plan["readout"] is None:
-                return response
-            return await with_readout(service, plan, response, completions=True)
+            return await call_with_readout(completion, request, raw_request, completions=True)
 
     if chat is not None:
         @router.post("/v1/chat/completions", **route_args)
         async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
-            service = getattr(getattr(raw_request.app.state, "plasticity", None), "readout", None)
-            plan = service.plan(request) if service is not None else None
-            response = await chat(request, raw_request)
-            if plan is None or plan["readout"] is None:
-                return response
-            return await with_readout(service, plan, response, completions=False)
+            return await call_with_readout(chat, request, raw_request, completions=False)
+
+
+async def call_with_readout(handler: Any, request: Any, raw_request: Request, completions: bool) -> Any:
+    """vLLM's own `handler` on the request with its readout/steering settings checked and applied."""
+    service = getattr(getattr(raw_request.app.state, "plasticity", None), "readout", None)
+    plan = service.plan(request) if service is not None else None
+    response = await handler(request, raw_request)
+    if plan is None or plan["readout"] is None:
+        return response
+    return await with_readout(service, plan, response, completions=completions)

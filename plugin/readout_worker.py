@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class ReadoutEngine:
         self._step_readouts: list[tuple[str, int, int, int, RequestPlan]] = []
         self._rows_this_step: set[int] = set()
         self._row_layers: dict[int, frozenset[int]] = {}  # steering row -> layers it steers
+        self.stats = {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0}
         self._original_forward = runner._model_forward
         runner._model_forward = self._model_forward
 
@@ -183,10 +185,22 @@ class ReadoutEngine:
     # ---- per step ----------------------------------------------------------------------------------
 
     def _model_forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
         self._before_forward()
+        t1 = time.perf_counter()
         output = self._original_forward(*args, **kwargs)
+        t2 = time.perf_counter()
         self._after_forward()
+        self.stats["steps"] += 1
+        self.stats["bookkeeping_s"] += (t1 - t0) + (time.perf_counter() - t2)
+        self.stats["forward_s"] += t2 - t1
         return output
+
+    def take_stats(self) -> dict:
+        """Steps since the last call, seconds in the forward (tap included) and in this class's own
+        per-step bookkeeping around it; resets the counters."""
+        stats, self.stats = self.stats, {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0}
+        return stats
 
     def _plan(self, req_id: str, extra: dict) -> RequestPlan:
         cached = self.plans.get(req_id)

@@ -91,3 +91,8 @@ class PlasticityWorkerExtension:
     def plasticity_readout_fetch(self, key: str, final: bool = True) -> dict:
         engine = getattr(self, "_plasticity_readout_engine", None)
         return engine.fetch(key, final) if engine is not None else {}
+
+    def plasticity_readout_stats(self) -> dict:
+        """Per-step timing of the readout bookkeeping since the last call (benchmarks read it)."""
+        engine = getattr(self, "_plasticity_readout_engine", None)
+        return engine.take_stats() if engine is not None else {}

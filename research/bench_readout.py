@@ -81,12 +81,18 @@ def child(args) -> None:
     for xargs in cases.values():  # warm-up
         batch(-1, xargs, args.requests, 8)
     results = {name: [] for name in cases}
+    stats = {name: {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0} for name in cases}
     for r in range(args.rounds):
         for name, xargs in cases.items():
+            if plugin and args.child == "plasticity":
+                llm.collective_rpc("plasticity_readout_stats")
             results[name].append(batch(r, xargs, args.requests, args.tokens))
+            if args.child == "plasticity":
+                for k, v in llm.collective_rpc("plasticity_readout_stats")[0].items():
+                    stats[name][k] += v
         print(f"[bench] {args.child} round {r + 1}/{args.rounds}: "
               + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items()), file=sys.stderr, flush=True)
-    Path(args.result).write_text(json.dumps(results))
+    Path(args.result).write_text(json.dumps({"tokens_per_s": results, "stats": stats}))
 
 
 def run_child(kind: str, args, vectors: Path) -> dict[str, list[float]]:
@@ -133,9 +139,10 @@ def main() -> None:
     save_bank(vectors / "all", [f"c{i}" for i in range(32)],
               {L: torch.randn(32, hidden, generator=g) for L in range(n_layers)}, model=str(args.model),
               method="random")
-    stock = run_child("stock", args, vectors)
-    untapped = run_child("untapped", args, vectors)
-    results = run_child("plasticity", args, vectors)
+    stock = run_child("stock", args, vectors)["tokens_per_s"]
+    untapped = run_child("untapped", args, vectors)["tokens_per_s"]
+    tapped = run_child("plasticity", args, vectors)
+    results, stats = tapped["tokens_per_s"], tapped["stats"]
 
     idle = statistics.median(results["idle"])
     rows = [("stock vLLM (its own engine, run first)", statistics.median(stock["stock"])),
@@ -150,9 +157,19 @@ def main() -> None:
         f"eager), offline engine; {args.requests} prompts x {args.tokens} generated tokens per batch, random "
         f"prompts, median of {args.rounds} interleaved rounds. Steering and one-layer readout at layer {layer}.",
         "",
-        "| case | generated tokens/s | vs plugin idle |",
-        "| --- | ---: | ---: |",
-        *[f"| {name} | {tps:.0f} | {tps / idle:.3f} |" for name, tps in rows],
+        "| case | generated tokens/s | vs plugin idle (medians) | median of per-round ratios |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {name} | {tps:.0f} | {tps / idle:.3f} | "
+          + (f"{statistics.median(a / b for a, b in zip(results[name], results['idle'])):.3f} |" if name in results else "|")
+          for name, tps in rows],
+        "",
+        "Time per engine step in the tapped engine (the worker's own clock): the forward (the tap's op "
+        "included) and the readout bookkeeping around it (batch layout before, score copy after).",
+        "",
+        "| case | steps | forward ms/step | bookkeeping ms/step |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {name} | {st['steps']} | {1e3 * st['forward_s'] / max(1, st['steps']):.3f} | "
+          f"{1e3 * st['bookkeeping_s'] / max(1, st['steps']):.3f} |" for name, st in stats.items()],
         "",
         "Per-round figures: " + "; ".join(f"{k}: {', '.join(f'{x:.0f}' for x in v)}"
                                          for k, v in {**stock, **untapped, **results}.items()),
