@@ -55,6 +55,7 @@ class RequestPlan:
     key: str | None
     steer_row: int  # 0: not steered
     readout: LoadedBank | None
+    wants_readout: bool = False  # asked for readout (even if the bank is gone: the error is reported)
     error: str | None = None
 
 
@@ -202,21 +203,28 @@ class ReadoutEngine:
         stats, self.stats = self.stats, {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0}
         return stats
 
-    def _plan(self, req_id: str, extra: dict) -> RequestPlan:
+    def _plan(self, req_id: str) -> RequestPlan | None:
+        """The request's plan (None: it asks for neither readout nor steering), made once per bank
+        generation and cached, so a step costs a dict lookup per request."""
         cached = self.plans.get(req_id)
         if cached is not None and cached[0] == self.generation:
             return cached[1]
-        plan = RequestPlan(key=extra.get("plasticity_key"), steer_row=0, readout=None)
-        try:
-            if extra.get("readout") is not None:
-                plan.readout = self.banks.get(str(extra["readout"]))
-                if plan.readout is None:
-                    raise SteeringError(f"readout: no bank {extra['readout']!r} is loaded")
-            if extra.get("steer"):
-                terms = check_steer(extra["steer"], extra.get("steer_layers"), self.bank_shapes())
-                plan.steer_row = self._steer_row(*steering_vectors(terms, self.banks))
-        except SteeringError as exc:
-            plan.error = str(exc)
+        state = self.runner.requests.get(req_id)
+        extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+        plan = None
+        if extra.get("readout") is not None or extra.get("steer"):
+            plan = RequestPlan(key=extra.get("plasticity_key"), steer_row=0, readout=None,
+                               wants_readout=extra.get("readout") is not None)
+            try:
+                if plan.wants_readout:
+                    plan.readout = self.banks.get(str(extra["readout"]))
+                    if plan.readout is None:
+                        raise SteeringError(f"readout: no bank {extra['readout']!r} is loaded")
+                if extra.get("steer"):
+                    terms = check_steer(extra["steer"], extra.get("steer_layers"), self.bank_shapes())
+                    plan.steer_row = self._steer_row(*steering_vectors(terms, self.banks))
+            except SteeringError as exc:
+                plan.error = str(exc)
         self.plans[req_id] = (self.generation, plan)
         return plan
 
@@ -237,7 +245,7 @@ class ReadoutEngine:
                                     "(raise PLASTICITY_STEER_SLOTS)")
             row = rows.pop(victims[0])
             # Requests planned onto that row are planned again when they next run.
-            for req_id in [r for r, (_, p) in self.plans.items() if p.steer_row == row]:
+            for req_id in [r for r, (_, p) in self.plans.items() if p is not None and p.steer_row == row]:
                 del self.plans[req_id]
         b.steer[:, row] = 0
         for L, v in vectors.items():
@@ -251,60 +259,61 @@ class ReadoutEngine:
         req_ids = list(runner.input_batch.req_ids)
         bounds = runner.query_start_loc.np[: len(req_ids) + 1]
         computed = runner.input_batch.num_computed_tokens_cpu
-        index = np.zeros(b.max_tokens, dtype=np.int64)
-        self._step_readouts = []
         self._rows_this_step = set()
-        steered: set[int] = set()
-        for i, req_id in enumerate(req_ids):
-            state = runner.requests.get(req_id)
-            params = getattr(state, "sampling_params", None)
-            extra = getattr(params, "extra_args", None) or {}
-            if not any(k in extra for k in ("readout", "steer")):
-                continue
-            plan = self._plan(req_id, extra)
-            start, stop = int(bounds[i]), int(bounds[i + 1])
-            if plan.steer_row:
-                index[start:stop] = plan.steer_row
-                self._rows_this_step.add(plan.steer_row)
-                steered |= self._row_layers.get(plan.steer_row, frozenset())
-            if plan.readout is not None or (plan.error and extra.get("readout") is not None):
-                self._step_readouts.append((req_id, start, stop, int(computed[i]), plan))
-        b.steer_layers = frozenset(steered)
+        plans = []
+        for req_id in req_ids:
+            plan = self._plan(req_id)
+            plans.append(plan)
+            if plan is not None and plan.steer_row:
+                self._rows_this_step.add(plan.steer_row)  # before later requests may evict rows
+        self._step_readouts = [(req_id, int(bounds[i]), int(bounds[i + 1]), int(computed[i]), plan)
+                               for i, (req_id, plan) in enumerate(zip(req_ids, plans))
+                               if plan is not None and plan.wants_readout]
         # Only the layers some request in this step reads: loaded banks cost nothing until asked for.
         b.read_layers = frozenset(L for *_, plan in self._step_readouts if plan.readout for L in plan.readout.layers)
-        if steered:
-            b.steer_index.copy_(torch.from_numpy(index).to(b.steer_index.device, non_blocking=False))
-        else:
-            b.steer_index.zero_()
-        known = set(req_ids)
-        for req_id in [r for r in self.plans if r not in known and r not in runner.requests]:
-            del self.plans[req_id]
+        b.steer_layers = frozenset(L for row in self._rows_this_step for L in self._row_layers.get(row, ()))
+        b.steer_index.zero_()
+        if b.steer_layers:  # each token gets its request's steering row
+            rows = np.fromiter((p.steer_row if p is not None else 0 for p in plans), np.int64, len(plans))
+            index = np.repeat(rows, np.diff(bounds))
+            b.steer_index[: len(index)].copy_(torch.from_numpy(index))
+        if len(self.plans) > len(req_ids):  # forget requests that finished
+            for req_id in [r for r in self.plans if r not in runner.requests]:
+                del self.plans[req_id]
 
     def _after_forward(self) -> None:
         if not self._step_readouts:
             return
         b = self.buffers
-        # One device-to-host copy per step of every row and column in use, then numpy slices per request.
+        # One copy out of the score buffer per step (rows and columns in use), then one slice per bank
+        # and a view per request: the per-request work is a lookup and an append.
         tokens = max(stop for _, _, stop, _, _ in self._step_readouts)
-        layers = sorted({L for *_, plan in self._step_readouts if plan.readout for L in plan.readout.layers})
+        layers = sorted(b.read_layers)
         at = {L: i for i, L in enumerate(layers)}
         host = b.scores[layers, :tokens, : b.read_width].cpu().numpy()  # advanced index: a copy
-        for req_id, start, stop, first_position, plan in self._step_readouts:
-            bank = plan.readout
-            entry = self.store.get(req_id)
-            if entry is None:
-                entry = RequestScores(plan.key, bank.name if bank else "", bank.layers if bank else [],
-                                      bank.concepts if bank else [])
-                self.store[req_id] = entry
-                while len(self.store) > MAX_STORED_REQUESTS:
-                    self.store.popitem(last=False)
-            if plan.error:
-                entry.error = plan.error
-                continue
-            cols = bank.columns
-            rows = [at[L] for L in bank.layers]
-            block = host[rows, start:stop, cols.start:cols.stop].transpose(1, 0, 2)  # (tokens, layers, concepts)
-            entry.blocks.append((first_position, block))
+        by_bank: dict[str, list] = {}
+        for item in self._step_readouts:
+            by_bank.setdefault(item[4].readout.name if item[4].readout else "", []).append(item)
+        for name, items in by_bank.items():
+            bank = items[0][4].readout
+            if bank is not None:
+                token_rows = np.concatenate([np.arange(start, stop) for _, start, stop, _, _ in items])
+                cols = bank.columns
+                block = host[[at[L] for L in bank.layers]][:, token_rows, cols.start:cols.stop].transpose(1, 0, 2)
+            offset = 0
+            for req_id, start, stop, first_position, plan in items:
+                entry = self.store.get(req_id)
+                if entry is None:
+                    entry = RequestScores(plan.key, bank.name if bank else "", bank.layers if bank else [],
+                                          bank.concepts if bank else [])
+                    self.store[req_id] = entry
+                    while len(self.store) > MAX_STORED_REQUESTS:
+                        self.store.popitem(last=False)
+                if plan.error:
+                    entry.error = plan.error
+                elif bank is not None:
+                    entry.blocks.append((first_position, block[offset: offset + stop - start]))  # (tokens, layers, concepts)
+                offset += stop - start
 
     # ---- results -----------------------------------------------------------------------------------
 
