@@ -1,0 +1,108 @@
+"""The worker's per-step bookkeeping on a stand-in for vLLM's V1 batch layout (no engine: the layout is
+three fields, and the server tests cover the real one). What a user relies on: each token gets its own
+request's steering row, scores land at the right positions across steps, and a bank unloaded while a
+request runs leaves that request unsteered with an error in its readout instead of failing the batch."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_plasticity.readout_worker import ReadoutEngine
+from vllm_plasticity.residual_tap import TapBuffers
+
+HIDDEN, LAYERS = 16, 3
+
+
+class Batch:
+    """The fields of vLLM's V1 model runner the engine reads, for one step at a time."""
+
+    def __init__(self) -> None:
+        self.requests: dict = {}
+        self.input_batch = types.SimpleNamespace(req_ids=[], num_computed_tokens_cpu=np.zeros(0, np.int64))
+        self.query_start_loc = types.SimpleNamespace(np=np.zeros(1, np.int32))
+        self._model_forward = self.forward
+        self.seen_index = None
+
+    def add(self, req_id: str, extra: dict | None) -> None:
+        self.requests[req_id] = types.SimpleNamespace(sampling_params=types.SimpleNamespace(extra_args=extra))
+
+    def step(self, scheduled: dict[str, tuple[int, int]]) -> None:
+        """`scheduled`: req_id -> (tokens already computed, tokens this step)."""
+        self.input_batch.req_ids = list(scheduled)
+        self.input_batch.num_computed_tokens_cpu = np.array([c for c, _ in scheduled.values()], np.int64)
+        self.query_start_loc.np = np.concatenate([[0], np.cumsum([n for _, n in scheduled.values()])]).astype(np.int32)
+        self._model_forward()
+
+    def forward(self) -> None:
+        """Stands in for the model: the tap's score rows become (layer, token, column) markers."""
+        b = self.buffers
+        n = int(self.query_start_loc.np[-1])
+        self.seen_index = b.steer_index[:n].tolist()
+        for L in b.read_layers:
+            b.scores[L, :n, : b.read_width] = torch.arange(n).float()[:, None] + 1000 * L
+
+
+@pytest.fixture
+def engine():
+    buffers = TapBuffers(num_layers=LAYERS, hidden_size=HIDDEN, max_tokens=64, capacity=8, steer_rows=3,
+                         device=torch.device("cpu"))
+    batch = Batch()
+    batch.buffers = buffers
+    eng = ReadoutEngine(buffers, batch)
+    eng.load("b", ["x", "y"], {0: torch.eye(HIDDEN)[:2], 2: torch.eye(HIDDEN)[2:4]}, source="test")
+    return eng, batch
+
+
+def test_each_token_gets_its_own_requests_steering_row(engine):
+    eng, batch = engine
+    batch.add("plain", None)
+    batch.add("up", {"steer": ["b/x", 2.0]})
+    batch.add("down", {"steer": ["b/x", -2.0], "steer_layers": [2]})
+    batch.add("up_too", {"steer": ["b/x", 2.0]})
+    batch.step({"plain": (0, 2), "up": (0, 3), "down": (0, 1), "up_too": (5, 1)})
+    index = batch.seen_index
+    assert index[:2] == [0, 0] and len(set(index[2:5])) == 1 and index[2] != 0
+    assert index[6] == index[2] and index[5] not in (0, index[2])  # alike settings share a row
+    up, down = index[2], index[5]
+    assert torch.allclose(eng.buffers.steer[0, up], 2.0 * torch.eye(HIDDEN)[0])
+    assert torch.allclose(eng.buffers.steer[2, up], 2.0 * torch.eye(HIDDEN)[2])
+    assert not eng.buffers.steer[0, down].any()  # steer_layers [2] only
+    assert eng.buffers.steer_layers == {0, 2}
+
+
+def test_scores_land_at_each_tokens_position_across_steps(engine):
+    eng, batch = engine
+    batch.add("a", {"readout": "b", "plasticity_key": "k"})
+    batch.add("other", None)
+    batch.step({"other": (0, 2), "a": (0, 3)})   # prefill: rows 2..4 are a's positions 0..2
+    batch.step({"a": (3, 1), "other": (2, 1)})   # decode: row 0 is a's position 3
+    out = eng.fetch("k", final=True)["a"]
+    assert out["positions"] == [0, 1, 2, 3] and out["layers"] == [0, 2]
+    scores = np.frombuffer(out["scores"], dtype="<f4").reshape(out["shape"])
+    assert scores[:, 0, 0].tolist() == [2, 3, 4, 0] and scores[:, 1, 0].tolist() == [2002, 2003, 2004, 2000]
+    assert eng.fetch("k", final=True) == {}
+
+
+def test_a_bank_unloaded_mid_request_leaves_it_unsteered_with_an_error(engine):
+    eng, batch = engine
+    batch.add("a", {"readout": "b", "steer": ["b/y", 1.0], "plasticity_key": "k"})
+    batch.step({"a": (0, 2)})
+    assert any(batch.seen_index)
+    eng.unload("b")
+    batch.step({"a": (2, 1)})
+    assert not any(batch.seen_index)
+    out = eng.fetch("k", final=True)["a"]
+    assert out["positions"] == [0, 1] and "no bank 'b'" in out["error"]
+
+
+def test_more_distinct_settings_than_slots_are_refused_not_mixed(engine):
+    eng, batch = engine  # 2 slots
+    for i, coef in enumerate((1.0, 2.0, 3.0)):
+        batch.add(f"r{i}", {"steer": ["b/x", coef], "readout": "b", "plasticity_key": f"k{i}"})
+    batch.step({"r0": (0, 1), "r1": (0, 1), "r2": (0, 1)})
+    assert batch.seen_index[:2] != [0, 0] and batch.seen_index[2] == 0
+    assert "PLASTICITY_STEER_SLOTS" in eng.fetch("k2", final=True)["r2"]["error"]
