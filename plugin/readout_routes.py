@@ -163,8 +163,11 @@ class ReadoutService:
         return {"unloaded": name}
 
     def listing(self) -> dict:
-        return {"banks": list(self.banks.values()), "limits": self.limits,
-                "default_steering": self.default_steer and {k: self.default_steer[k] for k in READOUT_FIELDS[1:]}}
+        return {"banks": list(self.banks.values()), "limits": self.limits, "default_steering": self.default_view()}
+
+    def default_view(self) -> dict | None:
+        """The default steering as a client set it (`steer`, `steer_layers`), or None."""
+        return self.default_steer and {k: self.default_steer[k] for k in ("steer", "steer_layers")}
 
     def check_steer(self, steer: Any, steer_layers: Any) -> list:
         try:
@@ -180,7 +183,7 @@ class ReadoutService:
         steer = flat_steer(req.steer)
         terms = self.check_steer(steer, req.steer_layers)
         self.default_steer = {"steer": steer, "steer_layers": req.steer_layers, "terms": terms}
-        return self.listing()["default_steering"]
+        return self.default_view()
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -217,8 +220,7 @@ class ReadoutService:
         if not fields:
             request.vllm_xargs = xargs or None
             return None
-        if self.state.config.vectors_dir is None or self.limits is None:
-            self.require_enabled()
+        self.require_enabled()
         readout = fields.get("readout")
         if readout is not None and (not isinstance(readout, str) or readout not in self.banks):
             raise HTTPException(400, f"readout: no bank {readout!r} is loaded (loaded: {sorted(self.banks)})")
@@ -355,7 +357,7 @@ def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
 
     @router.get("/steering/default", dependencies=[Depends(guard)])
     async def get_default_steering(service: ReadoutService = Depends(get_readout)) -> dict | None:
-        return service.listing()["default_steering"]
+        return service.default_view()
 
     @router.delete("/steering/default", dependencies=[Depends(guard)])
     async def clear_default_steering(service: ReadoutService = Depends(get_readout)) -> dict:

@@ -180,8 +180,7 @@ class ReadoutEngine:
         self.steer_rows.clear()
         self._row_layers.clear()
         self.buffers.steer.zero_()
-        b = self.buffers
-        b.read_width = max((x.columns.stop for x in self.banks.values()), default=0)
+        self.buffers.read_width = max((x.columns.stop for x in self.banks.values()), default=0)
 
     # ---- per step ----------------------------------------------------------------------------------
 

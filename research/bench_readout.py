@@ -84,7 +84,7 @@ def child(args) -> None:
     stats = {name: {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0} for name in cases}
     for r in range(args.rounds):
         for name, xargs in cases.items():
-            if plugin and args.child == "plasticity":
+            if args.child == "plasticity":
                 llm.collective_rpc("plasticity_readout_stats")
             results[name].append(batch(r, xargs, args.requests, args.tokens))
             if args.child == "plasticity":

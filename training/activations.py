@@ -116,6 +116,25 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
                        f"ModuleList of num_hidden_layers={n} blocks")
 
 
+def check_collect_args(layers: Sequence[int], num_layers: int, skip_tokens: int, subspace_rank: int | None) -> list[int]:
+    """The sorted distinct `layers`, after checking the arguments every source's `collect` takes."""
+    layers = sorted(set(layers))
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"Invalid layers {layers}: the model has {num_layers} (0..{num_layers - 1})")
+    if skip_tokens < 0:
+        raise ValueError(f"Invalid skip_tokens: {skip_tokens} (must be >= 0)")
+    if subspace_rank is not None and subspace_rank < 1:
+        raise ValueError(f"Invalid subspace_rank: {subspace_rank} (must be >= 1, or None for full rank)")
+    return layers
+
+
+def pool_text(states: Tensor, skip_tokens: int, bases: bool, rank: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One text's (T, H) states at one layer -> (last token, mean over tokens after the first
+    `skip_tokens`, row basis of those tokens or None): the pooling both sources share."""
+    s = min(skip_tokens, len(states) - 1)  # a one-token text keeps its token
+    return states[-1], states[s:].mean(0), row_basis(states[s:], rank) if bases else None
+
+
 def row_basis(states: Tensor, rank: int | None) -> Tensor:
     """Orthonormal basis (r, H) of the row space of a (T, H) token-state matrix: its right singular vectors,
     numerically non-zero ones only, at most `rank` of them (None = full rank, min(T, H))."""
@@ -174,13 +193,7 @@ class HFSource:
     def collect(self, texts: Sequence[str], layers: Sequence[int], *, skip_tokens: int = 1, bases: bool = False,
                 subspace_rank: int | None = None, heads: bool = False, progress: bool = True) -> Activations:
         """Forward every text once (batched, longest first) and pool each requested layer's states."""
-        layers = sorted(set(layers))
-        if not layers or layers[0] < 0 or layers[-1] >= self.num_layers:
-            raise ValueError(f"Invalid layers {layers}: the model has {self.num_layers} (0..{self.num_layers - 1})")
-        if skip_tokens < 0:
-            raise ValueError(f"Invalid skip_tokens: {skip_tokens} (must be >= 0)")
-        if subspace_rank is not None and subspace_rank < 1:
-            raise ValueError(f"Invalid subspace_rank: {subspace_rank} (must be >= 1, or None for full rank)")
+        layers = check_collect_args(layers, self.num_layers, skip_tokens, subspace_rank)
         device = next(self.model.parameters()).device
         full = [self.tokenizer(t)["input_ids"] for t in texts]
         enc, truncated = [ids[: self.max_tokens] for ids in full], sum(len(ids) > self.max_tokens for ids in full)
@@ -214,16 +227,16 @@ class HFSource:
                     pass
                 for b, i in enumerate(batch):
                     n = len(enc[i])
-                    s = min(skip_tokens, n - 1)  # a one-token text keeps its token
                     for L in layers:
                         states = captured[f"res{L}"][b, :n]  # (T_i, H) fp32
-                        pooled["last"][L][i] = states[-1].cpu()
-                        pooled["mean"][L][i] = states[s:].mean(0).cpu()
+                        last, mean, basis = pool_text(states, skip_tokens, bases, subspace_rank)
+                        pooled["last"][L][i], pooled["mean"][L][i] = last.cpu(), mean.cpu()
                         if bases:
-                            basis_rows[L][i] = row_basis(states[s:], subspace_rank).cpu()
+                            basis_rows[L][i] = basis.cpu()
                         if f"head{L}" in captured:
                             h = captured[f"head{L}"][b, :n]  # (T_i, n_heads * head_dim)
-                            for p, v in (("last", h[-1]), ("mean", h[s:].mean(0))):
+                            last, mean, _ = pool_text(h, skip_tokens, False, None)
+                            for p, v in (("last", last), ("mean", mean)):
                                 head_acts[p].setdefault(L, torch.zeros(N, h.shape[-1]))[i] = v.cpu()
                 bar.update(1)
         finally:
@@ -328,9 +341,7 @@ class ServerSource:
                 subspace_rank: int | None = None, heads: bool = False, progress: bool = True) -> Activations:
         from concurrent.futures import ThreadPoolExecutor
 
-        layers = sorted(set(layers))
-        if not layers or layers[0] < 0 or layers[-1] >= self.num_layers:
-            raise ValueError(f"Invalid layers {layers}: the model has {self.num_layers} (0..{self.num_layers - 1})")
+        layers = check_collect_args(layers, self.num_layers, skip_tokens, subspace_rank)
         full = [self._call("post", "/tokenize", {"model": self.served_name, "prompt": t})["tokens"] for t in texts]
         enc, truncated = [ids[: self.max_tokens] for ids in full], sum(len(ids) > self.max_tokens for ids in full)
         N, H = len(texts), self.hidden_size
@@ -358,10 +369,10 @@ class ServerSource:
         basis_rows: dict[int, list[Tensor]] = {L: [] for L in layers}
         for L in layers:
             for i, x in enumerate(states[L]):
-                s = min(skip_tokens, len(x) - 1)
-                pooled["last"][L][i], pooled["mean"][L][i] = x[-1], x[s:].mean(0)
+                last, mean, basis = pool_text(x, skip_tokens, bases, subspace_rank)
+                pooled["last"][L][i], pooled["mean"][L][i] = last, mean
                 if bases:
-                    basis_rows[L].append(row_basis(x[s:], subspace_rank))
+                    basis_rows[L].append(basis)
         return Activations(layers=layers, hidden_size=H, pooled=pooled, n_tokens=[len(e) for e in enc],
                            bases=basis_rows if bases else None, heads=None, weights=None, n_heads=None,
                            truncated=truncated)
