@@ -59,6 +59,23 @@ def _seconds(name: str, default: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainLimits:
+    """What one /train request may ask for; larger requests are refused with 4xx before they are queued.
+    The defaults keep a job's memory and time bounded on a small machine; raise them for a big GPU."""
+
+    max_steps: int = 1000  # PLASTICITY_TRAIN_MAX_STEPS: optimizer steps per request
+    max_samples: int = 64  # PLASTICITY_TRAIN_MAX_SAMPLES: samples per request
+    max_tokens: int = 8192  # PLASTICITY_TRAIN_MAX_TOKENS: context + continuation tokens, all samples together
+    max_queued: int = 32  # PLASTICITY_TRAIN_MAX_QUEUED: jobs waiting at once (more: 429)
+
+    @classmethod
+    def from_env(cls) -> "TrainLimits":
+        d = cls()
+        return cls(max_steps=_count("TRAIN_MAX_STEPS", d.max_steps), max_samples=_count("TRAIN_MAX_SAMPLES", d.max_samples),
+                   max_tokens=_count("TRAIN_MAX_TOKENS", d.max_tokens), max_queued=_count("TRAIN_MAX_QUEUED", d.max_queued))
+
+
+@dataclasses.dataclass(frozen=True)
 class PlasticityConfig:
     training: bool = False  # PLASTICITY_TRAINING: enables /train and /checkpoint (they change weights)
     share_weights: bool = False  # PLASTICITY_SHARE_WEIGHTS: keep weights in shareable memory (implied by training)
@@ -69,6 +86,7 @@ class PlasticityConfig:
     checkpoint_into_model_dir: bool = False  # PLASTICITY_CHECKPOINT_INTO_MODEL_DIR: allow targets inside the served model's dir
     readout_capacity: int = 256  # PLASTICITY_READOUT_CAPACITY: concepts loaded at once, all banks together
     steer_slots: int = 32  # PLASTICITY_STEER_SLOTS: distinct steering settings in one batch
+    train_limits: TrainLimits = TrainLimits()  # PLASTICITY_TRAIN_MAX_*: what one /train request may ask
 
     @classmethod
     def from_env(cls) -> "PlasticityConfig":
@@ -83,6 +101,7 @@ class PlasticityConfig:
             checkpoint_into_model_dir=_flag("CHECKPOINT_INTO_MODEL_DIR"),
             readout_capacity=_count("READOUT_CAPACITY", 256),
             steer_slots=_count("STEER_SLOTS", 32),
+            train_limits=TrainLimits.from_env(),
         )
 
     @property

@@ -27,6 +27,7 @@ from vllm_plasticity.config import PlasticityConfig
 from vllm_plasticity.readout_routes import ReadoutService, attach_readout_routes
 from vllm_plasticity.train_routes import CheckpointRequest, TrainingService, TrainRequest
 from vllm_plasticity.trainer_client import TrainerClient
+from vllm_plasticity.shm_ledger import record_shm_files, sweep_dead_servers
 from vllm_plasticity.weight_sharing import sweep_stale_arenas
 
 router = APIRouter(tags=["plasticity"])
@@ -60,6 +61,10 @@ class ServerState:
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale_arenas()
+        sweep_dead_servers(self.config.state_dir)  # what a SIGKILLed server of this state dir left in /dev/shm
+        # vLLM's processes are up (init_state runs after the engine starts): note what they hold in /dev/shm.
+        ledger = record_shm_files(self.config.state_dir, os.getpid())
+        atexit.register(ledger.unlink, missing_ok=True)  # a clean exit leaves nothing for a sweep
         try:
             self.worker_info = await self.rpc("plasticity_info")
         except Exception as exc:  # vLLM started without our --worker-extension-cls
@@ -90,7 +95,8 @@ class ServerState:
         atexit.register(trainer.kill)  # the trainer is our child: stopped by PID with the server
         self.training = TrainingService(self.engine_client, trainer, model_config.get_vocab_size(),
                                         model_config.max_model_len, self.config.resolved_checkpoint_dir,
-                                        self.config.checkpoint_quiet_seconds, self.config.checkpoint_into_model_dir)
+                                        self.config.checkpoint_quiet_seconds, self.config.checkpoint_into_model_dir,
+                                        self.config.train_limits)
         atexit.register(self.training.checkpoint_at_exit)  # runs before trainer.kill (atexit is LIFO)
         self.training.start()
 
@@ -158,6 +164,13 @@ async def train_job_status(job_id: str, training: TrainingService = Depends(requ
     if job is None:
         raise HTTPException(404, f"no job {job_id!r} (the server keeps the most recent jobs only)")
     return job.detail()
+
+
+@router.delete("/train/{job_id}")
+async def cancel_train_job(job_id: str, training: TrainingService = Depends(require_training)) -> dict:
+    """Cancel a job: a queued one never runs; a running one stops before its next step (steps already
+    taken stay, each one whole). 404 for an unknown job, 409 for one that has ended."""
+    return training.cancel(job_id)
 
 
 @router.post("/checkpoint")

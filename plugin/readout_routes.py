@@ -61,8 +61,9 @@ class LoadBankRequest(BaseModel):
 
 class DefaultSteering(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steer: list[str | float] | dict[str, float]
-    steer_layers: list[int] | None = None
+    # Any JSON list/object: check_steer is the one rule for what a term may be (no bool for a number).
+    steer: list[Any] | dict[str, Any]
+    steer_layers: list[Any] | None = None
 
 
 def flat_steer(steer: Any) -> Any:
@@ -92,13 +93,23 @@ class ReadoutService:
                                      "through plasticity serve)")
 
     def bank_dir(self, path: str) -> Path:
-        """`path` (relative to the vectors directory, or absolute) resolved; 400 unless it lies inside."""
+        """`path` (relative to the vectors directory, or absolute) resolved; 400 unless it and every file
+        a bank is read from (symlinks followed) lie inside the vectors directory."""
+        from plasticity_training.bank import BANK_FILES
+
         root = self.state.config.vectors_dir.resolve()
-        target = (root / path).resolve()
-        if target != root and root not in target.parents:
-            raise HTTPException(400, f"path {path!r} is outside the vectors directory {root}")
-        if not target.is_dir():
-            raise HTTPException(400, f"path {path!r}: no such bank directory inside {root}")
+        try:
+            target = (root / path).resolve()
+            if target != root and root not in target.parents:
+                raise HTTPException(400, f"path {path!r} is outside the vectors directory {root}")
+            if not target.is_dir():
+                raise HTTPException(400, f"path {path!r}: no such bank directory inside {root}")
+            for name in BANK_FILES:
+                file = (target / name).resolve()
+                if root not in file.parents:
+                    raise HTTPException(400, f"{path}/{name} resolves to {file}, outside the vectors directory {root}")
+        except (OSError, ValueError) as exc:  # a name longer than the filesystem allows, a NUL byte
+            raise HTTPException(400, f"path {path[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from None
         return target
 
     async def load(self, req: LoadBankRequest) -> dict:
@@ -129,12 +140,12 @@ class ReadoutService:
 
     def check_bank_files(self, bank_dir: Path, layers: list[int] | None, name: str) -> None:
         """Read the bank here first so a bad one gets a precise 400 and never reaches the engine."""
-        from plasticity_training.bank import BankError, load_bank
+        from plasticity_training.bank import load_bank
 
         try:
             bank = load_bank(bank_dir)
-        except (BankError, OSError, ValueError) as exc:
-            raise HTTPException(400, f"not a readout bank: {exc}") from None
+        except Exception as exc:  # BankError, OSError, and whatever a corrupt file makes safetensors raise
+            raise HTTPException(400, f"not a readout bank: {type(exc).__name__}: {exc}") from None
         limits = self.limits
         if bank.hidden_size != limits["hidden_size"]:
             raise HTTPException(400, f"bank hidden size {bank.hidden_size} does not match the model's "
@@ -163,6 +174,7 @@ class ReadoutService:
         return {"unloaded": name}
 
     def listing(self) -> dict:
+        self.require_enabled()
         return {"banks": list(self.banks.values()), "limits": self.limits, "default_steering": self.default_view()}
 
     def default_view(self) -> dict | None:
@@ -187,13 +199,17 @@ class ReadoutService:
 
     # ---- requests ----------------------------------------------------------------------------------
 
-    def plan(self, request: CompletionRequest | ChatCompletionRequest) -> dict | None:
+    def plan(self, request: CompletionRequest | ChatCompletionRequest, raw_xargs: Any = None) -> dict | None:
         """Check and rewrite a completion request's readout/steering settings in place.
 
-        Returns None for a request with neither (it goes to vLLM untouched), else
-        {"key", "readout", "n"}; raises HTTPException(400) with the reason for bad settings.
+        `raw_xargs` is `vllm_xargs` as the client sent it: vLLM's model coerces JSON `true` to 1, and a
+        boolean must never pass for a steering coefficient. Returns None for a request with neither (it
+        goes to vLLM untouched), else {"key", "readout", "n"}; raises HTTPException(400) with the reason
+        for bad settings.
         """
         xargs = dict(request.vllm_xargs or {})
+        if isinstance(raw_xargs, dict):
+            xargs.update({k: raw_xargs[k] for k in READOUT_FIELDS if k in raw_xargs and k in xargs})
         extra = request.model_extra if request.model_extra is not None else {}
         if "plasticity_key" in xargs:
             raise HTTPException(400, "vllm_xargs.plasticity_key is reserved for the server")
@@ -357,6 +373,7 @@ def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
 
     @router.get("/steering/default", dependencies=[Depends(guard)])
     async def get_default_steering(service: ReadoutService = Depends(get_readout)) -> dict | None:
+        service.require_enabled()
         return service.default_view()
 
     @router.delete("/steering/default", dependencies=[Depends(guard)])
@@ -389,7 +406,10 @@ def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
 async def call_with_readout(handler: Any, request: Any, raw_request: Request, completions: bool) -> Any:
     """vLLM's own `handler` on the request with its readout/steering settings checked and applied."""
     service = getattr(getattr(raw_request.app.state, "plasticity", None), "readout", None)
-    plan = service.plan(request) if service is not None else None
+    plan = None
+    if service is not None:
+        body = await raw_request.json()  # already read and parsed by FastAPI: served from its cache
+        plan = service.plan(request, body.get("vllm_xargs") if isinstance(body, dict) else None)
     response = await handler(request, raw_request)
     if plan is None or plan["readout"] is None:
         return response

@@ -67,6 +67,7 @@ class RequestScores:
     concepts: list[str]
     blocks: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)  # (first position, (n, layers, concepts))
     error: str | None = None
+    digest: str = ""  # the bank version every score here was read with
 
     def take(self) -> tuple[list[int], np.ndarray]:
         """Positions and their scores (positions, layers, concepts) collected since the last take; a
@@ -219,6 +220,14 @@ class ReadoutEngine:
                     plan.readout = self.banks.get(str(extra["readout"]))
                     if plan.readout is None:
                         raise SteeringError(f"readout: no bank {extra['readout']!r} is loaded")
+                    started = self.store.get(req_id)
+                    if started is not None and started.digest and started.digest != plan.readout.digest:
+                        # A request keeps the bank version it started with: scores from another version
+                        # would not fit the labels (concepts, layers) it already reported.
+                        plan.readout = None
+                        plan.error = (f"readout: bank {started.bank!r} was replaced while this request ran; its "
+                                      "scores stop at the replacement (every score returned is from the version "
+                                      "the request started with)")
                 if extra.get("steer"):
                     terms = check_steer(extra["steer"], extra.get("steer_layers"), self.bank_shapes())
                     plan.steer_row = self._steer_row(*steering_vectors(terms, self.banks))
@@ -304,7 +313,7 @@ class ReadoutEngine:
                 entry = self.store.get(req_id)
                 if entry is None:
                     entry = RequestScores(plan.key, bank.name if bank else "", bank.layers if bank else [],
-                                          bank.concepts if bank else [])
+                                          bank.concepts if bank else [], digest=bank.digest if bank else "")
                     self.store[req_id] = entry
                     while len(self.store) > MAX_STORED_REQUESTS:
                         self.store.popitem(last=False)

@@ -57,12 +57,27 @@ class TapBuffers:
         n = hidden_states.shape[0]
         capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or layer in self.steer_layers:
-            rows = self.steer[layer].index_select(0, self.steer_index[:n])
-            residual.add_(rows.to(residual.dtype))
+            index = self.steer_index[:n]  # (n,)
+            steered = residual + self.steer[layer].index_select(0, index).to(residual.dtype)  # (n, hidden)
+            # Keep every steered token's stream finite and bounded. A non-finite value would be written
+            # into its KV-cache blocks, and vLLM's CPU attention reads stale slots of a reused block with
+            # weight 0 (0 * NaN = NaN), so one request's NaN reached later, unrelated requests. Bounded by
+            # stream_bound, the next layer's norm, K/V and logits stay finite. Unsteered rows are untouched.
+            bound = stream_bound(residual.dtype, self.hidden_size)
+            steered = torch.nan_to_num(steered, nan=0.0, posinf=bound, neginf=-bound).clamp_(-bound, bound)
+            residual.copy_(torch.where((index != 0).unsqueeze(1), steered, residual))
         if capturing or layer in self.read_layers:
             width = self.capacity if capturing else self.read_width
             stream = hidden_states.float() + residual.float()
             self.scores[layer, :n, :width] = stream @ self.read[layer, :width].T
+
+
+def stream_bound(dtype: torch.dtype, hidden_size: int) -> float:
+    """The largest |value| a steered token's residual stream keeps: an eighth of what both the stream's
+    dtype and the next RMSNorm's float32 sum of squares (hidden_size terms) can hold. For fp32/bf16 and
+    hidden 4096 that is about 4e16, so no real activation is ever clamped."""
+    fp32_max = torch.finfo(torch.float32).max
+    return min(torch.finfo(dtype).max, (fp32_max / hidden_size) ** 0.5) / 8
 
 
 _buffers: TapBuffers | None = None

@@ -7,11 +7,25 @@ Per request (vLLM's `vllm_xargs` over HTTP, `SamplingParams.extra_args` offline,
     readout: "<bank>"                          score every token against the bank's concepts
     steer: ["<bank>/<concept>", coef, ...]     add coef * unit vector at each of the bank's layers
     steer_layers: [L, ...]                     only at these of the bank's layers
+
+Coefficients are JSON numbers (not booleans) with |coef| <= MAX_STEER_COEFFICIENT.
 """
 
 from __future__ import annotations
 
 import math
+
+# The largest |coefficient| a steering term may have. Concept vectors are unit vectors, so this is the
+# norm added to the residual stream; real models' streams have norms in the tens to thousands, so 1e6
+# is far beyond any useful strength while the sum of many such terms over many layers stays many orders
+# of magnitude inside the float32 steering buffer and a bf16/fp32 stream (the tap also clamps what it
+# adds, see residual_tap.py).
+MAX_STEER_COEFFICIENT = 1e6
+
+
+def is_number(value: object) -> bool:
+    """A JSON number: int or float, never a bool (JSON `true` must not be read as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class SteeringError(ValueError):
@@ -41,8 +55,9 @@ def check_steer(steer: object, steer_layers: object, banks: dict[str, tuple[list
     for target, coef in zip(steer[::2], steer[1::2]):
         if not isinstance(target, str) or "/" not in target:
             raise SteeringError(f'steer target {target!r} is not "bank/concept"')
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
-            raise SteeringError(f"steer coefficient for {target} must be a finite number, got {coef!r}")
+        if not is_number(coef) or not math.isfinite(coef) or abs(coef) > MAX_STEER_COEFFICIENT:
+            raise SteeringError(f"steer coefficient for {target} must be a finite number with "
+                                f"|coef| <= {MAX_STEER_COEFFICIENT:g}, got {coef!r}")
         bank_name, concept = target.split("/", 1)
         if bank_name not in banks:
             raise SteeringError(f"steer: no bank {bank_name!r} is loaded (loaded: {sorted(banks)})")

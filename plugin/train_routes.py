@@ -6,6 +6,10 @@ changes nothing. Accepted jobs go into one queue; a single asyncio task drives t
 
     begin_job -> [pause generation?] step [reset prefix cache, resume] x steps -> end_job
 
+Each trainer request takes the trainer lock on its own, so a checkpoint waits at most one step, and a job
+cancelled with DELETE /train/{job_id} stops before its next step. Limits on steps, samples, tokens and
+queued jobs (PLASTICITY_TRAIN_MAX_*) are checked before a job is queued.
+
 Resetting vLLM's prefix cache after every step means no later request reuses KV computed with the old
 weights (running requests are preempted and recomputed if they hold cached blocks).
 
@@ -22,15 +26,26 @@ import itertools
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from vllm_plasticity.config import TrainLimits
 from vllm_plasticity.trainer_client import TrainerClient, TrainerUnavailable
 
-MAX_STEPS = 1000
+MAX_STEPS = 1000  # the schema's ceiling; the server's own limit (PLASTICITY_TRAIN_MAX_STEPS) may be lower
 RECENT_JOBS = 50
+
+
+def _not_bool(value):
+    # pydantic reads JSON `true` as 1.0 for a float field: a boolean is never a number here.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class Strict(BaseModel):
@@ -43,19 +58,20 @@ class Sample(Strict):
 
 
 class OptimizerSettings(Strict):
-    """APOLLO settings; omitted keys keep the trainer's defaults (see DESIGN.md)."""
+    """APOLLO settings; omitted keys keep the trainer's defaults (see DESIGN.md). Numbers are JSON numbers
+    (never booleans) inside the documented bounds: an lr of 1e30 is refused, not tried on the live model."""
 
-    lr: float | None = Field(None, gt=0)
-    betas: tuple[float, float] | None = None
-    eps: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
-    warmup_steps: StrictInt | None = Field(None, ge=0)
-    rank: StrictInt | None = Field(None, ge=1)
-    scale: float | None = Field(None, gt=0)
-    proj_refresh: StrictInt | None = Field(None, ge=1)
-    norm_growth_limit: float | None = Field(None, ge=1)
+    lr: Number | None = Field(None, gt=0, le=1.0)
+    betas: tuple[Number, Number] | None = None
+    eps: Number | None = Field(None, gt=0, le=1.0)
+    weight_decay: Number | None = Field(None, ge=0, le=1.0)
+    warmup_steps: StrictInt | None = Field(None, ge=0, le=100_000)
+    rank: StrictInt | None = Field(None, ge=1, le=4096)
+    scale: Number | None = Field(None, gt=0, le=1000.0)
+    proj_refresh: StrictInt | None = Field(None, ge=1, le=1_000_000)
+    norm_growth_limit: Number | None = Field(None, ge=1, le=1000.0)
     mini: StrictBool | None = None
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: Number | None = Field(None, gt=0, le=1e6)
 
     @model_validator(mode="after")
     def _betas_in_range(self):
@@ -130,6 +146,7 @@ class TrainJob:
         self.created = time.time()
         self.started: float | None = None
         self.finished: float | None = None
+        self.cancel_requested = False
         self.done = asyncio.Event()
 
     def summary(self) -> dict:
@@ -144,12 +161,13 @@ class TrainJob:
 
 
 class TrainingService:
-    """The job queue and its single runner task; owns the TrainerClient."""
+    """The job queue and its single runner task; owns the TrainerClient and the weight version."""
 
     def __init__(self, engine_client, trainer: TrainerClient, vocab_size: int, max_model_len: int,
-                 checkpoint_dir: Path, quiet_seconds: float = 600.0, allow_model_dir: bool = False) -> None:
+                 checkpoint_dir: Path, quiet_seconds: float = 600.0, allow_model_dir: bool = False,
+                 limits: TrainLimits = TrainLimits()) -> None:
         self.engine_client, self.trainer = engine_client, trainer
-        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.vocab_size, self.max_model_len, self.limits = vocab_size, max_model_len, limits
         self.checkpoint_dir, self.quiet_seconds, self.allow_model_dir = Path(checkpoint_dir), quiet_seconds, allow_model_dir
         self.trainer_lock = asyncio.Lock()  # a job or a checkpoint holds the trainer, never both
         self.checkpointed_version: int | None = None  # weight version of the last checkpoint
@@ -177,7 +195,30 @@ class TrainingService:
         except Exception:  # reported through /train/status; the next job retries
             pass
 
+    def _advance_version(self, version: int | None) -> int | None:
+        """The server owns the weight version: it only moves forward (a trainer restarted from older saved
+        state reports a lower one; the trainer adopts ours, see the checkpoint and begin_job messages)."""
+        if version is not None:
+            self.weight_version = max(self.weight_version or 0, version)
+        return self.weight_version
+
     def validate(self, req: TrainRequest) -> None:
+        """Everything a job is refused for, before it is queued (4xx, nothing changes)."""
+        lim = self.limits
+        if req.steps > lim.max_steps:
+            raise HTTPException(400, f"steps {req.steps} is more than this server's limit {lim.max_steps} "
+                                     "(PLASTICITY_TRAIN_MAX_STEPS)")
+        if len(req.samples) > lim.max_samples:
+            raise HTTPException(400, f"{len(req.samples)} samples is more than this server's limit {lim.max_samples} "
+                                     "per request (PLASTICITY_TRAIN_MAX_SAMPLES)")
+        tokens = sum(len(s.context_ids) + len(s.continuation_ids) for s in req.samples)
+        if tokens > lim.max_tokens:
+            raise HTTPException(400, f"{tokens} tokens (context + continuation, all samples) is more than this "
+                                     f"server's limit {lim.max_tokens} per request (PLASTICITY_TRAIN_MAX_TOKENS)")
+        queued = sum(1 for j in self.jobs.values() if j.status == "queued")
+        if queued >= lim.max_queued:
+            raise HTTPException(429, f"{queued} jobs are already queued (PLASTICITY_TRAIN_MAX_QUEUED); "
+                                     "retry when one has run, or cancel one with DELETE /train/{job_id}")
         for i, s in enumerate(req.samples):
             ids = s.context_ids + s.continuation_ids
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -195,13 +236,34 @@ class TrainingService:
         self.queue.put_nowait(job)
         return job
 
+    def cancel(self, job_id: str) -> dict:
+        """Cancel a queued job (it never runs) or a running one (it stops before its next step; every step
+        taken is whole, so the weights are those of a consistent version)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (the server keeps the most recent jobs only)")
+        if job.done.is_set():
+            raise HTTPException(409, f"job {job_id} has already ended ({job.status})")
+        job.cancel_requested = True
+        if job.status == "queued":
+            self._cancelled(job)
+            job.finished = time.time()
+            job.done.set()
+        return job.summary()
+
+    @staticmethod
+    def _cancelled(job: TrainJob) -> None:
+        job.status, job.http_status = "cancelled", 409
+        job.error = f"cancelled by DELETE /train/{job.id} after {len(job.losses)} of {job.request.steps} steps"
+
     async def _run(self) -> None:
         while True:
             job = await self.queue.get()
+            if job.done.is_set():  # cancelled while queued
+                continue
             self.current = job
             try:
-                async with self.trainer_lock:
-                    await self._run_job(job)
+                await self._run_job(job)
                 if job.losses:  # weights changed: a scheduled checkpoint follows after the quiet period
                     self.next_checkpoint_at = time.time() + self.quiet_seconds
             except Exception as exc:  # never let one job kill the runner
@@ -210,6 +272,12 @@ class TrainingService:
                 job.finished = time.time()
                 self.current = None
                 job.done.set()
+
+    async def _trainer_request(self, msg: dict) -> dict:
+        # One trainer request at a time, jobs' steps and checkpoints alike; a job takes the lock per
+        # request, so a checkpoint or another client's status is answered between two steps of a long job.
+        async with self.trainer_lock:
+            return await self.trainer.request(msg)
 
     async def _reset_prefix_cache(self) -> None:
         # Without preemption first; if running requests hold cached blocks, preempt and recompute them.
@@ -226,7 +294,7 @@ class TrainingService:
             return
         self.trainer.state = "busy"
         try:
-            begin = await self.trainer.request({
+            begin = await self._trainer_request({
                 "op": "begin_job", "samples": [s.model_dump() for s in req.samples],
                 "optimizer": req.optimizer.model_dump(exclude_none=True), "params": req.params.model_dump(),
                 "force": req.force, "context_mode": req.context_mode,
@@ -238,10 +306,12 @@ class TrainingService:
             success = False
             try:
                 for _ in range(req.steps if begin["samples"] else 0):
+                    if job.cancel_requested:
+                        break
                     if req.pause:
                         await self.engine_client.pause_generation(mode="keep", clear_cache=False)
                     try:
-                        reply = await self.trainer.request({"op": "step"})
+                        reply = await self._trainer_request({"op": "step"})
                         if reply["ok"]:
                             t0 = time.perf_counter()
                             await self._reset_prefix_cache()
@@ -254,13 +324,16 @@ class TrainingService:
                         return
                     job.losses.append(reply["loss"])
                     job.step_seconds.append(reply["seconds"])
-                    job.weight_version = self.weight_version = reply["weight_version"]
-                success = True
+                    job.weight_version = self._advance_version(reply["weight_version"])
+                success = not job.cancel_requested
             finally:
                 if self.trainer.alive():
-                    end = await self.trainer.request({"op": "end_job", "success": success})
-                    job.weight_version = self.weight_version = end.get("weight_version", self.weight_version)
-            job.status = "succeeded"
+                    end = await self._trainer_request({"op": "end_job", "success": success})
+                    job.weight_version = self._advance_version(end.get("weight_version"))
+            if job.cancel_requested:
+                self._cancelled(job)
+            else:
+                job.status = "succeeded"
         except TrainerUnavailable as exc:
             job.status, job.error, job.http_status = "failed", str(exc), 503
         finally:
@@ -274,9 +347,13 @@ class TrainingService:
         return self.weight_version is not None and self.weight_version != self.checkpointed_version
 
     def checkpoint_target(self, path: str | None) -> Path:
-        """The checkpoint directory a request names: inside the configured directory, never outside."""
+        """The checkpoint directory a request names: inside the configured directory, never outside (the
+        trainer's sync_checkpoint checks the rest: not inside another checkpoint, names the OS accepts)."""
         root = self.checkpoint_dir.resolve()
-        target = (root / (path or "main")).resolve()  # an absolute `path` replaces root: checked below
+        try:
+            target = (root / (path or "main")).resolve()  # an absolute `path` replaces root: checked below
+        except (OSError, ValueError) as exc:  # a NUL byte; names the OS refuses are checked by the trainer
+            raise HTTPException(400, f"checkpoint path {str(path)[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from None
         if target == root or root not in target.parents:
             raise HTTPException(400, f"checkpoint path {path!r} is not inside the checkpoint directory {root} "
                                      "(give a name or a path below it)")
@@ -284,7 +361,7 @@ class TrainingService:
 
     def _checkpoint_message(self, target: Path) -> dict:
         return {"op": "checkpoint", "target": str(target), "allowed_root": str(self.checkpoint_dir.resolve()),
-                "allow_model_dir": self.allow_model_dir}
+                "allow_model_dir": self.allow_model_dir, "weight_version": self.weight_version or 0}
 
     async def checkpoint(self, path: str | None = None, reason: str = "request") -> dict:
         target = self.checkpoint_target(path)
@@ -296,7 +373,7 @@ class TrainingService:
                 raise HTTPException(503, f"checkpoint not written: {exc}") from exc
         if not reply.pop("ok"):
             raise HTTPException(reply["status"], f"checkpoint not written: {reply['error']}")
-        self.checkpointed_version = self.weight_version = reply["weight_version"]
+        self.checkpointed_version = self._advance_version(reply["weight_version"])
         self.next_checkpoint_at = None
         self.last_checkpoint = {**reply, "reason": reason, "time": time.time()}
         self.checkpoint_totals["checkpoints"] += 1

@@ -106,3 +106,32 @@ def test_more_distinct_settings_than_slots_are_refused_not_mixed(engine):
     batch.step({"r0": (0, 1), "r1": (0, 1), "r2": (0, 1)})
     assert batch.seen_index[:2] != [0, 0] and batch.seen_index[2] == 0
     assert "PLASTICITY_STEER_SLOTS" in eng.fetch("k2", final=True)["r2"]["error"]
+
+
+def test_a_bank_replaced_mid_request_keeps_its_scores_and_labels_consistent(engine):
+    eng, batch = engine
+    batch.add("a", {"readout": "b", "plasticity_key": "k"})
+    batch.step({"a": (0, 2)})
+    eng.load("b", ["p", "q", "r"], {1: torch.eye(HIDDEN)[:3]}, source="test")  # same name, other shape
+    batch.step({"a": (2, 1)})
+    out = eng.fetch("k", final=True)["a"]
+    # Scores only from the version the request started with, under that version's labels.
+    assert out["concepts"] == ["x", "y"] and out["layers"] == [0, 2] and out["positions"] == [0, 1]
+    assert out["shape"] == [2, 2, 2] and "replaced" in out["error"]
+    batch.add("b2", {"readout": "b", "plasticity_key": "k2"})  # a new request reads the new version
+    batch.step({"b2": (0, 1)})
+    assert eng.fetch("k2", final=True)["b2"]["concepts"] == ["p", "q", "r"]
+
+
+def test_the_tap_keeps_a_steered_stream_finite_and_leaves_other_tokens_alone():
+    buffers = TapBuffers(num_layers=1, hidden_size=HIDDEN, max_tokens=8, capacity=2, steer_rows=3,
+                         device=torch.device("cpu"))
+    buffers.steer[0, 1] = float("inf")  # what 1e39 became in the float32 buffer
+    buffers.steer[0, 2, 0] = float("nan")
+    buffers.steer_layers = frozenset({0})
+    buffers.steer_index[:4] = torch.tensor([0, 1, 2, 0])
+    residual = torch.randn(4, HIDDEN)
+    plain = residual[[0, 3]].clone()
+    buffers.tap(torch.zeros(4, HIDDEN), residual, 0)
+    assert torch.isfinite(residual).all()
+    assert torch.equal(residual[[0, 3]], plain)  # bitwise: unsteered rows are never touched

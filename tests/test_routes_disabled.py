@@ -56,10 +56,11 @@ def test_readout_and_steering_routes_are_off_without_a_vectors_dir():
     c = TestClient(app)
     auth = {"Authorization": "Bearer k"}
     calls = (("post", "/readout/load", {"name": "b", "path": "b"}), ("post", "/steering/default", {"steer": []}),
-             ("delete", "/readout/b", None), ("delete", "/steering/default", None))
-    for method, path, body in calls:
+             ("delete", "/readout/b", None), ("delete", "/steering/default", None), ("get", "/readout", None),
+             ("get", "/steering/default", None))
+    for method, path, body in calls:  # every readout route agrees: off without a vectors directory
         assert getattr(c, method)(path, **({"json": body} if body else {})).status_code == 401, path
         r = getattr(c, method)(path, headers=auth, **({"json": body} if body else {}))
-        assert r.status_code in (403, 404), (path, r.status_code)
+        assert r.status_code == 403 and "--vectors-dir" in r.json()["detail"], (path, r.status_code)
     r = c.post("/readout/load", headers=auth, json={"name": "b", "path": "b"})
     assert r.status_code == 403 and "--vectors-dir" in r.json()["detail"]

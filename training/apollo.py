@@ -31,7 +31,7 @@ import math
 
 import torch
 
-__all__ = ["Apollo", "NonFiniteGradientError", "add_stochastic_", "projection_matrix",
+__all__ = ["Apollo", "NonFiniteGradientError", "NonFiniteUpdateError", "add_stochastic_", "projection_matrix",
            "uses_projection", "flatten_state", "unflatten_state", "MINI_SCALE"]
 
 # APOLLO-Mini's scale alpha. Adam-normalised entries have magnitude ~1, so the rank-r
@@ -47,6 +47,11 @@ _DTYPES = (torch.float32, torch.float64) + _LOW_PRECISION
 
 class NonFiniteGradientError(ValueError):
     """A gradient held NaN/Inf; the step was refused and nothing was modified."""
+
+
+class NonFiniteUpdateError(ValueError):
+    """An update would leave a NaN/Inf (or a value the dtype cannot hold) in a parameter; the step was
+    refused and nothing was modified."""
 
 
 def _stable_seed(*parts) -> int:
@@ -341,15 +346,40 @@ class Apollo(torch.optim.Optimizer):
             total = torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(p.grad, dtype=torch.float32).to(dev0) for _, p, _ in work]))
             clip = (self.grad_clip / (total + 1e-6)).clamp_(max=1.0)
+        # A finite gradient can still give a non-finite weight (a huge lr, an overflowing bf16 sum): every
+        # update is computed once on copies of the state and checked before any parameter is written, so a
+        # refused step leaves weights and state bitwise as they were without an undo copy of the model.
+        # The update is deterministic (projection and rounding seeds), so the real pass repeats it exactly.
+        bad = [name for name, p, group in work if not self._update_fits(name, p, group, clip)]
+        if bad:
+            raise NonFiniteUpdateError(f"the update would make {bad[:5]} non-finite: step refused, "
+                                       "parameters and optimizer state unchanged")
         for name, p, group in work:
             self._step_param(name, p, group, clip)
         return loss
 
+    def _fresh_state(self, p, group) -> dict:
+        return {k: torch.zeros(shape, dtype=dt, device=d) for k, (shape, dt, d) in self._state_spec(p, group).items()}
+
+    def _update_fits(self, name, p, group, clip) -> bool:
+        """Whether this step's update leaves `p` finite and inside its dtype's range (nothing is changed)."""
+        state = self.state[p]
+        trial = {k: v.clone() for k, v in state.items()} if state else self._fresh_state(p, group)
+        delta = self._delta(name, p, group, clip, trial)
+        new = p.to(torch.float32) + delta
+        return bool((new.abs() <= torch.finfo(p.dtype).max).all())  # False for NaN too
+
     def _step_param(self, name, p, group, clip):
         state = self.state[p]
         if not state:
-            state.update({k: torch.zeros(shape, dtype=dt, device=d)
-                          for k, (shape, dt, d) in self._state_spec(p, group).items()})
+            state.update(self._fresh_state(p, group))
+        delta = self._delta(name, p, group, clip, state)
+        t = int(state["step"])
+        gen = self._rounding_generator(p.device, name, t) if p.dtype in _LOW_PRECISION else None
+        add_stochastic_(p, delta, gen)
+
+    def _delta(self, name, p, group, clip, state) -> torch.Tensor:
+        """This step's fp32 update of `p`; advances `state` (step count, moments) in place."""
         grad = p.grad.to(torch.float32)  # may alias p.grad: never modified in place below
         if clip is not None:
             grad = grad * clip.to(grad.device)
@@ -375,5 +405,4 @@ class Apollo(torch.optim.Optimizer):
         delta = direction.mul_(-lr * alpha)  # direction is a fresh tensor
         if group["weight_decay"]:
             delta.add_(p, alpha=-lr * group["weight_decay"])
-        gen = self._rounding_generator(p.device, name, t) if p.dtype in _LOW_PRECISION else None
-        add_stochastic_(p, delta, gen)
+        return delta

@@ -31,6 +31,7 @@ from torch import Tensor
 
 VECTORS_FILE = "readout.safetensors"
 MANIFEST_FILE = "readout.json"
+BANK_FILES = (MANIFEST_FILE, VECTORS_FILE)  # every file load_bank opens
 UNIT_TOLERANCE = 1e-3  # |norm - 1| allowed on load (bf16 banks round to ~4e-3: stored fp32 here)
 
 
@@ -118,6 +119,13 @@ def load_bank(path: str | os.PathLike) -> Bank:
     if missing:
         raise BankError(f"{path / MANIFEST_FILE}: missing keys {missing}")
     concepts, layers, hidden = list(manifest["concepts"]), [int(L) for L in manifest["layers"]], int(manifest["hidden_size"])
+    if not concepts or not layers:
+        raise BankError(f"{path / MANIFEST_FILE}: an empty bank ({len(concepts)} concepts, {len(layers)} layers)")
+    if not all(isinstance(c, str) and c for c in concepts):
+        raise BankError(f"{path / MANIFEST_FILE}: concept names must be non-empty strings")
+    duplicates = sorted({c for c in concepts if concepts.count(c) > 1})
+    if duplicates:
+        raise BankError(f"{path / MANIFEST_FILE}: duplicate concept names {duplicates[:5]}")
     vectors = {}
     with safe_open(str(path / VECTORS_FILE), framework="pt") as f:
         extraction = json.loads((f.metadata() or {}).get("extraction", "{}"))

@@ -118,6 +118,10 @@ class CheckpointPathError(CheckpointError):
     """The target is outside the allowed root, is the served model's own directory, or is not ours."""
 
 
+class CheckpointNonFiniteError(CheckpointError):
+    """The weights hold NaN/Inf: a checkpoint of them would be a wreck, so nothing is written."""
+
+
 class CheckpointWriteError(CheckpointError):
     """The checkpoint directory could not be written (permissions, read-only file system, I/O error)."""
 
@@ -264,12 +268,23 @@ def _index_bytes(plans: list[FilePlan], tensors: Mapping[str, torch.Tensor]) -> 
 # ---- paths and small files ----------------------------------------------------------------------
 
 
+NAME_MAX, PATH_MAX = 255, 4095  # bytes, Linux
+
+
 def _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir: bool) -> Path:
+    raw = os.fsencode(os.path.expanduser(os.fspath(target_dir)))
+    if len(raw) > PATH_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        raise CheckpointPathError(f"checkpoint path {os.fsdecode(raw[:80])!r}... is longer than the filesystem "
+                                  f"allows ({NAME_MAX} bytes a name, {PATH_MAX} in all)")
     target = Path(target_dir).expanduser().resolve()
     if allowed_root is not None:
         root = Path(allowed_root).expanduser().resolve()
         if target != root and root not in target.parents:
             raise CheckpointPathError(f"checkpoint directory {target} is outside the allowed root {root}")
+    for parent in target.parents:  # never a checkpoint inside another's generation (or the other itself)
+        if _is_checkpoint(parent):
+            raise CheckpointPathError(f"checkpoint directory {target} is inside the checkpoint {parent}; "
+                                      "give a name of its own")
     source = Path(source_model_dir).expanduser().resolve()
     if (target == source or source in target.parents) and not allow_model_dir:
         raise CheckpointPathError(
@@ -281,6 +296,11 @@ def _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir: b
             raise CheckpointPathError(f"{target} is a non-empty directory that is not a plasticity checkpoint "
                                       f"(no {CURRENT!r}, {GENERATIONS[0]!r} or {GENERATIONS[1]!r})")
     return target
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint directory (a `current` link beside a generation) or one of its generations."""
+    return ((path / CURRENT).is_symlink() and any((path / g).is_dir() for g in GENERATIONS)) or (path / MANIFEST).exists()
 
 
 def _read_source_files(source_model_dir) -> tuple[dict[str, bytes], list[str]]:
@@ -653,6 +673,10 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
     if block_size < 512 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 512, not {block_size}")
     target = _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir)
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointNonFiniteError(f"the weights hold NaN/Inf in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                                       "nothing was written and the previous checkpoint is intact")
     plans = plan_layout(tensors, block_size, max_shard_bytes)
     index = _index_bytes(plans, tensors)
     small, warnings = _read_source_files(source_model_dir)

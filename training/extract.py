@@ -30,6 +30,19 @@ from plasticity_training.methods import METHODS, TRAJECTORY_METHODS, get_method
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+AUTO_RANK_MAX = 64
+
+
+def auto_subspace_rank(hidden_size: int) -> int:
+    """The subspace method's default rank per text: a quarter of the hidden size, at most 64.
+
+    At full rank a text of at least `hidden` tokens spans the whole space (its projector is the identity)
+    and carries no contrast, so the method needs a rank below hidden to work on any corpus; 64 bounds the
+    bases' memory (texts x rank x hidden floats) on large models.
+    """
+    return max(1, min(AUTO_RANK_MAX, hidden_size // 4))
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractOptions:
     out: str  # bank directory (created; our files in it are replaced)
@@ -48,7 +61,7 @@ class ExtractOptions:
     min_positives: int = 1  # preflight: each emotion needs this many non-empty texts
     C: float = 1.0  # logistic / logistic_l1: inverse regularization strength
     subspace_k: int = 5  # subspace: eigenvectors summed
-    subspace_rank: int | None = None  # subspace: singular vectors kept per text; None = full rank
+    subspace_rank: int | None = None  # subspace: singular vectors kept per text; None = auto_subspace_rank(hidden)
     report: bool = False  # write quality.json, summary.txt and PNGs
     loso: bool = True  # include leave-one-story-out accuracy in the report
     progress: bool = True  # tqdm bars with ETA on stderr
@@ -94,9 +107,15 @@ def run(options: ExtractOptions, log=None) -> Path:
     depth = ", ".join(f"{L} ({L / max(1, source.num_layers - 1):.0%})" for L in layers)
     log(f"[extract] model {source.model_name}: {source.num_layers} layers, hidden {source.hidden_size}; layers {depth}")
 
+    rank = options.subspace_rank
+    if options.method in TRAJECTORY_METHODS and rank is None:
+        rank = auto_subspace_rank(source.hidden_size)
+        options = dataclasses.replace(options, subspace_rank=rank)  # recorded with the bank's settings
+        log(f"[extract] subspace rank {rank} (auto: hidden/4, at most {AUTO_RANK_MAX}; --subspace-rank to change)")
+
     t1 = time.monotonic()
     acts = source.collect([t.text for t in corpus.texts], layers, skip_tokens=options.skip_tokens,
-                          bases=options.method in TRAJECTORY_METHODS, subspace_rank=options.subspace_rank,
+                          bases=options.method in TRAJECTORY_METHODS, subspace_rank=rank,
                           heads=options.report, progress=options.progress)
     forward_s = time.monotonic() - t1
     log(f"[extract] forwarded {len(corpus.texts)} texts ({sum(acts.n_tokens)} tokens) in {forward_s:.1f}s"
@@ -177,9 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subspace: eigenvectors of M_pos - M_neg summed, weighted by eigenvalue, negative "
                         "weights clamped to zero (default: %(default)s)")
     m.add_argument("--subspace-rank", type=int, default=d.subspace_rank, metavar="R",
-                   help="subspace: right singular vectors kept per text (default: full rank, min(tokens, "
-                        "hidden); texts longer than hidden then carry no contrast, so set R below hidden for "
-                        "small models)")
+                   help="subspace: right singular vectors kept per text (default: hidden/4, at most "
+                        f"{AUTO_RANK_MAX}; at R >= hidden a text longer than hidden carries no contrast)")
     m.add_argument("--min-positives", type=int, default=d.min_positives, metavar="N",
                    help="preflight: every emotion needs at least N non-empty texts (default: %(default)s)")
     run_ = p.add_argument_group("running")

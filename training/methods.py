@@ -16,7 +16,7 @@ Methods:
     logistic     steering-vectors' logistic_aggregator (L2, scikit-learn) on the same pairs, scaled so that
                  the deltas' RMS entry is 1 (C then means the same on every model and layer).
     logistic_l1  the same with an L1 penalty (scikit-learn liblinear): sparse, noise coordinates go to zero.
-    subspace     per-text right singular vectors of the token trajectory (full rank by default);
+    subspace     per-text right singular vectors of the token trajectory (rank hidden/4, at most 64, by default);
                  M = mean_pos V_i^T V_i - mean_neg V_i^T V_i; the top-k eigenvectors of M, each weighted by its
                  eigenvalue (negative weights clamped to zero) and oriented towards mean(pos) - mean(neg).
                  eigh runs wherever the negatives' projector lives (the GPU when there is one).

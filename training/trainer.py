@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from plasticity_training import checkpoint as ckpt
-from plasticity_training.apollo import Apollo, NonFiniteGradientError, flatten_state, unflatten_state
+from plasticity_training.apollo import Apollo, NonFiniteGradientError, NonFiniteUpdateError, flatten_state, unflatten_state
 from plasticity_training.hf_view import build_hf_view, token_logprobs
 
 # Settings that fix the optimizer state's shapes: a job may not change them once state exists.
@@ -272,8 +272,8 @@ class TrainerCore:
             raise JobError(422, f"non-finite loss ({loss.item()}); step rejected, weights unchanged")
         loss.backward()
         try:
-            self.optimizer.step()  # checks every gradient before it touches any weight
-        except NonFiniteGradientError as exc:
+            self.optimizer.step()  # checks every gradient and every updated value before it touches any weight
+        except (NonFiniteGradientError, NonFiniteUpdateError) as exc:
             self.optimizer.zero_grad(set_to_none=True)
             raise JobError(422, f"{exc}; step rejected, weights unchanged") from exc
         self.optimizer.zero_grad(set_to_none=True)
@@ -302,10 +302,14 @@ class TrainerCore:
             _atomic_write(self.state_dir / "optimizer.safetensors", lambda p: save_file(flat, str(p)))
         self.state.save(self.state_dir / "trainer_state.json")
 
-    def checkpoint(self, target: str, allowed_root: str, allow_model_dir: bool = False) -> dict:
-        """Write the live weights, trainer state and optimizer state as the next checkpoint generation."""
-        if self.job is not None:
-            raise JobError(409, "a training job is running in the trainer")
+    def checkpoint(self, target: str, allowed_root: str, allow_model_dir: bool = False, weight_version: int = 0) -> dict:
+        """Write the live weights, trainer state and optimizer state as the next checkpoint generation.
+
+        Allowed between two steps of a job (the server sends requests one at a time, so the weights are
+        those of one whole version). `weight_version` is the server's: a trainer restarted from older saved
+        state adopts it, so a checkpoint is never labelled with a version older than its weights.
+        """
+        self.state.weight_version = max(self.state.weight_version, weight_version)
         self.save_state()
         extra = {name: self.state_dir / name for name in ("trainer_state.json", "optimizer.safetensors")
                  if (self.state_dir / name).exists()}
@@ -347,7 +351,8 @@ class TrainerCore:
         if op == "logprobs":
             return {"logprobs": token_logprobs(self.model, msg["input_ids"])}
         if op == "checkpoint":
-            return self.checkpoint(msg["target"], msg["allowed_root"], bool(msg.get("allow_model_dir")))
+            return self.checkpoint(msg["target"], msg["allowed_root"], bool(msg.get("allow_model_dir")),
+                                   int(msg.get("weight_version") or 0))
         if op == "save_state":
             self.save_state()
             return self.status()
