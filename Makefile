@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: setup
-	PYTHONUNBUFFERED=1 $(PY) -m vllm_plasticity.demo
+	PYTHONUNBUFFERED=1 $(PY) -m plasticity_training.demo
 
 test: setup
 	APOLLO_TORCH_REF=$(VENV)/apollo_ref PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)

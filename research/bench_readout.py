@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from plasticity_training.bank import save_bank
+from vllm_plasticity.contract.bank import save_bank
 from plasticity_training.default_model import default_model_path
 
 
@@ -47,7 +47,7 @@ def child(args) -> None:
     from vllm.inputs import TokensPrompt
 
     from vllm_plasticity import ARCHITECTURES, WORKER_EXTENSION
-    from vllm_plasticity.cli import model_architecture
+    from plasticity_training.cli import model_architecture
 
     kwargs = dict(model=args.model, dtype="float32", max_model_len=512, max_num_seqs=args.requests, seed=0)
     plugin = args.child in ("untapped", "plasticity")

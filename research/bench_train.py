@@ -31,7 +31,7 @@ import torch
 
 from plasticity_training.apollo import Apollo
 from plasticity_training.default_model import default_model_path
-from plasticity_training.trainer import OPTIMIZER_DEFAULTS
+from vllm_plasticity.contract.settings import OptimizerSettings
 from vllm_plasticity.launcher import ServerProcess
 
 LR = 1e-4
@@ -53,12 +53,12 @@ def in_process_steps(model_dir: Path, samples: list[dict], steps: int) -> list[f
     """The baseline: a private HF model + APOLLO in this process, same loss as the trainer's."""
     import transformers
 
-    from plasticity_training.trainer import TrainerCore
+    from plasticity_training.trainer_core import TrainerCore
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     core = TrainerCore.__new__(TrainerCore)  # reuse the trainer's loss on a private (non-shared) model
     core.model, core.pad_id = model.eval(), model.config.pad_token_id or 0
-    opt = Apollo(list(model.named_parameters()), **{**OPTIMIZER_DEFAULTS, "lr": LR})
+    opt = Apollo(list(model.named_parameters()), **OptimizerSettings(lr=LR).model_dump())
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

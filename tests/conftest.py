@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from vllm_plasticity.launcher import ServerProcess
-from vllm_plasticity.weight_sharing import SHM_DIR, ARENA_PREFIX
+from vllm_plasticity.contract.weights import SHM_DIR, ARENA_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "plasticity-test-key"

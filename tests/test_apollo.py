@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from plasticity_training.apollo import (MINI_SCALE, Apollo, NonFiniteGradientError,
+from plasticity_training.apollo import (Apollo, NonFiniteGradientError,
                                         add_stochastic_, flatten_state, projection_matrix,
                                         unflatten_state, uses_projection)
 
@@ -101,10 +101,6 @@ def test_known_answer_matrix(shape, mini):
         p.grad = g
         opt.step()
         torch.testing.assert_close(p.double(), want, atol=1e-6, rtol=0)
-
-
-def test_mini_scale_is_papers():
-    assert MINI_SCALE == math.sqrt(128)
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 40)])  # 1-D, and a matrix with min dim <= rank

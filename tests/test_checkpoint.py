@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from plasticity_training import checkpoint as ck
+from plasticity_training import checkpoint_io as ck_io
 from plasticity_training.checkpoint import (CheckpointBusyError, CheckpointDiskFullError, CheckpointPathError,
                                             CheckpointWriteError, checkpoint_info, hf_tensors, load_checkpoint_state,
                                             plan_layout, sync_checkpoint)
@@ -279,8 +280,8 @@ def test_disk_full_keeps_the_previous_checkpoint_and_the_next_sync_recovers(tmp_
     src, ckpt = source_dir(tmp_path), tmp_path / "ck"
     old, new = _two_sets()
     sync_checkpoint(old, ckpt, src, extra_files={"s": b"old"}, seed_standby=(where != "full write"))
-    target = {"block write": (ck, "_pwrite_all"), "full write": (os, "posix_fallocate"),
-              "state file": (ck, "_write_small")}[where]
+    target = {"block write": (ck_io, "pwrite_all"), "full write": (os, "posix_fallocate"),
+              "state file": (ck, "write_small")}[where]
     calls = []
     real = getattr(*target)
 
@@ -316,7 +317,7 @@ def test_unwritable_target_and_busy_lock(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(ck, "_pwrite_all", denied)  # as root chmod does not bite: simulate EACCES
+    monkeypatch.setattr(ck_io, "pwrite_all", denied)  # as root chmod does not bite: simulate EACCES
     with pytest.raises(CheckpointWriteError, match="not writable"):
         sync_checkpoint(new, ckpt, src)
     monkeypatch.undo()

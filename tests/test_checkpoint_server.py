@@ -108,7 +108,7 @@ def test_qwen3_tied_model_trains_in_place(servers_restart, tmp_path):
     """The Qwen3 subclass with tied embeddings: served, shared, trained, and the view still matches."""
     from plasticity_training.default_model import ModelSpec, build_model, read_project_text
     from plasticity_training.hf_view import build_hf_view, token_logprobs
-    from vllm_plasticity.weight_sharing import WeightManifest, map_shared_weights
+    from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
 
     spec = ModelSpec(arch="qwen3", tie_word_embeddings=True, vocab_size=512, hidden_size=64, intermediate_size=128,
                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, train_steps=0)
@@ -130,7 +130,7 @@ def test_qwen3_tied_model_trains_in_place(servers_restart, tmp_path):
     assert max(abs(a - b) for a, b in zip(token_logprobs(view, ids), served)) <= 1e-5
 
     # Readout and steering on the Qwen3 layers (tapped after construction: no layer-type argument there).
-    from plasticity_training.bank import save_bank
+    from vllm_plasticity.contract.bank import save_bank
     from test_readout import hf_forward
 
     vectors = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(3)), dim=1)

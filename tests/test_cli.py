@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from vllm_plasticity import WORKER_EXTENSION
-from vllm_plasticity.cli import build_serve_command
+from plasticity_training.cli import build_serve_command
 
 
 def _model_dir(tmp_path, arch="LlamaForCausalLM"):
@@ -56,7 +56,7 @@ def test_serve_unknown_architecture_is_served_stock(tmp_path, capsys):
 
 
 def test_serve_help_explains_plasticity_flags(capsys):
-    from vllm_plasticity.cli import main
+    from plasticity_training.cli import main
 
     main(["serve", "--help"])
     out = capsys.readouterr().out

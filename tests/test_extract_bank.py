@@ -1,4 +1,4 @@
-"""The bank format (plasticity_training.bank): round trip, the readout definition, validation."""
+"""The bank format (vllm_plasticity.contract.bank): round trip, the readout definition, validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from plasticity_training.bank import BankError, load_bank, save_bank
+from vllm_plasticity.contract.bank import BankError, load_bank, save_bank
 
 CONCEPTS = ["afraid", "calm", "joyful"]
 
@@ -31,8 +31,6 @@ def test_round_trip(tmp_path):
     for L in (3, 7):
         assert bank.vectors[L].dtype == torch.float32 and bank.vectors[L].shape == (3, 16)
         assert torch.allclose(bank.vectors[L], torch.nn.functional.normalize(v[L], dim=1))
-    states = torch.randn(2, 5, 16)  # (batch, tokens, hidden)
-    assert torch.allclose(bank.scores(7, states), states @ bank.vectors[7].T)
     assert not list((tmp_path / "bank").glob("*.tmp"))  # atomic writes leave nothing behind
 
 

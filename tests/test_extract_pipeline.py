@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from plasticity_training.activations import HFSource, resolve_layers
-from plasticity_training.bank import load_bank
+from vllm_plasticity.contract.bank import load_bank
 from plasticity_training.corpus import load_corpus
 from plasticity_training.extract import ExtractOptions, build_parser, main, run
 from plasticity_training.methods import METHODS

@@ -79,7 +79,7 @@ def test_prompt_logprobs_match_stock_vllm(stock_reference, plasticity_server, de
 
 MUTATE = textwrap.dedent("""
     import json, sys, torch
-    from vllm_plasticity.weight_sharing import WeightManifest, map_shared_weights
+    from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
     manifest = WeightManifest.from_dict(json.load(open(sys.argv[1])))
     weights = map_shared_weights(manifest)
     w = weights["lm_head.weight"]

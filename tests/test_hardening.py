@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 
-from plasticity_training.bank import save_bank
+from vllm_plasticity.contract.bank import save_bank
 from tests.conftest import API_KEY, prompt_logprobs
 
 pytestmark = pytest.mark.server
@@ -208,7 +208,7 @@ def test_the_weight_version_never_goes_backwards_when_the_trainer_dies(plasticit
 # ---- 2. a checkpoint never holds a wreck ----------------------------------------------------------------
 
 def test_a_checkpoint_of_non_finite_weights_is_refused_and_the_previous_one_kept(plasticity_server):
-    from vllm_plasticity.weight_sharing import WeightManifest, map_shared_weights
+    from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
 
     server = plasticity_server
     assert post(server, "/checkpoint", {"path": "finite"}).status_code == 200

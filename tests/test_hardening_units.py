@@ -9,13 +9,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from plasticity_training.apollo import Apollo, NonFiniteUpdateError
-from plasticity_training.bank import BankError, load_bank, save_bank
+from vllm_plasticity.contract.bank import BankError, load_bank, save_bank
 from plasticity_training.checkpoint import CheckpointNonFiniteError, CheckpointPathError, resolve_checkpoint, sync_checkpoint
 
 
@@ -81,7 +80,7 @@ def test_empty_banks_and_duplicate_concepts_are_refused(tmp_path):
 
 def test_shm_files_of_a_dead_server_are_removed_and_live_ones_kept(tmp_path):
     from vllm_plasticity.shm_ledger import record_shm_files, sweep_dead_servers
-    from vllm_plasticity.weight_sharing import SHM_DIR
+    from vllm_plasticity.contract.weights import SHM_DIR
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)

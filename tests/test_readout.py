@@ -16,7 +16,7 @@ import requests
 import torch
 from openai import OpenAI
 
-from plasticity_training.bank import save_bank
+from vllm_plasticity.contract.bank import save_bank
 from tests.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -54,7 +54,7 @@ def load(server, name, path=None, **extra):
 def live_hf(server):
     """A Hugging Face model on views of the served weights (whatever training did to them)."""
     from plasticity_training.hf_view import build_hf_view
-    from vllm_plasticity.weight_sharing import WeightManifest, map_shared_weights
+    from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
 
     info = requests.get(server.url + "/plasticity/info", headers=AUTH, timeout=10).json()
     manifest = WeightManifest.from_dict(json.load(open(info["weight_manifest"])))
@@ -163,7 +163,7 @@ def test_streaming_readout_equals_the_non_streaming_one(plasticity_server, defau
     assert raw.tolist() == full["choices"][0]["readout"]["scores"] and packed["positions"] == positions_of(full)
     assert "".join(texts) == full["choices"][0]["text"]
     assert positions == full["choices"][0]["readout"]["positions"]
-    assert chunks_with_scores >= 7  # token by token, not all at the end
+    assert chunks_with_scores >= 4  # as tokens arrive, not all at the end (vLLM may coalesce two tokens in a chunk)
     diff = (torch.tensor(scores) - torch.tensor(full["choices"][0]["readout"]["scores"])).abs().max().item()
     assert diff <= TOL
 
@@ -337,8 +337,8 @@ def test_bad_banks_and_settings_get_a_4xx_with_a_reason_and_change_nothing(plast
         "symlink": ({"name": "o", "path": "escape/outside_bank"}, "outside the vectors directory"),
         "missing": ({"name": "m", "path": "no_such_bank"}, "no such bank"),
         "capacity": ({"name": "b", "path": "big"}, "capacity"),
-        "bad name": ({"name": "../x", "path": "wide"}, ""),
-        "layer not in bank": ({"name": "l", "path": "deep", "layers": [1]}, ""),
+        "bad name": ({"name": "../x", "path": "wide"}, "should match pattern"),
+        "layer not in bank": ({"name": "l", "path": "rand", "layers": [1]}, "not in the bank"),
     }
     for label, (body, reason) in bad_loads.items():
         r = post(server, "/readout/load", body)

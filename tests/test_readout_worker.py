@@ -135,3 +135,19 @@ def test_the_tap_keeps_a_steered_stream_finite_and_leaves_other_tokens_alone():
     buffers.tap(torch.zeros(4, HIDDEN), residual, 0)
     assert torch.isfinite(residual).all()
     assert torch.equal(residual[[0, 3]], plain)  # bitwise: unsteered rows are never touched
+
+
+def test_a_runner_with_another_batch_layout_is_refused_at_install_with_what_to_do():
+    class V2LikeRunner:  # what the engine reads is not there (vLLM 0.32's GPU default runner lays batches out otherwise)
+        requests: dict = {}
+
+        def _model_forward(self):
+            pass
+
+    buffers = TapBuffers(num_layers=1, hidden_size=HIDDEN, max_tokens=8, capacity=2, steer_rows=2,
+                         device=torch.device("cpu"))
+    runner = V2LikeRunner()
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0") as err:
+        ReadoutEngine(buffers, runner)
+    assert "input_batch.req_ids" in str(err.value)
+    assert runner._model_forward.__func__ is V2LikeRunner._model_forward  # nothing was wrapped

@@ -46,7 +46,7 @@ def test_enabled_training_without_shareable_weights_says_why():
 
 def test_readout_and_steering_routes_are_off_without_a_vectors_dir():
     from vllm_plasticity.endpoints import PlasticityEndpoints
-    from vllm_plasticity.readout_routes import ReadoutService
+    from vllm_plasticity.readout_service import ReadoutService
 
     app = FastAPI()
     PlasticityEndpoints().attach_router(app)

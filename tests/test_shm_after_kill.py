@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import SERVER_ARGS
 from vllm_plasticity.launcher import ServerProcess, _wait_group_gone
-from vllm_plasticity.weight_sharing import SHM_DIR
+from vllm_plasticity.contract.weights import SHM_DIR
 
 pytestmark = pytest.mark.server
 

@@ -8,7 +8,9 @@ import torch
 
 from plasticity_training.hf_view import build_hf_view, token_logprobs
 from tiny_models import TEXT, tiny, vllm_layout  # noqa: F401 (tiny is a fixture)
-from plasticity_training.trainer import JobError, TrainerCore, param_kind, select_params
+from plasticity_training.trainer_core import TrainerCore
+from vllm_plasticity.contract.messages import TrainerError
+from vllm_plasticity.contract.settings import param_kind, select_params
 
 
 
@@ -35,9 +37,9 @@ def test_param_kinds_and_filters(core):
     only_layer1_mlp = select_params(names, {"layers": [1, 1], "attention": False, "norms": False})
     assert only_layer1_mlp and all(n.startswith("model.layers.1.mlp.") for n in only_layer1_mlp)
     assert select_params(names, {"layers": [5, 9]}) == []
-    with pytest.raises(JobError) as err:
+    with pytest.raises(TrainerError) as err:
         core.begin_job([{"context_ids": [1, 2], "continuation_ids": [3]}], params={"layers": [5, 9]})
-    assert err.value.status == 400
+    assert err.value.kind == "invalid"
 
 
 def test_step_writes_through_views_only_selected_params(core):
@@ -73,9 +75,9 @@ def test_non_finite_loss_is_rejected_and_changes_nothing(core):
     core.weights["model.norm.weight"][0] = float("nan")  # poisons the forward, not a trained weight
     before = {k: v.clone() for k, v in core.weights.items()}
     core.begin_job([{"context_ids": [5, 6], "continuation_ids": [7]}], optimizer={"lr": 1e-2})
-    with pytest.raises(JobError) as err:
+    with pytest.raises(TrainerError) as err:
         core.step()
-    assert err.value.status == 422
+    assert err.value.kind == "rejected"
     for k, v in before.items():
         assert torch.equal(v, core.weights[k]) or (torch.isnan(v).any() and torch.equal(v.isnan(), core.weights[k].isnan()))
     assert core.state.weight_version == 0
@@ -96,9 +98,9 @@ def test_dedup_and_state_survive_a_restart(tiny, tmp_path):
     again.step()
     again.end_job()
     assert again.optimizer.named_state_dict()["model.layers.0.mlp.down_proj.weight"]["step"].item() == 2
-    with pytest.raises(JobError) as err:
+    with pytest.raises(TrainerError) as err:
         TrainerCore(tiny, weights, tmp_path / "s").begin_job([sample], optimizer={"rank": 8}, force=True)
-    assert err.value.status == 409
+    assert err.value.kind == "conflict"
 
 
 def test_qwen2_view_splits_fused_qkv_bias(tmp_path):

@@ -1,41 +1,28 @@
-"""The training subprocess: APOLLO steps on a Hugging Face view of vLLM's live weights, served over ZMQ.
+"""The trainer's logic without the socket: one Hugging Face view of the live weights, one APOLLO
+optimizer, one job at a time, driven step by step.
 
-Runs in its own process, started by the API server (vllm_plasticity.trainer_client) as
+Runs in the trainer subprocess (trainer.py answers the API server's requests with it); tests drive it
+directly on a private model. Requests arrive validated (contract.settings, contract.messages): the
+server checked token ids, lengths, settings and the parameter filter at the edge, so nothing here checks
+them again. A refusal raises contract.messages.TrainerError with its kind.
 
-    python -m plasticity_training.trainer --endpoint ipc:///.../trainer.sock --manifest weights.json \
-        --model-path MODEL --state-dir DIR
-
-It maps the worker's weights (weight manifest), builds the HF model on views of them (hf_view.py) and
-answers one JSON request at a time on a ZMQ REP socket. A job is driven step by step by the server, so
-the server can pause generation, reset the prefix cache and report progress between steps:
-
-    {"op": "ping"}                                   -> {"ok": true, "pid", "weight_version", ...}
-    {"op": "begin_job", "samples": [...], "optimizer": {...}, "params": {...}, "force": false,
-     "context_mode": "masked"|"no_grad"}             -> {"ok", "samples", "tokens", "skipped_duplicates"}
-    {"op": "step"}                                   -> {"ok", "loss", "tokens", "weight_version", "seconds"}
-    {"op": "end_job", "success": true}               -> {"ok", "weight_version"}   (state saved here)
-    {"op": "logprobs", "input_ids": [...]}           -> {"ok", "logprobs": [...]}
-    {"op": "checkpoint", "target": DIR, "allowed_root": DIR, "allow_model_dir": false}
-                                                     -> {"ok", "path", "bytes_written", "blocks_changed", ...}
-    {"op": "save_state"} / {"op": "shutdown"}
-Errors: {"ok": false, "status": 4xx/5xx, "error": "reason"}; a rejected step changes no weight.
-
-State files in --state-dir (written atomically: temp file, fsync, rename):
+State files in the state directory (each written atomically, contract.files):
     trainer_state.json        weight version, step and job counts, hashes of trained samples (dedup)
     optimizer.safetensors     APOLLO state keyed by parameter name ("<name>::<key>")
 Both are also saved inside every checkpoint (checkpoint.py), and restored from it when the served model
 is a checkpoint: weights and optimizer state then always come from the same moment.
+
+    >>> core = TrainerCore(model_dir, map_shared_weights(manifest), state_dir)
+    >>> core.begin_job([{"context_ids": [1, 2], "continuation_ids": [3]}], optimizer={"lr": 1e-4})
+    >>> core.step(); core.end_job()
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -43,72 +30,15 @@ import torch
 
 from plasticity_training import checkpoint as ckpt
 from plasticity_training.apollo import Apollo, NonFiniteGradientError, NonFiniteUpdateError, flatten_state, unflatten_state
-from plasticity_training.hf_view import build_hf_view, token_logprobs
-
-# Settings that fix the optimizer state's shapes: a job may not change them once state exists.
-SHAPE_SETTINGS = ("rank", "mini")
-OPTIMIZER_DEFAULTS = dict(lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, warmup_steps=0, rank=64,
-                          scale=1.0, proj_refresh=200, norm_growth_limit=1.01, mini=False, grad_clip=1.0)
-PARAM_KINDS = ("attention", "mlp", "embeddings", "norms")
-
-
-class JobError(Exception):
-    """A request the trainer refuses; `status` is the HTTP status the server answers with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+from plasticity_training.hf_view import build_hf_view
+from vllm_plasticity.contract.files import write_atomically, write_file_atomically
+from vllm_plasticity.contract.messages import TrainerError
+from vllm_plasticity.contract.settings import ContextMode, OptimizerSettings, ParamsFilter, select_params
 
 
 def sample_hash(context_ids: list[int], continuation_ids: list[int]) -> str:
     blob = json.dumps([context_ids, continuation_ids], separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def param_kind(hf_name: str) -> str:
-    """attention, mlp, embeddings or norms, for an HF Llama/Qwen parameter name."""
-    if "embed_tokens" in hf_name or hf_name.startswith("lm_head"):
-        return "embeddings"
-    if "norm" in hf_name:  # input/post-attention norms, q_norm/k_norm, the final norm
-        return "norms"
-    if ".self_attn." in hf_name:
-        return "attention"
-    if ".mlp." in hf_name:
-        return "mlp"
-    raise ValueError(f"unclassified parameter {hf_name!r}")
-
-
-def layer_index(hf_name: str) -> int | None:
-    parts = hf_name.split(".")
-    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] else None
-
-
-def select_params(names: list[str], spec: dict) -> list[str]:
-    """The parameter names a `params` filter selects.
-
-    spec: {"layers": [first, last] (inclusive) or null, "attention": bool, "mlp": bool,
-    "embeddings": bool, "norms": bool}; everything by default. With a layer range only parameters
-    inside those decoder layers are candidates (embeddings and the final norm are outside any layer).
-    """
-    layers = spec.get("layers")
-    chosen = []
-    for name in names:
-        if not spec.get(param_kind(name), True):
-            continue
-        if layers is not None:
-            idx = layer_index(name)
-            if idx is None or not layers[0] <= idx <= layers[1]:
-                continue
-        chosen.append(name)
-    return chosen
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass
@@ -126,7 +56,7 @@ class TrainerState:
         return cls(**json.loads(path.read_text())) if path.exists() else cls()
 
     def save(self, path: Path) -> None:
-        _atomic_write(path, lambda p: p.write_text(json.dumps(dataclasses.asdict(self))))
+        write_atomically(path, json.dumps(dataclasses.asdict(self)))
 
 
 class TrainerCore:
@@ -144,6 +74,7 @@ class TrainerCore:
         self.state = TrainerState.load(self.state_dir / "trainer_state.json")
         self.trained = set(self.state.trained)
         self.optimizer: Apollo | None = None
+        self.checkpoint_buffers = ckpt.BufferPool()  # a sync's window buffers, kept for the next one
         self.job: dict | None = None
 
     def _restore_from_checkpoint(self) -> str | None:
@@ -165,18 +96,18 @@ class TrainerCore:
             if path.exists():
                 os.replace(path, path.with_name(name + ".before-restore"))
             if name in files:
-                _atomic_write(path, lambda p, data=files[name]: p.write_bytes(data))
-        _atomic_write(marker, lambda p: p.write_text(json.dumps({"generation": generation})))
+                write_atomically(path, files[name])
+        write_atomically(marker, json.dumps({"generation": generation}))
         return generation
 
     # ---- optimizer ---------------------------------------------------------------------------
-    def _ensure_optimizer(self, settings: dict) -> Apollo:
-        shape = {k: settings[k] for k in SHAPE_SETTINGS}
+    def _ensure_optimizer(self, opt: OptimizerSettings) -> Apollo:
+        shape, settings = opt.shape(), opt.model_dump()
         saved = self.state.optimizer_settings
         if self.optimizer is None:
             if saved is not None and saved != shape:
-                raise JobError(409, f"optimizer state exists with {saved}; this job asks {shape} "
-                                    "(rank and mini are fixed once state exists)")
+                raise TrainerError("conflict", f"optimizer state exists with {saved}; this job asks {shape} "
+                                               "(rank and mini are fixed once state exists)")
             self.optimizer = Apollo(list(self.named.items()), **settings)
             path = self.state_dir / "optimizer.safetensors"
             if path.exists():
@@ -185,8 +116,8 @@ class TrainerCore:
                 self.optimizer.load_named_state_dict(unflatten_state(load_file(path)))
             self.state.optimizer_settings = shape
         elif saved != shape:
-            raise JobError(409, f"optimizer state exists with {saved}; this job asks {shape} "
-                                "(rank and mini are fixed once state exists)")
+            raise TrainerError("conflict", f"optimizer state exists with {saved}; this job asks {shape} "
+                                           "(rank and mini are fixed once state exists)")
         else:
             for group in self.optimizer.param_groups:  # per-job settings: lr, betas, ...
                 group.update({k: v for k, v in settings.items() if k not in ("grad_clip", "seed")})
@@ -194,30 +125,21 @@ class TrainerCore:
         return self.optimizer
 
     # ---- jobs ------------------------------------------------------------------------------------
-    def begin_job(self, samples: list[dict], optimizer: dict | None = None, params: dict | None = None,
-                  force: bool = False, context_mode: str = "masked", weight_version: int = 0) -> dict:
+    def begin_job(self, samples: list[dict], optimizer: OptimizerSettings | dict | None = None,
+                  params: ParamsFilter | dict | None = None, force: bool = False, context_mode: ContextMode = "masked",
+                  weight_version: int = 0) -> dict:
+        """Open a job: choose the parameters that train, build or reuse the optimizer, drop samples trained
+        on before (unless `force`). Samples are {"context_ids", "continuation_ids"} dicts."""
         if self.job is not None:
-            raise JobError(409, "a job is already running in the trainer")
-        if context_mode not in ("masked", "no_grad"):
-            raise JobError(400, f"context_mode must be 'masked' or 'no_grad', not {context_mode!r}")
-        max_len = self.model.config.max_position_embeddings
-        for i, s in enumerate(samples):
-            ids = s["context_ids"] + s["continuation_ids"]
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise JobError(400, f"samples[{i}]: token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-            if len(ids) > max_len:
-                raise JobError(400, f"samples[{i}]: {len(ids)} tokens exceed the model's maximum length {max_len}")
+            raise TrainerError("conflict", "a job is already running in the trainer")
+        optimizer = optimizer if isinstance(optimizer, OptimizerSettings) else OptimizerSettings(**(optimizer or {}))
+        params = params if isinstance(params, ParamsFilter) else ParamsFilter(**(params or {}))
         # A trainer killed mid-job stepped past its last saved version: never count backwards.
         self.state.weight_version = max(self.state.weight_version, weight_version)
-        selected = select_params(list(self.named), params or {})
+        selected = select_params(list(self.named), params)
         if not selected:
-            raise JobError(400, f"the params filter {params} selects no parameter")
-        settings = {**OPTIMIZER_DEFAULTS, **(optimizer or {})}
-        try:
-            self._ensure_optimizer(settings)
-        except ValueError as exc:  # Apollo's own validation
-            raise JobError(400, str(exc)) from exc
+            raise TrainerError("invalid", f"the params filter {params.model_dump()} selects no parameter")
+        self._ensure_optimizer(optimizer)
 
         hashes = [sample_hash(s["context_ids"], s["continuation_ids"]) for s in samples]
         keep = [s for s, h in zip(samples, hashes) if force or h not in self.trained]
@@ -262,20 +184,20 @@ class TrainerCore:
     def step(self) -> dict:
         """One forward/backward/APOLLO step on the job's samples, applied in place to vLLM's weights."""
         if self.job is None:
-            raise JobError(409, "no job: send begin_job first")
+            raise TrainerError("conflict", "no job: send begin_job first")
         if not self.job["samples"]:
             return {"loss": None, "tokens": 0, "weight_version": self.state.weight_version, "seconds": 0.0}
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(self.job["samples"], self.job["context_mode"])
         if not torch.isfinite(loss):
-            raise JobError(422, f"non-finite loss ({loss.item()}); step rejected, weights unchanged")
+            raise TrainerError("rejected", f"non-finite loss ({loss.item()}); step rejected, weights unchanged")
         loss.backward()
         try:
             self.optimizer.step()  # checks every gradient and every updated value before it touches any weight
         except (NonFiniteGradientError, NonFiniteUpdateError) as exc:
             self.optimizer.zero_grad(set_to_none=True)
-            raise JobError(422, f"{exc}; step rejected, weights unchanged") from exc
+            raise TrainerError("rejected", f"{exc}; step rejected, weights unchanged") from exc
         self.optimizer.zero_grad(set_to_none=True)
         self.state.weight_version += 1
         self.state.total_steps += 1
@@ -294,12 +216,19 @@ class TrainerCore:
         self.save_state()
         return {"weight_version": self.state.weight_version}
 
+    def shutdown(self) -> None:
+        """Before the process exits: an open job ends unrecorded, and all state is saved."""
+        if self.job is not None:
+            self.end_job(success=False)
+        else:
+            self.save_state()
+
     def save_state(self) -> None:
         if self.optimizer is not None:
             from safetensors.torch import save_file
 
             flat = {k: v.contiguous().cpu() for k, v in flatten_state(self.optimizer.named_state_dict()).items()}
-            _atomic_write(self.state_dir / "optimizer.safetensors", lambda p: save_file(flat, str(p)))
+            write_file_atomically(self.state_dir / "optimizer.safetensors", lambda p: save_file(flat, str(p)))
         self.state.save(self.state_dir / "trainer_state.json")
 
     def checkpoint(self, target: str, allowed_root: str, allow_model_dir: bool = False, weight_version: int = 0) -> dict:
@@ -315,15 +244,16 @@ class TrainerCore:
                  if (self.state_dir / name).exists()}
         try:
             report = ckpt.sync_checkpoint(ckpt.hf_tensors(self.model), target, self.model_path, extra_files=extra,
+                                          buffers=self.checkpoint_buffers,
                                           allowed_root=allowed_root, allow_model_dir=allow_model_dir)
         except ckpt.CheckpointPathError as exc:
-            raise JobError(400, str(exc)) from exc
+            raise TrainerError("invalid", str(exc)) from exc
         except ckpt.CheckpointBusyError as exc:
-            raise JobError(409, str(exc)) from exc
+            raise TrainerError("conflict", str(exc)) from exc
         except ckpt.CheckpointDiskFullError as exc:
-            raise JobError(507, str(exc)) from exc
+            raise TrainerError("disk_full", str(exc)) from exc
         except ckpt.CheckpointError as exc:
-            raise JobError(500, str(exc)) from exc
+            raise TrainerError("internal", str(exc)) from exc
         self.state.checkpoints += 1
         self.state.save(self.state_dir / "trainer_state.json")
         return {"path": str(report.path), "generation": report.generation, "bytes_written": report.bytes_written,
@@ -336,94 +266,3 @@ class TrainerCore:
                 "total_jobs": self.state.total_jobs, "trained_samples": len(self.trained),
                 "optimizer_state_bytes": self.optimizer.state_bytes() if self.optimizer else 0,
                 "restored_from": self.restored_from}
-
-    def handle(self, msg: dict) -> dict:
-        op = msg.get("op")
-        if op == "ping":
-            return self.status()
-        if op == "begin_job":
-            return self.begin_job(msg["samples"], msg.get("optimizer"), msg.get("params"), bool(msg.get("force")),
-                                  msg.get("context_mode", "masked"), int(msg.get("weight_version") or 0))
-        if op == "step":
-            return self.step()
-        if op == "end_job":
-            return self.end_job(bool(msg.get("success", True)))
-        if op == "logprobs":
-            return {"logprobs": token_logprobs(self.model, msg["input_ids"])}
-        if op == "checkpoint":
-            return self.checkpoint(msg["target"], msg["allowed_root"], bool(msg.get("allow_model_dir")),
-                                   int(msg.get("weight_version") or 0))
-        if op == "save_state":
-            self.save_state()
-            return self.status()
-        raise JobError(400, f"unknown op {op!r}")
-
-
-def serve(core: TrainerCore, endpoint: str) -> None:
-    """Answer requests on `endpoint` until a shutdown request (or the parent disappears)."""
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.REP)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(endpoint)
-    parent = os.getppid()
-    try:
-        while True:
-            if not sock.poll(1000):
-                if os.getppid() != parent:  # the API server died: do not linger as an orphan
-                    return
-                continue
-            msg = json.loads(sock.recv())
-            if msg.get("op") == "shutdown":
-                if core.job is not None:
-                    core.end_job(success=False)
-                core.save_state()
-                sock.send(json.dumps({"ok": True}).encode())
-                return
-            try:
-                reply = {"ok": True, **core.handle(msg)}
-            except JobError as exc:
-                reply = {"ok": False, "status": exc.status, "error": str(exc)}
-            except torch.OutOfMemoryError as exc:  # mostly in forward/backward, before any weight changes
-                if core.optimizer is not None:
-                    core.optimizer.zero_grad(set_to_none=True)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                reply = {"ok": False, "status": 507, "error": "the trainer ran out of memory next to vLLM "
-                         f"({str(exc).splitlines()[0]}); lower vLLM's --gpu-memory-utilization, train fewer "
-                         "parameters (params filter), use APOLLO-Mini, or send shorter samples"}
-            except Exception as exc:  # a bug or an unexpected state: report it, keep serving
-                if core.job is not None and msg.get("op") == "step":
-                    core.job = None
-                reply = {"ok": False, "status": 500, "error": f"{type(exc).__name__}: {exc}"}
-            sock.send(json.dumps(reply, allow_nan=True).encode())
-    finally:
-        sock.close()
-        ctx.term()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="plasticity trainer subprocess (started by the plugin)")
-    parser.add_argument("--endpoint", required=True, help="ZMQ endpoint to bind, e.g. ipc:///tmp/x.sock")
-    parser.add_argument("--manifest", required=True, help="weight manifest JSON written by the API server")
-    parser.add_argument("--model-path", required=True, help="the served model's directory (config.json)")
-    parser.add_argument("--state-dir", required=True)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: half the cores; the rest serve vLLM)")
-    args = parser.parse_args(argv)
-    # On CPU the trainer shares cores with vLLM's worker. An OpenMP pool as large as the machine spins
-    # against the worker's threads and a 20 ms step took 10-25 s on 2 cores under load; half the cores
-    # (1 of 2 here) keeps steps in milliseconds.
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
-    from vllm_plasticity.weight_sharing import WeightManifest, map_shared_weights
-
-    manifest = WeightManifest.from_dict(json.loads(Path(args.manifest).read_text()))
-    core = TrainerCore(args.model_path, map_shared_weights(manifest), args.state_dir)
-    print(f"[trainer] pid {os.getpid()} ready: {len(core.named)} parameters, weight version "
-          f"{core.state.weight_version}", file=sys.stderr, flush=True)
-    serve(core, args.endpoint)
-
-
-if __name__ == "__main__":
-    main()

@@ -62,17 +62,11 @@ Usage:
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import dataclasses
 import errno
 import fcntl
 import json
-import mmap
 import os
-import shutil
-import struct
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -80,17 +74,19 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from plasticity_training.checkpoint_io import (
+    TMP_SUFFIX, BufferPool, Stats, copy_file, diff_write, fsync_dir, full_write, same_layout, unlink, write_small)
+from plasticity_training.checkpoint_layout import BLOCK_SIZE, MAX_SHARD_BYTES, FilePlan, index_bytes, plan_layout
+from vllm_plasticity.contract.files import is_inside
+
 FORMAT = "plasticity.checkpoint/1"
-BLOCK_SIZE = 4096
 WINDOW_BYTES = 8 << 20  # compare/write granularity: two buffers of this size
-MAX_SHARD_BYTES = 5 << 30
 CURRENT = "current"
 GENERATIONS = ("gen-a", "gen-b")
 STATE_DIR = "plasticity_state"
 MANIFEST = "plasticity_checkpoint.json"
 INDEX = "model.safetensors.index.json"
 LOCK = ".lock"
-TMP_SUFFIX = ".plasticity-tmp"
 # Copied from the served model's directory when present. Weights (*.safetensors, *.bin) never are.
 SOURCE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -98,17 +94,6 @@ SOURCE_FILES = (
     "chat_template.jinja", "chat_template.json", "plasticity_spec.json",
 )
 MAX_SOURCE_FILE_BYTES = 64 << 20
-
-_ST_DTYPE = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
-    if isinstance(getattr(torch, _name, None), torch.dtype):
-        _ST_DTYPE[getattr(torch, _name)] = _code
-
 
 class CheckpointError(RuntimeError):
     """A sync was refused or failed. Unless the message says otherwise the previous checkpoint is intact."""
@@ -175,96 +160,6 @@ def hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@dataclasses.dataclass
-class _Segment:
-    start: int  # byte offset in the file
-    end: int
-    data: torch.Tensor  # flat uint8, end - start bytes (may live on the GPU)
-
-
-@dataclasses.dataclass
-class FilePlan:
-    """One safetensors file: its name, exact header bytes and where every tensor's bytes go."""
-
-    name: str
-    header: bytes  # 8-byte little-endian length + JSON + space padding
-    size: int
-    tensors: list[str]
-    segments: list[_Segment]
-    ends: list[int] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.ends = [s.end for s in self.segments]
-
-
-def _byte_view(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().reshape(-1)  # a view when contiguous
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-
-
-def plan_layout(tensors: Mapping[str, torch.Tensor], block_size: int = BLOCK_SIZE,
-                max_shard_bytes: int = MAX_SHARD_BYTES) -> list[FilePlan]:
-    """The deterministic file layout for `tensors`: same names, dtypes and shapes -> same bytes offsets.
-
-    Shards are filled greedily in name order (one file below `max_shard_bytes`). Inside a file tensors
-    are sorted by element size (largest first, so every tensor is aligned to its element size) then name,
-    and the header is padded with spaces so tensor data starts on a block boundary.
-    """
-    if not tensors:
-        raise ValueError("no tensors to checkpoint")
-    for name, t in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"Invalid tensor name: {name!r}")
-        if t.dtype not in _ST_DTYPE:
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if groups[-1] and used + nbytes > max_shard_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += nbytes
-    n = len(groups)
-    align = min(block_size, 1 << 16)
-    plans = []
-    for i, group in enumerate(groups):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        order = sorted(group, key=lambda k: (-tensors[k].element_size(), k))
-        meta: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name in order:
-            t = tensors[name]
-            nbytes = t.numel() * t.element_size()
-            meta[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        body = json.dumps(meta, separators=(",", ":")).encode()
-        total = 8 + len(body)
-        body += b" " * (-total % align)
-        header = struct.pack("<Q", len(body)) + body
-        segments = [_Segment(0, len(header), torch.frombuffer(bytearray(header), dtype=torch.uint8))]
-        pos = len(header)
-        for name in order:
-            t = tensors[name]
-            nbytes = t.numel() * t.element_size()
-            if nbytes:
-                if not t.is_contiguous():
-                    t = t.contiguous()
-                segments.append(_Segment(pos, pos + nbytes, _byte_view(t)))
-            pos += nbytes
-        plans.append(FilePlan(fname, header, pos, order, segments))
-    return plans
-
-
-def _index_bytes(plans: list[FilePlan], tensors: Mapping[str, torch.Tensor]) -> bytes:
-    weight_map = {name: p.name for p in plans for name in p.tensors}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    return (json.dumps(index, indent=2) + "\n").encode()
-
-
 # ---- paths and small files ----------------------------------------------------------------------
 
 
@@ -279,14 +174,14 @@ def _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir: b
     target = Path(target_dir).expanduser().resolve()
     if allowed_root is not None:
         root = Path(allowed_root).expanduser().resolve()
-        if target != root and root not in target.parents:
+        if not is_inside(target, root, allow_root=True):
             raise CheckpointPathError(f"checkpoint directory {target} is outside the allowed root {root}")
     for parent in target.parents:  # never a checkpoint inside another's generation (or the other itself)
         if _is_checkpoint(parent):
             raise CheckpointPathError(f"checkpoint directory {target} is inside the checkpoint {parent}; "
                                       "give a name of its own")
     source = Path(source_model_dir).expanduser().resolve()
-    if (target == source or source in target.parents) and not allow_model_dir:
+    if is_inside(target, source, allow_root=True) and not allow_model_dir:
         raise CheckpointPathError(
             f"checkpoint directory {target} is inside the served model's directory {source}; "
             "write checkpoints to a directory of their own, or pass allow_model_dir=True")
@@ -328,240 +223,7 @@ def _read_extra_files(extra_files: Mapping[str, bytes | str | os.PathLike]) -> d
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
-        if n == 0:
-            raise CheckpointError(f"unexpected end of file at byte {offset + got}")
-        got += n
-
-
-def _write_small(path: Path, data: bytes, stats: "_Stats") -> None:
-    """Write `data` to `path` (temp file, fsync, rename) unless it already holds exactly that."""
-    try:
-        if path.stat().st_size == len(data) and path.read_bytes() == data:
-            return
-    except FileNotFoundError:
-        pass
-    with _replacing(path) as fd:
-        _pwrite_all(fd, memoryview(data), 0)
-    stats.bytes_written += len(data)
-
-
-@contextlib.contextmanager
-def _replacing(path: Path):
-    """Yield the fd of a temporary file that, once the block succeeds, is fsynced and renamed over `path`;
-    on any failure it is removed and `path` is untouched."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        yield fd
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
 # ---- the sync -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Stats:
-    bytes_written: int = 0
-    weight_bytes_written: int = 0
-    bytes_read: int = 0
-    blocks_changed: int = 0
-    blocks_total: int = 0
-    full_rewrite: bool = False
-
-
-class _Buffers:
-    """Two window-sized byte buffers (live bytes, file bytes) seen as torch tensors and memoryviews."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        # Page-aligned (anonymous mmap), not bytearray: copies between the page cache and a buffer that is
-        # 16 bytes off a cache line ran 5x slower (1.8 vs 10 GB/s) on the AMD EPYC VM this was built on.
-        self.live_raw, self.file_raw = mmap.mmap(-1, size), mmap.mmap(-1, size)
-        self.live = torch.frombuffer(self.live_raw, dtype=torch.uint8)
-        self.file = torch.frombuffer(self.file_raw, dtype=torch.uint8)
-        self.live_mv, self.file_mv = memoryview(self.live_raw), memoryview(self.file_raw)
-
-
-_POOL_LOCK = threading.Lock()
-_POOL: list[_Buffers] = []  # one set kept between syncs: fresh pages cost more than the compare
-
-
-def _take_buffers(size: int) -> _Buffers:
-    with _POOL_LOCK:
-        if _POOL and _POOL[-1].size == size:
-            return _POOL.pop()
-    return _Buffers(size)
-
-
-def _give_back(bufs: _Buffers) -> None:
-    with _POOL_LOCK:
-        _POOL[:] = [bufs]
-
-
-def _fill(plan: FilePlan, pos: int, n: int, out: torch.Tensor) -> None:
-    """Copy the file bytes [pos, pos + n) of `plan` (header and live tensor bytes) into out[:n]."""
-    end = pos + n
-    i = bisect.bisect_right(plan.ends, pos)
-    while i < len(plan.segments) and plan.segments[i].start < end:
-        seg = plan.segments[i]
-        a, b = max(pos, seg.start), min(end, seg.end)
-        out[a - pos : b - pos].copy_(seg.data[a - seg.start : b - seg.start])
-        i += 1
-
-
-def _live_window(plan: FilePlan, pos: int, n: int, padded: int, bufs: _Buffers) -> tuple[torch.Tensor, memoryview]:
-    """The file bytes [pos, pos + padded) as live data: (uint8 tensor, memoryview of the same bytes).
-
-    A window inside one CPU tensor is that tensor's own memory (no copy); anything else (a window across
-    tensors, the zero-padded last block, a GPU tensor) is copied into the live buffer.
-    """
-    if n == padded:
-        i = bisect.bisect_right(plan.ends, pos)
-        if i < len(plan.segments):
-            seg = plan.segments[i]
-            if seg.start <= pos and pos + n <= seg.end and seg.data.device.type == "cpu":
-                view = seg.data[pos - seg.start : pos - seg.start + n]
-                if view.data_ptr() % 64 == 0:  # cache-line aligned, else the copy below is faster
-                    return view, memoryview(view.numpy())
-    _fill(plan, pos, n, bufs.live)
-    if padded > n:
-        bufs.live[n:padded].zero_()
-    return bufs.live[:padded], bufs.live_mv
-
-
-def _same_layout(path: Path, plan: FilePlan) -> bool:
-    try:
-        if path.stat().st_size != plan.size:
-            return False
-        with open(path, "rb") as f:
-            return f.read(len(plan.header)) == plan.header
-    except FileNotFoundError:
-        return False
-
-
-def _diff_write(path: Path, plan: FilePlan, bufs: _Buffers, block_size: int, stats: _Stats, progress) -> None:
-    """Bring `path` (same size and header as `plan`) to the live bytes, writing only differing blocks."""
-    window = bufs.size
-    fd = os.open(path, os.O_RDWR)
-    try:
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except (AttributeError, OSError):
-            pass
-        pos = 0
-        while pos < plan.size:
-            n = min(window, plan.size - pos)
-            nblocks = -(-n // block_size)
-            padded = nblocks * block_size
-            live, live_mv = _live_window(plan, pos, n, padded, bufs)
-            _pread_exact(fd, bufs.file_mv[:n], pos)
-            stats.bytes_read += n
-            if padded > n:  # the last, partial block: compare equal padding
-                bufs.file[n:padded].zero_()
-            a = live.view(torch.int64).view(nblocks, block_size // 8)
-            b = bufs.file[:padded].view(torch.int64).view(nblocks, block_size // 8)
-            changed = torch.nonzero((a != b).any(dim=1)).flatten()
-            stats.blocks_total += nblocks
-            if changed.numel():
-                stats.blocks_changed += changed.numel()
-                breaks = torch.nonzero(changed[1:] - changed[:-1] != 1).flatten() + 1
-                starts = torch.cat([changed[:1], changed[breaks]]).tolist()
-                ends = (torch.cat([changed[breaks - 1], changed[-1:]]) + 1).tolist()
-                for s, e in zip(starts, ends):
-                    lo, hi = s * block_size, min(e * block_size, n)
-                    _pwrite_all(fd, live_mv[lo:hi], pos + lo)
-                    stats.weight_bytes_written += hi - lo
-                    stats.bytes_written += hi - lo
-            pos += n
-            if progress is not None:
-                progress(pos)
-        os.fsync(fd)  # also when nothing differed: blocks a killed sync wrote may not be on disk yet
-    finally:
-        os.close(fd)
-
-
-def _full_write(path: Path, plan: FilePlan, bufs: _Buffers, block_size: int, stats: _Stats, progress) -> None:
-    """Write `plan` whole to a temporary file (space reserved first), fsync, rename over `path`."""
-    window = bufs.size
-    with _replacing(path) as fd:
-        try:
-            os.posix_fallocate(fd, 0, plan.size)  # ENOSPC here, before anything is written
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-        pos = 0
-        while pos < plan.size:
-            n = min(window, plan.size - pos)
-            _fill(plan, pos, n, bufs.live)
-            _pwrite_all(fd, bufs.live_mv[:n], pos)
-            pos += n
-            if progress is not None:
-                progress(pos)
-    blocks = -(-plan.size // block_size)
-    stats.blocks_total += blocks
-    stats.blocks_changed += blocks
-    stats.weight_bytes_written += plan.size
-    stats.bytes_written += plan.size
-    stats.full_rewrite = True
-
-
-def _copy_file(src: Path, dst: Path) -> int:
-    """Kernel-side copy (copy_file_range: no user-space buffer, a reflink where the FS can), fsynced."""
-    tmp = dst.with_name(dst.name + TMP_SUFFIX)
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            size = os.fstat(fi.fileno()).st_size
-            done = 0
-            try:
-                while done < size:
-                    n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
-                    if n == 0:
-                        break
-                    done += n
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                fi.seek(done)
-                fo.seek(done)
-                shutil.copyfileobj(fi, fo, 8 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-    except BaseException:
-        _unlink(tmp)
-        raise
-    os.replace(tmp, dst)
-    return size
 
 
 def _read_current(target: Path) -> str | None:
@@ -585,12 +247,13 @@ def _read_manifest(gen_dir: Path) -> dict | None:
 
 
 def _write_generation(gen_dir: Path, plans: list[FilePlan], index: bytes, small: dict[str, bytes],
-                      extras: dict[str, bytes], manifest: dict, block_size: int, stats: _Stats, progress) -> None:
+                      extras: dict[str, bytes], manifest: dict, block_size: int, stats: Stats, progress,
+                      pool: BufferPool) -> None:
     """Make `gen_dir` (not named by `current`) a complete, fsynced checkpoint of the live weights."""
     gen_dir.mkdir(exist_ok=True)
     state_dir = gen_dir / STATE_DIR
     # From here until the manifest is rewritten this generation is incomplete; `current` does not name it.
-    _unlink(gen_dir / MANIFEST)
+    unlink(gen_dir / MANIFEST)
     wanted = {p.name for p in plans} | {INDEX, MANIFEST} | set(small)
     for path in gen_dir.iterdir():  # leftovers of a killed sync, an older layout or dropped source files
         stale_weight = path.suffix == ".safetensors" and path.name not in wanted
@@ -603,36 +266,36 @@ def _write_generation(gen_dir: Path, plans: list[FilePlan], index: bytes, small:
             path.unlink()
 
     window = max(block_size, min(WINDOW_BYTES // block_size, -(-max(p.size for p in plans) // block_size)) * block_size)
-    bufs = _take_buffers(window)
+    bufs = pool.take(window)
     total, done = sum(p.size for p in plans), 0
     try:
         for plan in plans:
             path = gen_dir / plan.name
             report = None if progress is None else (lambda pos, base=done: progress(base + pos, total))
-            if _same_layout(path, plan):
-                _diff_write(path, plan, bufs, block_size, stats, report)
+            if same_layout(path, plan):
+                diff_write(path, plan, bufs, block_size, stats, report)
             else:
-                _full_write(path, plan, bufs, block_size, stats, report)
+                full_write(path, plan, bufs, block_size, stats, report)
             done += plan.size
     finally:
-        _give_back(bufs)
-    _write_small(gen_dir / INDEX, index, stats)
+        pool.give_back(bufs)
+    write_small(gen_dir / INDEX, index, stats)
     for name, data in small.items():
-        _write_small(gen_dir / name, data, stats)
+        write_small(gen_dir / name, data, stats)
     for name, data in extras.items():
-        _write_small(state_dir / name, data, stats)
-    _fsync_dir(state_dir)
-    _write_small(gen_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), stats)
-    _fsync_dir(gen_dir)
+        write_small(state_dir / name, data, stats)
+    fsync_dir(state_dir)
+    write_small(gen_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), stats)
+    fsync_dir(gen_dir)
 
 
 def _flip(target: Path, name: str) -> None:
     """Point `current` at generation `name`: a new symlink renamed over the old one (atomic)."""
     tmp = target / (CURRENT + TMP_SUFFIX)
-    _unlink(tmp)
+    unlink(tmp)
     os.symlink(name, tmp)
     os.replace(tmp, target / CURRENT)
-    _fsync_dir(target)
+    fsync_dir(target)
 
 
 def _wrap(exc: OSError, target: Path, committed: bool) -> CheckpointError:
@@ -652,7 +315,8 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
                     block_size: int = BLOCK_SIZE, *, allowed_root: str | os.PathLike | None = None,
                     allow_model_dir: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
                     seed_standby: bool = True,
-                    progress: Callable[[int, int], None] | None = None) -> SyncReport:
+                    progress: Callable[[int, int], None] | None = None,
+                    buffers: BufferPool | None = None) -> SyncReport:
     """Write `tensors` (HF name -> tensor, e.g. `hf_tensors(model)`) as the next checkpoint generation.
 
     target_dir: the checkpoint directory (created); load `<target_dir>/current`. It may not be, or be
@@ -665,6 +329,7 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
         and trainer state), so they change exactly when the weights do.
     block_size: diff granularity in bytes (a power of two, >= 512).
     progress: called as progress(bytes_done, bytes_total) over the weight files, per 8 MiB window.
+    buffers: a BufferPool kept by a caller that syncs repeatedly (its window buffers are reused).
 
     Raises CheckpointPathError, CheckpointBusyError, CheckpointDiskFullError, CheckpointWriteError
     (the previous checkpoint intact in every case) and ValueError for tensors safetensors cannot hold.
@@ -678,11 +343,11 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
         raise CheckpointNonFiniteError(f"the weights hold NaN/Inf in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
                                        "nothing was written and the previous checkpoint is intact")
     plans = plan_layout(tensors, block_size, max_shard_bytes)
-    index = _index_bytes(plans, tensors)
+    index = index_bytes(plans, tensors)
     small, warnings = _read_source_files(source_model_dir)
     extras = _read_extra_files(extra_files or {})
 
-    stats, committed = _Stats(), False
+    stats, committed = Stats(), False
     try:
         target.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(target / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -703,7 +368,8 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
             "state_files": sorted(extras), "source_files": sorted(small),
             "source_model_dir": str(Path(source_model_dir).resolve()),
         }
-        _write_generation(target / standby, plans, index, small, extras, manifest, block_size, stats, progress)
+        _write_generation(target / standby, plans, index, small, extras, manifest, block_size, stats, progress,
+                          buffers or BufferPool())
         _flip(target, standby)
         committed = True
         if live is None and seed_standby:  # first sync: make the other generation a copy, so the next diffs
@@ -711,13 +377,13 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
             try:
                 (other / STATE_DIR).mkdir(parents=True, exist_ok=True)
                 for plan in plans:
-                    stats.bytes_written += _copy_file(target / standby / plan.name, other / plan.name)
+                    stats.bytes_written += copy_file(target / standby / plan.name, other / plan.name)
                 for name, data in [(INDEX, index), *small.items()]:
-                    _write_small(other / name, data, stats)
+                    write_small(other / name, data, stats)
                 for name, data in extras.items():
-                    _write_small(other / STATE_DIR / name, data, stats)
-                _fsync_dir(other / STATE_DIR)
-                _fsync_dir(other)  # no manifest: never a complete generation until a sync writes one
+                    write_small(other / STATE_DIR / name, data, stats)
+                fsync_dir(other / STATE_DIR)
+                fsync_dir(other)  # no manifest: never a complete generation until a sync writes one
             except OSError as exc:
                 warnings.append(f"could not seed the standby generation {other} ({exc}); "
                                 "the next sync writes it in full")

@@ -26,74 +26,20 @@ import itertools
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
-
 from fastapi import HTTPException
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import Field, StrictBool, StrictInt, model_validator
 
 from vllm_plasticity.config import TrainLimits
+from vllm_plasticity.contract.files import is_inside
+from vllm_plasticity.contract.messages import BeginJob, Checkpoint, EndJob, Ping, Step, TrainerError
+from vllm_plasticity.contract.settings import ContextMode, OptimizerSettings, ParamsFilter, Sample, Strict, select_params
 from vllm_plasticity.trainer_client import TrainerClient, TrainerUnavailable
 
 MAX_STEPS = 1000  # the schema's ceiling; the server's own limit (PLASTICITY_TRAIN_MAX_STEPS) may be lower
 RECENT_JOBS = 50
-
-
-def _not_bool(value):
-    # pydantic reads JSON `true` as 1.0 for a float field: a boolean is never a number here.
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    return value
-
-
-Number = Annotated[float, BeforeValidator(_not_bool)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class Sample(Strict):
-    context_ids: list[StrictInt] = Field(min_length=1, description="conditioning tokens (no loss)")
-    continuation_ids: list[StrictInt] = Field(min_length=1, description="tokens the loss is on")
-
-
-class OptimizerSettings(Strict):
-    """APOLLO settings; omitted keys keep the trainer's defaults (see DESIGN.md). Numbers are JSON numbers
-    (never booleans) inside the documented bounds: an lr of 1e30 is refused, not tried on the live model."""
-
-    lr: Number | None = Field(None, gt=0, le=1.0)
-    betas: tuple[Number, Number] | None = None
-    eps: Number | None = Field(None, gt=0, le=1.0)
-    weight_decay: Number | None = Field(None, ge=0, le=1.0)
-    warmup_steps: StrictInt | None = Field(None, ge=0, le=100_000)
-    rank: StrictInt | None = Field(None, ge=1, le=4096)
-    scale: Number | None = Field(None, gt=0, le=1000.0)
-    proj_refresh: StrictInt | None = Field(None, ge=1, le=1_000_000)
-    norm_growth_limit: Number | None = Field(None, ge=1, le=1000.0)
-    mini: StrictBool | None = None
-    grad_clip: Number | None = Field(None, gt=0, le=1e6)
-
-    @model_validator(mode="after")
-    def _betas_in_range(self):
-        if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
-        return self
-
-
-class ParamsFilter(Strict):
-    """Which weights train: all by default; `layers` [first, last] limits to those decoder layers."""
-
-    layers: tuple[StrictInt, StrictInt] | None = None
-    attention: StrictBool = True
-    mlp: StrictBool = True
-    embeddings: StrictBool = True
-    norms: StrictBool = True
-
-    @model_validator(mode="after")
-    def _layer_range(self):
-        if self.layers is not None and not 0 <= self.layers[0] <= self.layers[1]:
-            raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
-        return self
+# The one place a trainer failure becomes an HTTP status (contract.messages.ErrorKind).
+HTTP_STATUS: dict[str, int] = {"invalid": 400, "conflict": 409, "rejected": 422, "out_of_memory": 507,
+                               "disk_full": 507, "internal": 500}
 
 
 class TrainRequest(Strict):
@@ -106,7 +52,7 @@ class TrainRequest(Strict):
     force: StrictBool = Field(False, description="train even on samples already trained on")
     wait: StrictBool = Field(True, description="answer when the job ends (false: answer with the job id at once)")
     pause: StrictBool = Field(False, description="pause generation around each optimizer step")
-    context_mode: Literal["masked", "no_grad"] = "masked"
+    context_mode: ContextMode = "masked"
 
     @model_validator(mode="after")
     def _one_form(self):
@@ -127,12 +73,10 @@ class CheckpointRequest(Strict):
 
 
 class TrainJob:
-    """One /train request's life: queued, running, then succeeded or failed."""
+    """One /train request's life: queued, running, then succeeded, failed, rejected or cancelled."""
 
-    _ids = itertools.count(1)
-
-    def __init__(self, request: TrainRequest) -> None:
-        self.id = f"train-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+    def __init__(self, request: TrainRequest, number: int) -> None:
+        self.id = f"train-{number}-{uuid.uuid4().hex[:6]}"
         self.request = request
         self.status = "queued"
         self.losses: list[float] = []
@@ -165,9 +109,11 @@ class TrainingService:
 
     def __init__(self, engine_client, trainer: TrainerClient, vocab_size: int, max_model_len: int,
                  checkpoint_dir: Path, quiet_seconds: float = 600.0, allow_model_dir: bool = False,
-                 limits: TrainLimits = TrainLimits()) -> None:
+                 limits: TrainLimits = TrainLimits(), param_names: list[str] = ()) -> None:
         self.engine_client, self.trainer = engine_client, trainer
         self.vocab_size, self.max_model_len, self.limits = vocab_size, max_model_len, limits
+        self.param_names = list(param_names)  # the served weights' names (weight manifest): filters are checked on them
+        self._job_numbers = itertools.count(1)
         self.checkpoint_dir, self.quiet_seconds, self.allow_model_dir = Path(checkpoint_dir), quiet_seconds, allow_model_dir
         self.trainer_lock = asyncio.Lock()  # a job or a checkpoint holds the trainer, never both
         self.checkpointed_version: int | None = None  # weight version of the last checkpoint
@@ -191,7 +137,7 @@ class TrainingService:
         try:
             await self.trainer.ensure_started()
             # The weights served at start are already on disk (the model, or the checkpoint served).
-            self.weight_version = self.checkpointed_version = (await self.trainer.request({"op": "ping"})).get("weight_version")
+            self.weight_version = self.checkpointed_version = (await self.trainer.request(Ping())).weight_version
         except Exception:  # reported through /train/status; the next job retries
             pass
 
@@ -219,6 +165,8 @@ class TrainingService:
         if queued >= lim.max_queued:
             raise HTTPException(429, f"{queued} jobs are already queued (PLASTICITY_TRAIN_MAX_QUEUED); "
                                      "retry when one has run, or cancel one with DELETE /train/{job_id}")
+        if self.param_names and not select_params(self.param_names, req.params):
+            raise HTTPException(400, f"the params filter {req.params.model_dump()} selects no parameter of this model")
         for i, s in enumerate(req.samples):
             ids = s.context_ids + s.continuation_ids
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -229,7 +177,7 @@ class TrainingService:
                                          f"more than the model's maximum length {self.max_model_len}")
 
     def submit(self, req: TrainRequest) -> TrainJob:
-        job = TrainJob(req)
+        job = TrainJob(req, next(self._job_numbers))
         self.jobs[job.id] = job
         while len(self.jobs) > RECENT_JOBS and next(iter(self.jobs.values())).done.is_set():
             self.jobs.popitem(last=False)
@@ -273,7 +221,7 @@ class TrainingService:
                 self.current = None
                 job.done.set()
 
-    async def _trainer_request(self, msg: dict) -> dict:
+    async def _trainer_request(self, msg: Strict):
         # One trainer request at a time, jobs' steps and checkpoints alike; a job takes the lock per
         # request, so a checkpoint or another client's status is answered between two steps of a long job.
         async with self.trainer_lock:
@@ -294,46 +242,40 @@ class TrainingService:
             return
         self.trainer.state = "busy"
         try:
-            begin = await self._trainer_request({
-                "op": "begin_job", "samples": [s.model_dump() for s in req.samples],
-                "optimizer": req.optimizer.model_dump(exclude_none=True), "params": req.params.model_dump(),
-                "force": req.force, "context_mode": req.context_mode,
-                "weight_version": self.weight_version or 0})
-            if not begin["ok"]:
-                job.status, job.error, job.http_status = "rejected", begin["error"], begin["status"]
-                return
-            job.tokens, job.skipped_duplicates = begin["tokens"], begin["skipped_duplicates"]
+            begin = await self._trainer_request(BeginJob(
+                samples=req.samples, optimizer=req.optimizer, params=req.params, force=req.force,
+                context_mode=req.context_mode, weight_version=self.weight_version or 0))
+            job.tokens, job.skipped_duplicates = begin.tokens, begin.skipped_duplicates
             success = False
             try:
-                for _ in range(req.steps if begin["samples"] else 0):
+                for _ in range(req.steps if begin.samples else 0):
                     if job.cancel_requested:
                         break
                     if req.pause:
                         await self.engine_client.pause_generation(mode="keep", clear_cache=False)
                     try:
-                        reply = await self._trainer_request({"op": "step"})
-                        if reply["ok"]:
-                            t0 = time.perf_counter()
-                            await self._reset_prefix_cache()
-                            job.publish_seconds.append(time.perf_counter() - t0)
+                        reply = await self._trainer_request(Step())
+                        t0 = time.perf_counter()
+                        await self._reset_prefix_cache()
+                        job.publish_seconds.append(time.perf_counter() - t0)
                     finally:
                         if req.pause:
                             await self.engine_client.resume_generation()
-                    if not reply["ok"]:
-                        job.status, job.error, job.http_status = "rejected" if not job.losses else "failed", reply["error"], reply["status"]
-                        return
-                    job.losses.append(reply["loss"])
-                    job.step_seconds.append(reply["seconds"])
-                    job.weight_version = self._advance_version(reply["weight_version"])
+                    job.losses.append(reply.loss)
+                    job.step_seconds.append(reply.seconds)
+                    job.weight_version = self._advance_version(reply.weight_version)
                 success = not job.cancel_requested
             finally:
                 if self.trainer.alive():
-                    end = await self._trainer_request({"op": "end_job", "success": success})
-                    job.weight_version = self._advance_version(end.get("weight_version"))
+                    end = await self._trainer_request(EndJob(success=success))
+                    job.weight_version = self._advance_version(end.weight_version)
             if job.cancel_requested:
                 self._cancelled(job)
             else:
                 job.status = "succeeded"
+        except TrainerError as exc:  # refused: nothing of that request changed (earlier steps stay)
+            job.status = "rejected" if not job.losses else "failed"
+            job.error, job.http_status = str(exc), HTTP_STATUS[exc.kind]
         except TrainerUnavailable as exc:
             job.status, job.error, job.http_status = "failed", str(exc), 503
         finally:
@@ -354,31 +296,32 @@ class TrainingService:
             target = (root / (path or "main")).resolve()  # an absolute `path` replaces root: checked below
         except (OSError, ValueError) as exc:  # a NUL byte; names the OS refuses are checked by the trainer
             raise HTTPException(400, f"checkpoint path {str(path)[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from None
-        if target == root or root not in target.parents:
+        if not is_inside(target, root):
             raise HTTPException(400, f"checkpoint path {path!r} is not inside the checkpoint directory {root} "
                                      "(give a name or a path below it)")
         return target
 
-    def _checkpoint_message(self, target: Path) -> dict:
-        return {"op": "checkpoint", "target": str(target), "allowed_root": str(self.checkpoint_dir.resolve()),
-                "allow_model_dir": self.allow_model_dir, "weight_version": self.weight_version or 0}
+    def _checkpoint_message(self, target: Path) -> Checkpoint:
+        return Checkpoint(target=str(target), allowed_root=str(self.checkpoint_dir.resolve()),
+                          allow_model_dir=self.allow_model_dir, weight_version=self.weight_version or 0)
 
     async def checkpoint(self, path: str | None = None, reason: str = "request") -> dict:
         target = self.checkpoint_target(path)
         async with self.trainer_lock:
             try:
                 await self.trainer.ensure_started()
-                reply = await self.trainer.request(self._checkpoint_message(target))
+                written = await self.trainer.request(self._checkpoint_message(target))
             except TrainerUnavailable as exc:
                 raise HTTPException(503, f"checkpoint not written: {exc}") from exc
-        if not reply.pop("ok"):
-            raise HTTPException(reply["status"], f"checkpoint not written: {reply['error']}")
-        self.checkpointed_version = self._advance_version(reply["weight_version"])
+            except TrainerError as exc:
+                raise HTTPException(HTTP_STATUS[exc.kind], f"checkpoint not written: {exc}") from None
+        reply = written.model_dump()
+        self.checkpointed_version = self._advance_version(written.weight_version)
         self.next_checkpoint_at = None
         self.last_checkpoint = {**reply, "reason": reason, "time": time.time()}
         self.checkpoint_totals["checkpoints"] += 1
-        self.checkpoint_totals["bytes_written"] += reply["bytes_written"]
-        self.checkpoint_totals["seconds"] += reply["seconds"]
+        self.checkpoint_totals["bytes_written"] += written.bytes_written
+        self.checkpoint_totals["seconds"] += written.seconds
         return reply
 
     async def _checkpoint_scheduler(self) -> None:
@@ -396,16 +339,16 @@ class TrainingService:
         """Synchronous, for the API server's exit handler: write a checkpoint if training changed weights."""
         if not self.dirty or not self.trainer.alive() or self.current is not None:
             return
-        import json
-
         import zmq
+
+        from vllm_plasticity.contract.messages import encode
 
         ctx = zmq.Context()
         sock = ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.trainer.endpoint)
-            sock.send(json.dumps(self._checkpoint_message(self.checkpoint_target(None))).encode())
+            sock.send(encode(self._checkpoint_message(self.checkpoint_target(None))))
             if sock.poll(int(timeout * 1000)):
                 sock.recv()
         finally:

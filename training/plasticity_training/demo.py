@@ -4,7 +4,7 @@ Runs in its own process: builds (or reuses) the built-in model, starts `plastici
 walks through the features that exist, prints what it sees, and stops the server by PID however it ends.
 
     $ make demo
-    $ python -m vllm_plasticity.demo [--keep-logs]
+    $ python -m plasticity_training.demo [--keep-logs]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 
 from vllm_plasticity.launcher import ServerProcess
-from vllm_plasticity.weight_sharing import ARENA_PREFIX, SHM_DIR, WeightManifest, map_shared_weights
+from vllm_plasticity.contract.weights import ARENA_PREFIX, SHM_DIR, WeightManifest, map_shared_weights
 
 
 def step(title: str) -> None:

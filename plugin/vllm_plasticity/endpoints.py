@@ -24,11 +24,13 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from vllm_plasticity import __version__
 from vllm_plasticity.config import PlasticityConfig
-from vllm_plasticity.readout_routes import ReadoutService, attach_readout_routes
-from vllm_plasticity.train_routes import CheckpointRequest, TrainingService, TrainRequest
+from vllm_plasticity.contract.files import write_atomically
+from vllm_plasticity.readout_routes import attach_readout_routes
+from vllm_plasticity.readout_service import ReadoutService
+from vllm_plasticity.training_service import CheckpointRequest, TrainingService, TrainRequest
 from vllm_plasticity.trainer_client import TrainerClient
 from vllm_plasticity.shm_ledger import record_shm_files, sweep_dead_servers
-from vllm_plasticity.weight_sharing import sweep_stale_arenas
+from vllm_plasticity.contract.weights import sweep_stale_arenas
 
 router = APIRouter(tags=["plasticity"])
 
@@ -75,9 +77,7 @@ class ServerState:
             self.weight_manifest = await self.rpc("plasticity_weight_manifest")
             if self.weight_manifest is not None:
                 path = self.config.state_dir / f"weights-{self.weight_manifest['pid']}.json"
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.weight_manifest))
-                os.replace(tmp, path)
+                write_atomically(path, json.dumps(self.weight_manifest))
                 self.weight_manifest_path = path
             # vLLM's workers do not always run their exit handlers on shutdown; the API server does
             # (uvicorn handles SIGTERM/SIGINT), so it removes the shared files it was told about.
@@ -96,7 +96,8 @@ class ServerState:
         self.training = TrainingService(self.engine_client, trainer, model_config.get_vocab_size(),
                                         model_config.max_model_len, self.config.resolved_checkpoint_dir,
                                         self.config.checkpoint_quiet_seconds, self.config.checkpoint_into_model_dir,
-                                        self.config.train_limits)
+                                        self.config.train_limits,
+                                        [t["name"] for t in self.weight_manifest["tensors"]])
         atexit.register(self.training.checkpoint_at_exit)  # runs before trainer.kill (atexit is LIFO)
         self.training.start()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vllm_plasticity.contract.bank import capacity_message, free_columns, load_bank
 from vllm_plasticity.residual_tap import TapBuffers
 from vllm_plasticity.steer_spec import SteeringError, SteerTerm, check_steer
 
@@ -46,6 +47,7 @@ class LoadedBank:
 
     def info(self) -> dict:
         return {"name": self.name, "concepts": self.concepts, "layers": self.layers, "digest": self.digest,
+                "columns": [self.columns.start, self.columns.stop],
                 "source": self.source, "method": self.method, "model": self.model,
                 "hidden_size": next(iter(self.vectors.values())).shape[1]}
 
@@ -82,6 +84,22 @@ class RequestScores:
         return positions, np.stack([rows[p] for p in positions]) if positions else np.zeros(shape, np.float32)
 
 
+def check_batch_layout(runner) -> None:
+    """Refuse, with what to do, a model runner whose batch layout this engine cannot read: the wrapper
+    would otherwise fail inside vLLM's step. It reads V1's layout (see the module docstring)."""
+    missing = [name for name, ok in (
+        ("_model_forward", callable(getattr(runner, "_model_forward", None))),
+        ("requests", isinstance(getattr(runner, "requests", None), dict)),
+        ("input_batch.req_ids", hasattr(getattr(runner, "input_batch", None), "req_ids")),
+        ("input_batch.num_computed_tokens_cpu", hasattr(getattr(runner, "input_batch", None), "num_computed_tokens_cpu")),
+        ("query_start_loc.np", hasattr(getattr(runner, "query_start_loc", None), "np")),
+    ) if not ok]
+    if missing:
+        raise RuntimeError(f"readout and steering need vLLM's V1 model runner batch layout; {type(runner).__name__} "
+                           f"lacks {missing}. On a GPU, vLLM 0.32 defaults to the V2 runner: start the server with "
+                           "VLLM_USE_V2_MODEL_RUNNER=0 (plasticity serve does not set it for you yet)")
+
+
 def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank]) -> tuple[tuple, dict[int, torch.Tensor]]:
     """(key identifying the settings and the vectors, layer -> sum of coef * unit vector)."""
     key, total = [], {}
@@ -110,6 +128,7 @@ class ReadoutEngine:
         self._rows_this_step: set[int] = set()
         self._row_layers: dict[int, frozenset[int]] = {}  # steering row -> layers it steers
         self.stats = {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0}
+        check_batch_layout(runner)
         self._original_forward = runner._model_forward
         runner._model_forward = self._model_forward
 
@@ -130,13 +149,11 @@ class ReadoutEngine:
                 raise ValueError(f"bank {name!r} layer {L}: shape {tuple(v.shape)} for {len(concepts)} concepts, "
                                  "or values that are not finite")
         old = self.banks.pop(name, None)
-        columns = self._free_columns(len(concepts))
+        columns = free_columns([x.columns for x in self.banks.values()], len(concepts), b.capacity)
         if columns is None:
             if old is not None:
                 self.banks[name] = old
-            used = sum(len(x.columns) for x in self.banks.values())
-            raise ValueError(f"bank {name!r} has {len(concepts)} concepts; {b.capacity - used} of the readout "
-                             f"capacity {b.capacity} are free (unload a bank, or raise PLASTICITY_READOUT_CAPACITY)")
+            raise ValueError(capacity_message(name, len(concepts), b.capacity))
         if old is not None:
             self._clear(old)
         digest = hashlib.sha256()
@@ -162,15 +179,6 @@ class ReadoutEngine:
             self._clear(bank)
             self._changed()
         return bank is not None
-
-    def _free_columns(self, n: int) -> range | None:
-        taken = sorted((x.columns for x in self.banks.values()), key=lambda r: r.start)
-        start = 0
-        for r in taken:
-            if r.start - start >= n:
-                break
-            start = max(start, r.stop)
-        return range(start, start + n) if start + n <= self.buffers.capacity else None
 
     def _clear(self, bank: LoadedBank) -> None:
         for L in bank.layers:
@@ -347,9 +355,7 @@ class ReadoutEngine:
 
 
 def read_bank_files(path: Path) -> tuple[list[str], dict[int, torch.Tensor], dict]:
-    """Read a bank directory with the extraction side's loader (one format, one reader)."""
-    from plasticity_training.bank import load_bank
-
+    """Read a bank directory with the contract's loader (one format, one reader)."""
     bank = load_bank(path)
     return bank.concepts, dict(bank.vectors), {"method": bank.method, "model": bank.model}
 

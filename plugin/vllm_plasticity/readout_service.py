@@ -1,25 +1,8 @@
-"""Readout and steering over HTTP: bank routes, and vLLM's completion routes with scores added.
+"""Readout and steering as the API server sees them: the loaded banks, the default steering, and each
+completion request's plan (its settings checked, tagged, and its prefix cache salted).
 
-Runs in the API server process (the endpoint plugin attaches these routes).
-
-    POST   /readout/load        {"name": "emotions", "path": "<bank dir inside --vectors-dir>", "layers": [..]?}
-                                or {"name": "dims", "basis": [start, stop], "layers": [..]} (raw coordinates)
-    GET    /readout             loaded banks: concepts, layers, digest, source
-    DELETE /readout/{name}
-    POST   /steering/default    {"steer": ["emotions/joy", 4.0], "steer_layers": [..]?}: for requests setting none
-    GET    /steering/default
-    DELETE /steering/default
-
-/v1/completions and /v1/chat/completions are vLLM's own handlers behind a thin wrapper: it reads
-`readout` / `steer` / `steer_layers` from `vllm_xargs` (or the same names as top-level JSON fields),
-answers 400 when they do not fit the loaded banks, tags the request (`plasticity_key` in its extra
-args) and salts its prefix cache, then calls vLLM's handler and adds each choice's scores, fetched from
-the worker by that tag: `choice["readout"] = {"bank", "layers", "concepts", "positions", "scores"}` with
-`scores[i][j][k]` = concept k at layer j for the token at `positions[i]` (prompt tokens from 0, then the
-generated ones; the last generated token is never fed back, so it has no state). Streaming responses
-carry, in each chunk, the scores computed since the previous chunk. `readout_encoding: "base64"` returns
-`scores` as base64 of little-endian float32 with `scores_shape` instead of nested lists (much smaller
-and faster for wide banks; `plasticity extract --server` uses it).
+Runs in the API server process; talks to the worker (readout_worker.py) through ServerState.rpc. The
+routes and the completion wrappers that use it are in readout_routes.py.
 
 Prefix cache: KV computed without steering must never serve a steered request (and the reverse), and a
 readout request needs every prompt token computed to score it. Steered requests get a cache salt
@@ -29,22 +12,19 @@ requests get a salt of their own.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import re
 import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+from vllm_plasticity.contract.bank import BANK_FILES, capacity_message, free_columns, load_bank
+from vllm_plasticity.contract.files import is_inside
 from vllm_plasticity.steer_spec import SteeringError, check_steer
 
 READOUT_FIELDS = ("readout", "steer", "steer_layers")
@@ -95,18 +75,16 @@ class ReadoutService:
     def bank_dir(self, path: str) -> Path:
         """`path` (relative to the vectors directory, or absolute) resolved; 400 unless it and every file
         a bank is read from (symlinks followed) lie inside the vectors directory."""
-        from plasticity_training.bank import BANK_FILES
-
         root = self.state.config.vectors_dir.resolve()
         try:
             target = (root / path).resolve()
-            if target != root and root not in target.parents:
+            if not is_inside(target, root, allow_root=True):
                 raise HTTPException(400, f"path {path!r} is outside the vectors directory {root}")
             if not target.is_dir():
                 raise HTTPException(400, f"path {path!r}: no such bank directory inside {root}")
             for name in BANK_FILES:
                 file = (target / name).resolve()
-                if root not in file.parents:
+                if not is_inside(file, root):
                     raise HTTPException(400, f"{path}/{name} resolves to {file}, outside the vectors directory {root}")
         except (OSError, ValueError) as exc:  # a name longer than the filesystem allows, a NUL byte
             raise HTTPException(400, f"path {path[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -140,8 +118,6 @@ class ReadoutService:
 
     def check_bank_files(self, bank_dir: Path, layers: list[int] | None, name: str) -> None:
         """Read the bank here first so a bad one gets a precise 400 and never reaches the engine."""
-        from plasticity_training.bank import load_bank
-
         try:
             bank = load_bank(bank_dir)
         except Exception as exc:  # BankError, OSError, and whatever a corrupt file makes safetensors raise
@@ -158,10 +134,9 @@ class ReadoutService:
                                      f"(it has {bank.layers})")
         if not all(bool(v.isfinite().all()) for v in bank.vectors.values()):
             raise HTTPException(400, "bank has values that are not finite")
-        free = limits["capacity"] - sum(len(b["concepts"]) for n, b in self.banks.items() if n != name)
-        if len(bank.concepts) > free:
-            raise HTTPException(400, f"bank has {len(bank.concepts)} concepts; {free} of the readout capacity "
-                                     f"{limits['capacity']} are free (unload a bank, or raise PLASTICITY_READOUT_CAPACITY)")
+        taken = [range(*b["columns"]) for n, b in self.banks.items() if n != name]
+        if free_columns(taken, len(bank.concepts), limits["capacity"]) is None:
+            raise HTTPException(400, capacity_message(name, len(bank.concepts), limits["capacity"]))
 
     async def unload(self, name: str) -> dict:
         self.require_enabled()
@@ -256,161 +231,3 @@ class ReadoutService:
 
     async def fetch(self, key: str, final: bool) -> dict[str, dict]:
         return await self.state.rpc("plasticity_readout_fetch", key, final)
-
-
-def choice_index(req_id: str, n: int, completions: bool) -> int:
-    """The response choice an internal request id belongs to.
-
-    vLLM names a completion prompt's request `<id>-<prompt index>`, a parallel-sampling child
-    `<child index>_<parent id>`, and may append `-<8 hex>`; choices are numbered prompt * n + child.
-    """
-    child = re.match(r"^(\d+)_", req_id)
-    stem = re.sub(r"-[0-9a-f]{8}$", "", req_id[child.end():] if child else req_id)
-    prompt = re.search(r"-(\d+)$", stem) if completions else None
-    return (int(prompt.group(1)) if prompt else 0) * n + (int(child.group(1)) if child else 0)
-
-
-def scores_array(result: dict) -> np.ndarray:
-    return np.frombuffer(result["scores"], dtype="<f4").reshape(result["shape"])
-
-
-def readout_field(result: dict | None, encoding: str, scores: np.ndarray | None = None) -> dict:
-    """The `readout` object of one choice: scores as nested lists, or base64 of float32 when asked."""
-    if result is None:
-        return {"error": "no scores were collected for this choice"}
-    scores = scores_array(result) if scores is None else scores
-    out = {k: result[k] for k in ("bank", "layers", "concepts", "positions")}
-    if encoding == "base64":
-        out.update(scores=base64.b64encode(scores.astype("<f4").tobytes()).decode(), scores_shape=list(scores.shape),
-                   scores_dtype="float32")
-    else:
-        out["scores"] = scores.tolist()
-    if "error" in result:
-        out["error"] = result["error"]
-    return out
-
-
-async def with_readout(service: ReadoutService, plan: dict, response: Any, completions: bool) -> Any:
-    """Add each choice's scores to vLLM's response (JSON or server-sent events)."""
-    if isinstance(response, StreamingResponse):
-        return StreamingResponse(stream_with_readout(service, plan, response.body_iterator, completions),
-                                 media_type=response.media_type, status_code=response.status_code)
-    if not isinstance(response, JSONResponse) or response.status_code != 200:
-        await service.fetch(plan["key"], True)
-        return response
-    body = json.loads(response.body)
-    results = await service.fetch(plan["key"], True)
-    by_choice = {choice_index(rid, plan["n"], completions): r for rid, r in results.items()}
-    for choice in body.get("choices", []):
-        choice["readout"] = readout_field(by_choice.get(choice.get("index", 0)), plan["encoding"])
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-    return JSONResponse(body, status_code=200, headers=headers)
-
-
-async def stream_with_readout(service: ReadoutService, plan: dict, events: Any, completions: bool):
-    pending: dict[int, dict] = {}  # scores fetched but not yet sent, by choice
-    try:
-        async for chunk in events:
-            text = chunk.decode() if isinstance(chunk, bytes) else chunk
-            parts = []
-            for event in text.split("\n\n"):
-                if event.startswith("data: {"):
-                    data = json.loads(event[len("data: "):])
-                    if data.get("choices"):
-                        for rid, result in (await service.fetch(plan["key"], False)).items():
-                            index = choice_index(rid, plan["n"], completions)
-                            held = pending.setdefault(index, {**result, "positions": [], "arrays": []})
-                            held["positions"] += result["positions"]
-                            held["arrays"].append(scores_array(result))
-                            if "error" in result:
-                                held["error"] = result["error"]
-                        for choice in data["choices"]:
-                            held = pending.pop(choice.get("index", 0), None)
-                            if held is not None and (held["positions"] or "error" in held):
-                                choice["readout"] = readout_field(held, plan["encoding"],
-                                                                  np.concatenate(held["arrays"]))
-                        event = "data: " + json.dumps(data)
-                parts.append(event)
-            yield "\n\n".join(parts)
-    finally:
-        await service.fetch(plan["key"], True)
-
-
-def get_readout(request: Request) -> ReadoutService:
-    state = getattr(request.app.state, "plasticity", None)
-    service = getattr(state, "readout", None)
-    if service is None:
-        raise HTTPException(503, "plasticity is not initialised yet")
-    return service
-
-
-def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
-    """Add the bank routes to `router` and wrap vLLM's completion routes (if the app has them).
-
-    `guard` is the API-key dependency of the other plasticity routes. The wrapped routes keep vLLM's own
-    API-key middleware, request models, validation and error format.
-    """
-    originals = {(r.path, m): r.endpoint for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
-
-    @router.post("/readout/load", dependencies=[Depends(guard)])
-    async def load_bank(req: LoadBankRequest, service: ReadoutService = Depends(get_readout)) -> dict:
-        """Load (or replace) a bank: a directory inside --vectors-dir, or a slice of the standard basis."""
-        return await service.load(req)
-
-    @router.get("/readout", dependencies=[Depends(guard)])
-    async def list_banks(service: ReadoutService = Depends(get_readout)) -> dict:
-        """The loaded banks, the tap's limits and the default steering."""
-        return service.listing()
-
-    @router.delete("/readout/{name}", dependencies=[Depends(guard)])
-    async def unload_bank(name: str, service: ReadoutService = Depends(get_readout)) -> dict:
-        return await service.unload(name)
-
-    @router.post("/steering/default", dependencies=[Depends(guard)])
-    async def set_default_steering(req: DefaultSteering, service: ReadoutService = Depends(get_readout)) -> dict:
-        """Steering for every completion request that sets none ("steer": [] opts out)."""
-        return service.set_default(req)
-
-    @router.get("/steering/default", dependencies=[Depends(guard)])
-    async def get_default_steering(service: ReadoutService = Depends(get_readout)) -> dict | None:
-        service.require_enabled()
-        return service.default_view()
-
-    @router.delete("/steering/default", dependencies=[Depends(guard)])
-    async def clear_default_steering(service: ReadoutService = Depends(get_readout)) -> dict:
-        service.require_enabled()
-        service.default_steer = None
-        return {"default_steering": None}
-
-    completion = originals.get(("/v1/completions", "POST"))
-    chat = originals.get(("/v1/chat/completions", "POST"))
-    route_args = {}
-    try:  # vLLM's content-type check, as on its own routes
-        from vllm.entrypoints.serve.utils.api_utils import validate_json_request
-        route_args["dependencies"] = [Depends(validate_json_request)]
-    except ImportError:
-        pass
-
-    # Two routes, because FastAPI reads each one's request model from its signature.
-    if completion is not None:
-        @router.post("/v1/completions", **route_args)
-        async def create_completion(request: CompletionRequest, raw_request: Request):
-            return await call_with_readout(completion, request, raw_request, completions=True)
-
-    if chat is not None:
-        @router.post("/v1/chat/completions", **route_args)
-        async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
-            return await call_with_readout(chat, request, raw_request, completions=False)
-
-
-async def call_with_readout(handler: Any, request: Any, raw_request: Request, completions: bool) -> Any:
-    """vLLM's own `handler` on the request with its readout/steering settings checked and applied."""
-    service = getattr(getattr(raw_request.app.state, "plasticity", None), "readout", None)
-    plan = None
-    if service is not None:
-        body = await raw_request.json()  # already read and parsed by FastAPI: served from its cache
-        plan = service.plan(request, body.get("vllm_xargs") if isinstance(body, dict) else None)
-    response = await handler(request, raw_request)
-    if plan is None or plan["readout"] is None:
-        return response
-    return await with_readout(service, plan, response, completions=completions)

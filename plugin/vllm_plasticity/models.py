@@ -10,7 +10,7 @@ and `packed_modules_mapping` (the trainer's view builder relies on them) and cha
      so it keeps its weight and multiplies with `F.linear` on it;
   2. the embedding / lm_head quant method does the same for the logits matmul;
 and, when PLASTICITY_SHARE_WEIGHTS (or PLASTICITY_TRAINING) is set, `load_weights` moves the loaded
-weights into a shared-memory arena on CPU (see weight_sharing.py). On CUDA weights are left where they
+weights into a shared-memory arena on CPU (see contract/weights.py). On CUDA weights are left where they
 are and exported as IPC handles by the worker extension.
 
 When PLASTICITY_VECTORS_DIR is set, every decoder layer is also tapped (residual_tap.py): one custom op
@@ -38,7 +38,7 @@ from vllm.platforms import current_platform
 
 from vllm_plasticity.config import PlasticityConfig
 from vllm_plasticity.residual_tap import TapBuffers, install_buffers, tap_layers, tapped_layer_class
-from vllm_plasticity.weight_sharing import WeightManifest, share_cpu_parameters
+from vllm_plasticity.contract.weights import WeightManifest, share_cpu_parameters
 
 
 class PlainEmbeddingMethod(UnquantizedEmbeddingMethod):

@@ -8,7 +8,7 @@ process tree has mapped or open (read from /proc) and the tree's pids, and at ev
 files listed by ledgers whose server is gone (and the `sem.loky-<pid>-*` semaphores joblib named after
 one of its dead pids), unless a live process still maps or holds them. Files created later than
 the record (none in vLLM 0.32's steady state) are not covered; the weight arena has its own sweep
-(weight_sharing.sweep_stale_arenas).
+(contract.weights.sweep_stale_arenas).
 
     >>> record_shm_files(state_dir, os.getpid())     # once the engine is up
     >>> sweep_dead_servers(state_dir)                # at the next start: [removed paths]
@@ -20,7 +20,8 @@ import json
 import os
 from pathlib import Path
 
-from vllm_plasticity.weight_sharing import ARENA_PREFIX, SHM_DIR, pid_alive
+from vllm_plasticity.contract.files import write_atomically
+from vllm_plasticity.contract.weights import ARENA_PREFIX, SHM_DIR, pid_alive
 
 LEDGER_GLOB = "shm-*.json"
 PROC = Path("/proc")
@@ -31,9 +32,7 @@ def record_shm_files(state_dir: Path, pid: int) -> Path:
     tree = process_tree(pid)
     names = sorted(n for n in shm_files_held(tree) if not n.startswith(ARENA_PREFIX))
     path = Path(state_dir) / f"shm-{pid}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": pid, "files": names, "pids": tree}))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps({"pid": pid, "files": names, "pids": tree}))
     return path
 
 

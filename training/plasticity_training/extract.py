@@ -27,7 +27,7 @@ from plasticity_training.activations import DEFAULT_LAYERS, POOLINGS, resolve_la
 from plasticity_training.corpus import CorpusError, load_corpus
 from plasticity_training.methods import METHODS, TRAJECTORY_METHODS, get_method
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # training/plasticity_training/<file>
 
 
 AUTO_RANK_MAX = 64
@@ -126,7 +126,7 @@ def run(options: ExtractOptions, log=None) -> Path:
                 f"{acts.hidden_size} tokens, so at full rank their projector is the identity (no contrast); "
                 f"consider --subspace-rank below {acts.hidden_size}")
 
-    from plasticity_training.bank import save_bank
+    from vllm_plasticity.contract.bank import save_bank
     from plasticity_training.vectors import Contrasts, extract_vectors
 
     contrasts = Contrasts(corpus, acts, pooling=options.pooling, device=options.device)

@@ -15,7 +15,7 @@ from vllm_plasticity import ARCHITECTURES
 from vllm_plasticity.config import PlasticityConfig
 from vllm_plasticity.readout_worker import ReadoutEngine, basis_bank, read_bank_files
 from vllm_plasticity.residual_tap import current_buffers
-from vllm_plasticity.weight_sharing import export_cuda_parameters
+from vllm_plasticity.contract.weights import export_cuda_parameters
 
 
 class PlasticityWorkerExtension:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # training/plasticity_training/<file>
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # A minimal chat template in the Jinja dialect that transformers and vLLM both render.
 CHAT_TEMPLATE = (

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = pathlib.Path(args[0] if args else "amygdala_stories")
     if not args and not root.is_dir():  # run from elsewhere: use the repo's corpus
-        root = pathlib.Path(__file__).resolve().parent.parent / "amygdala_stories"
+        root = pathlib.Path(__file__).resolve().parents[2] / "amygdala_stories"
     problems = lint_corpus(root)
     for p in problems:
         print(p)

@@ -7,13 +7,12 @@ fresh one on the next request (its optimizer state comes back from the state dir
 
     >>> client = TrainerClient(state_dir, manifest_path, model_path)
     >>> await client.start()
-    >>> await client.request({"op": "ping"})
+    >>> await client.request(Ping())          # -> Status; a refusal raises TrainerError (contract.messages)
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,9 @@ from pathlib import Path
 
 import zmq
 import zmq.asyncio
+
+from vllm_plasticity.contract.messages import Ping, Reply, decode_reply, encode
+from vllm_plasticity.contract.settings import Strict
 
 
 class TrainerUnavailable(RuntimeError):
@@ -83,7 +85,7 @@ class TrainerClient:
         try:
             while True:
                 try:
-                    await self._send_recv({"op": "ping"}, timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                    await self._send_recv(Ping(), timeout=min(5.0, max(0.1, deadline - time.monotonic())))
                     break
                 except TimeoutError:
                     if time.monotonic() > deadline:
@@ -103,13 +105,13 @@ class TrainerClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self._endpoint)
 
-    async def _send_recv(self, msg: dict, timeout: float | None) -> dict:
+    async def _send_recv(self, msg: Strict, timeout: float | None) -> Reply:
         """One request/reply; polls the process so a dead trainer is noticed within a second."""
-        await self._sock.send(json.dumps(msg).encode())
+        await self._sock.send(encode(msg))
         waited = 0.0
         while True:
             if await self._sock.poll(1000):
-                return json.loads(await self._sock.recv())
+                return decode_reply(msg, await self._sock.recv())
             waited += 1.0
             if not self.alive():
                 code = self.proc.returncode if self.proc is not None else None
@@ -119,8 +121,9 @@ class TrainerClient:
             if timeout is not None and waited >= timeout:
                 raise TimeoutError(f"no answer from the trainer in {timeout:.0f}s")
 
-    async def request(self, msg: dict, timeout: float | None = None) -> dict:
-        """Send `msg`, return the reply dict ({"ok": ...}); TrainerUnavailable if the trainer dies."""
+    async def request(self, msg: Strict, timeout: float | None = None) -> Reply:
+        """Send `msg` (a contract.messages request), return its typed reply; TrainerError when the trainer
+        refuses, TrainerUnavailable if it dies."""
         async with self._lock:
             if not self.alive():
                 raise TrainerUnavailable(self.last_error or "the trainer is not running")
@@ -148,13 +151,3 @@ class TrainerClient:
         if self._endpoint and self._endpoint.startswith("ipc://"):
             Path(self._endpoint[len("ipc://"):]).unlink(missing_ok=True)
         self.state = "stopped" if self.state != "failed" else "failed"
-
-    async def shutdown(self) -> None:
-        """Ask the trainer to save its state and exit, then make sure it is gone."""
-        if self.alive():
-            try:
-                await asyncio.wait_for(self.request({"op": "shutdown"}), 30)
-            except Exception:
-                pass
-        self.kill()
-        self.state = "stopped"

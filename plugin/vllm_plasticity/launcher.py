@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vllm_plasticity.weight_sharing import SHM_DIR, pid_alive, sweep_stale_arenas
+from vllm_plasticity.contract.weights import SHM_DIR, pid_alive, sweep_stale_arenas
 
 
 def free_port() -> int:
@@ -54,7 +54,7 @@ class ServerProcess:
                    env: dict[str, str] | None = None, log_path=None) -> "ServerProcess":
         """`plasticity serve MODEL --port PORT EXTRA_ARGS...` with the plugin fully enabled."""
         port = port or free_port()
-        cmd = [sys.executable, "-m", "vllm_plasticity.cli", "serve", str(model), "--port", str(port), *extra_args]
+        cmd = [sys.executable, "-m", "plasticity_training.cli", "serve", str(model), "--port", str(port), *extra_args]
         return cls(cmd, port, {**os.environ, **(env or {})}, log_path)
 
     @classmethod

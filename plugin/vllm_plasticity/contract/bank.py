@@ -1,6 +1,8 @@
-"""The bank format: concept vectors on disk, the contract between extraction and the server's readout.
+"""The bank format: concept vectors on disk, the contract between extraction and the server's readout,
+and the one rule for where a bank fits in the server's readout table.
 
-Imports torch and safetensors only, never vLLM, so the server side can load banks with it too.
+Any process (extraction writes banks; the API server checks them; vLLM's worker loads them). Imports torch
+and safetensors, never vLLM.
 
     BANK_DIR/
       readout.safetensors   layer_<idx>.vectors: (n_concepts, hidden_size), one unit vector per concept
@@ -8,14 +10,16 @@ Imports torch and safetensors only, never vLLM, so the server side can load bank
                              "method", "created"}
 
 The hidden state of layer L is the residual stream at the output of decoder layer L (before the final
-norm), layers indexed from 0; a concept's score is the dot product of that state with its unit vector
-(`Bank.scores`). Row i of every layer's tensor belongs to `concepts[i]`. The extraction settings are kept
+norm), layers indexed from 0; a concept's score is the dot product of that state with its unit vector.
+Row i of every layer's tensor belongs to `concepts[i]`. The extraction settings are kept
 in the safetensors header metadata under "extraction" (a JSON string), so readout.json stays exactly the
 keys above.
 
     >>> save_bank("bank", ["calm", "joy"], {12: vectors}, model="/models/x", method="pooled")
     >>> bank = load_bank("bank")
-    >>> bank.scores(12, hidden_states)           # (..., n_concepts)
+    >>> bank.vectors[12] @ hidden_state          # (n_concepts,) scores
+    >>> free_columns([range(0, 100)], 100, capacity=256)   # where a 100-concept bank goes
+    range(100, 200)
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from vllm_plasticity.contract.files import write_atomically, write_file_atomically
 
 VECTORS_FILE = "readout.safetensors"
 MANIFEST_FILE = "readout.json"
@@ -51,10 +57,22 @@ class Bank:
     created: str
     extraction: dict  # settings the extraction ran with (may be empty)
 
-    def scores(self, layer: int, states: Tensor) -> Tensor:
-        """Readout scores of hidden `states` (..., hidden) at `layer`: (..., n_concepts)."""
-        v = self.vectors[layer]
-        return states.to(v.dtype) @ v.T
+
+def free_columns(taken: list[range], n: int, capacity: int) -> range | None:
+    """Where a bank of `n` concepts goes in the readout table: the first free run of `n` columns beside
+    the `taken` ones, or None. A bank needs one contiguous run (the tap reads it as one slice), so free
+    columns scattered between banks do not add up; the API server and the worker both ask this."""
+    start = 0
+    for r in sorted(taken, key=lambda r: r.start):
+        if r.start - start >= n:
+            break
+        start = max(start, r.stop)
+    return range(start, start + n) if start + n <= capacity else None
+
+
+def capacity_message(name: str, n: int, capacity: int) -> str:
+    return (f"bank {name!r} has {n} concepts and no run of {n} free columns is left in the readout capacity "
+            f"{capacity} (unload a bank, or raise PLASTICITY_READOUT_CAPACITY)")
 
 
 def layer_key(layer: int) -> str:
@@ -94,12 +112,9 @@ def save_bank(path: str | os.PathLike, concepts: list[str], vectors: dict[int, T
         "created": created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (VECTORS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"extraction": json.dumps(extraction or {}, sort_keys=True)})
-    os.replace(tmp, path / VECTORS_FILE)
-    tmp = path / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path / MANIFEST_FILE)
+    metadata = {"extraction": json.dumps(extraction or {}, sort_keys=True)}
+    write_file_atomically(path / VECTORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_atomically(path / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     return path
 
 

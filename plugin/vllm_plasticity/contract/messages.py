@@ -1,0 +1,170 @@
+"""The trainer's protocol: typed requests and replies over one ZMQ REQ/REP socket.
+
+Any process: the API server (trainer_client.py, training_service.py) sends requests; the trainer subprocess
+(plasticity_training/trainer.py) answers one at a time. A job is driven step by step, so the server can
+pause generation, reset the prefix cache, take a checkpoint or stop a cancelled job between steps:
+
+    Ping                                  -> Status
+    BeginJob(samples, optimizer, params, force, context_mode, weight_version) -> JobBegun
+    Step                                  -> StepDone       (one optimizer step, in place)
+    EndJob(success)                       -> JobEnded       (state saved)
+    Checkpoint(target, allowed_root, allow_model_dir, weight_version) -> CheckpointWritten
+    Shutdown                              -> Acknowledged   (state saved, the trainer exits)
+
+On the wire: the request's JSON (its `op` names the type); the reply is {"ok": true, "reply": {...}} or
+{"ok": false, "kind": ERROR_KIND, "error": "reason"}. The trainer knows no HTTP: a failure carries a
+kind, and the API server alone maps kinds to status codes (training_service.HTTP_STATUS).
+
+    >>> wire = encode(Step())
+    >>> decode_request(wire)
+    Step(op='step')
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from vllm_plasticity.contract.settings import ContextMode, OptimizerSettings, ParamsFilter, Sample, Strict
+
+# What went wrong, as the trainer sees it:
+#   invalid        the request cannot be done as asked (a filter that selects nothing, a bad path)
+#   conflict       it clashes with state (optimizer shape fixed, a job already open, a concurrent writer)
+#   rejected       the step was computed and refused: non-finite loss, gradients or updated weights
+#   out_of_memory  the trainer ran out of memory beside vLLM (nothing changed)
+#   disk_full      the checkpoint ran out of disk (previous checkpoint intact)
+#   internal       a bug or an unexpected state
+ErrorKind = Literal["invalid", "conflict", "rejected", "out_of_memory", "disk_full", "internal"]
+
+
+class TrainerError(Exception):
+    """A request the trainer refused or failed; `kind` says which way (see ErrorKind)."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---- requests -------------------------------------------------------------------------------------
+
+
+class Ping(Strict):
+    op: Literal["ping"] = "ping"
+
+
+class BeginJob(Strict):
+    op: Literal["begin_job"] = "begin_job"
+    samples: list[Sample]
+    optimizer: OptimizerSettings = OptimizerSettings()
+    params: ParamsFilter = ParamsFilter()
+    force: bool = False  # train samples already trained on
+    context_mode: ContextMode = "masked"
+    weight_version: int = 0  # the server's: a restarted trainer adopts it (versions never count backwards)
+
+
+class Step(Strict):
+    op: Literal["step"] = "step"
+
+
+class EndJob(Strict):
+    op: Literal["end_job"] = "end_job"
+    success: bool = True  # record the job's samples as trained (dedup)
+
+
+class Checkpoint(Strict):
+    op: Literal["checkpoint"] = "checkpoint"
+    target: str
+    allowed_root: str
+    allow_model_dir: bool = False
+    weight_version: int = 0
+
+
+class Shutdown(Strict):
+    op: Literal["shutdown"] = "shutdown"
+
+
+Request = Annotated[Ping | BeginJob | Step | EndJob | Checkpoint | Shutdown, Field(discriminator="op")]
+_requests = TypeAdapter(Request)
+
+
+# ---- replies --------------------------------------------------------------------------------------
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Status(Reply):
+    pid: int
+    weight_version: int
+    total_steps: int
+    total_jobs: int
+    trained_samples: int
+    optimizer_state_bytes: int
+    restored_from: str | None
+
+
+class JobBegun(Reply):
+    samples: int  # samples that will train (duplicates skipped)
+    tokens: int  # continuation tokens the loss is on
+    skipped_duplicates: int
+    parameters: int  # parameter tensors the filter selected
+
+
+class StepDone(Reply):
+    loss: float | None  # None when every sample was a duplicate
+    tokens: int
+    weight_version: int
+    seconds: float  # forward, backward and optimizer
+
+
+class JobEnded(Reply):
+    weight_version: int
+
+
+class CheckpointWritten(Reply):
+    path: str
+    generation: int
+    bytes_written: int
+    weight_bytes_written: int
+    blocks_changed: int
+    blocks_total: int
+    seconds: float
+    full_rewrite: bool
+    weight_version: int
+
+
+class Acknowledged(Reply):
+    pass
+
+
+REPLY_TYPE: dict[type, type[Reply]] = {Ping: Status, BeginJob: JobBegun, Step: StepDone, EndJob: JobEnded,
+                                       Checkpoint: CheckpointWritten, Shutdown: Acknowledged}
+
+
+# ---- the wire -------------------------------------------------------------------------------------
+
+
+def encode(message: Strict) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode_request(data: bytes) -> Ping | BeginJob | Step | EndJob | Checkpoint | Shutdown:
+    """The typed request; pydantic's ValidationError for anything else."""
+    return _requests.validate_json(data)
+
+
+def encode_reply(reply: Reply | TrainerError) -> bytes:
+    if isinstance(reply, TrainerError):
+        return json.dumps({"ok": False, "kind": reply.kind, "error": str(reply)}).encode()
+    return json.dumps({"ok": True, "reply": reply.model_dump(mode="json")}).encode()
+
+
+def decode_reply(request: Strict, data: bytes) -> Reply:
+    """The typed reply to `request`; raises TrainerError for a failure."""
+    envelope = json.loads(data)
+    if not envelope["ok"]:
+        raise TrainerError(envelope["kind"], envelope["error"])
+    return REPLY_TYPE[type(request)].model_validate(envelope["reply"])

@@ -1,0 +1,119 @@
+"""What a /train job may set: samples, optimizer settings and the parameter filter, with their one set of
+defaults and bounds.
+
+Any process. The API server validates request bodies with these models (a bad value is a 4xx with the
+reason, nothing queued); the trainer receives them validated and builds its optimizer from them, so a
+default or a bound lives here and nowhere else. Numbers are JSON numbers, never booleans (pydantic would
+read `true` as 1.0), and never NaN/Inf.
+
+    >>> OptimizerSettings(lr=1e-4).model_dump()["grad_clip"]
+    1.0
+    >>> select_params(names, ParamsFilter(layers=(20, 27), embeddings=False))
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+# Settings that fix the optimizer state's shapes: a job may not change them once state exists.
+SHAPE_SETTINGS = ("rank", "mini")
+PARAM_KINDS = ("attention", "mlp", "embeddings", "norms")
+ContextMode = Literal["masked", "no_grad"]
+
+
+def _not_bool(value):
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_bool)]
+
+
+class Strict(BaseModel):
+    """Unknown keys rejected, no NaN/Inf: the base of every model that crosses the process line."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Sample(Strict):
+    context_ids: list[StrictInt] = Field(min_length=1, description="conditioning tokens (no loss)")
+    continuation_ids: list[StrictInt] = Field(min_length=1, description="tokens the loss is on")
+
+
+class OptimizerSettings(Strict):
+    """APOLLO settings (training/plasticity_training/apollo.py), defaults and the bounds a job may ask."""
+
+    lr: Number = Field(1e-5, gt=0, le=1.0)
+    betas: tuple[Number, Number] = (0.9, 0.999)
+    eps: Number = Field(1e-6, gt=0, le=1.0)
+    weight_decay: Number = Field(0.0, ge=0, le=1.0)
+    warmup_steps: StrictInt = Field(0, ge=0, le=100_000)
+    rank: StrictInt = Field(64, ge=1, le=4096)  # fixed once optimizer state exists (SHAPE_SETTINGS)
+    scale: Number = Field(1.0, gt=0, le=1000.0)
+    proj_refresh: StrictInt = Field(200, ge=1, le=1_000_000)
+    norm_growth_limit: Number = Field(1.01, ge=1, le=1000.0)
+    mini: StrictBool = False  # APOLLO-Mini: rank 1, tensor-wise scaling; fixed once state exists
+    grad_clip: Number = Field(1.0, gt=0, le=1e6)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        return self
+
+    def shape(self) -> dict:
+        return {k: getattr(self, k) for k in SHAPE_SETTINGS}
+
+
+class ParamsFilter(Strict):
+    """Which weights train: all by default; `layers` [first, last] limits to those decoder layers."""
+
+    layers: tuple[StrictInt, StrictInt] | None = None
+    attention: StrictBool = True
+    mlp: StrictBool = True
+    embeddings: StrictBool = True
+    norms: StrictBool = True
+
+    @model_validator(mode="after")
+    def _layer_range(self):
+        if self.layers is not None and not 0 <= self.layers[0] <= self.layers[1]:
+            raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
+        return self
+
+
+def param_kind(name: str) -> str:
+    """attention, mlp, embeddings or norms, for a Llama/Qwen parameter name (HF's or vLLM's: the fused
+    qkv_proj/gate_up_proj sit under the same `self_attn`/`mlp` modules)."""
+    if "embed_tokens" in name or name.startswith("lm_head"):
+        return "embeddings"
+    if "norm" in name:  # input/post-attention norms, q_norm/k_norm, the final norm
+        return "norms"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    raise ValueError(f"unclassified parameter {name!r}")
+
+
+def layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] else None
+
+
+def select_params(names: list[str], spec: ParamsFilter | dict) -> list[str]:
+    """The parameter names a filter selects. With a layer range only parameters inside those decoder
+    layers are candidates (embeddings and the final norm are outside any layer)."""
+    spec = spec if isinstance(spec, ParamsFilter) else ParamsFilter(**spec)
+    chosen = []
+    for name in names:
+        if not getattr(spec, param_kind(name)):
+            continue
+        if spec.layers is not None:
+            idx = layer_index(name)
+            if idx is None or not spec.layers[0] <= idx <= spec.layers[1]:
+                continue
+        chosen.append(name)
+    return chosen
