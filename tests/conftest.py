@@ -27,10 +27,10 @@ def pytest_collection_modifyitems(config, items):
     # Tests that replace the shared server run last; among them, those that still use it first.
     def order(item):
         names = getattr(item, "fixturenames", ())
+        if "servers_restart" in names:  # may also read stock_reference: computed (and cached) by then
+            return 2 if "plasticity_server" in names else 3
         if "stock_reference" in names:
             return 0
-        if "servers_restart" in names:
-            return 2 if "plasticity_server" in names else 3
         return 1
 
     items.sort(key=order)

@@ -34,7 +34,7 @@ def test_routes_present_and_info(plasticity_server, auth):
     assert info["plasticity_architecture"] is True
     assert info["dtype"] == "float32"
     assert info["device"] == "cpu"
-    assert info["weights_shareable"] is True
+    assert info["weights_shareable"] is True and info["weights_in_place"] is True
     assert info["version"]
     assert set(info["features"]) >= {"training", "checkpoints", "weight_sharing", "readout", "steering"}
 

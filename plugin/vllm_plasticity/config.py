@@ -116,3 +116,9 @@ class PlasticityConfig:
             "readout": self.vectors_dir is not None,
             "steering": self.vectors_dir is not None,
         }
+
+
+def training_needs_one_shard(shards: int) -> str:
+    """Why training is refused at tensor-parallel size `shards` > 1 (the CLI and the server say the same)."""
+    return (f"training is unavailable with --tensor-parallel-size {shards}: the trainer views one worker's "
+            "weights, so /train needs --tensor-parallel-size 1 (see DESIGN.md, 'Tensor parallelism')")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from vllm_plasticity import __version__
-from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.config import PlasticityConfig, training_needs_one_shard
 from vllm_plasticity.contract.files import write_atomically
 from vllm_plasticity.readout_routes import attach_readout_routes
 from vllm_plasticity.readout_service import ReadoutService
@@ -86,6 +87,11 @@ class ServerState:
             self._start_training()
 
     def _start_training(self) -> None:
+        shards = getattr(self.args, "tensor_parallel_size", 1) or 1
+        if shards > 1:  # `plasticity serve` refuses this before vLLM starts; plain `vllm serve` users land here
+            self.training_unavailable = training_needs_one_shard(shards)
+            print(f"plasticity: {self.training_unavailable}", file=sys.stderr, flush=True)
+            return
         if self.weight_manifest_path is None:
             self.training_unavailable = (f"training needs weights shared in place, and {self.worker_info.get('architecture')} "
                                          "does not share them (serve a Llama/Qwen2/Qwen3 model with plasticity serve)")
@@ -199,6 +205,7 @@ async def info(state: ServerState = Depends(require_api_key)) -> dict:
         **{k: state.worker_info.get(k) for k in ("architecture", "dtype", "device", "num_parameters")},
         "plasticity_architecture": bool(state.worker_info.get("plasticity_architecture")),
         "weights_shareable": bool(state.worker_info.get("weights_shareable")),
+        "weights_in_place": bool(state.worker_info.get("weights_in_place")),
         "weight_manifest": str(state.weight_manifest_path) if state.weight_manifest_path else None,
         "features": state.config.features(),
         "readout": state.worker_info.get("readout"),

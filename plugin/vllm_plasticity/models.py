@@ -1,11 +1,14 @@
-"""The registered architectures: vLLM's Llama, Qwen2 and Qwen3 whose weights stay real, shareable tensors.
+"""The registered architectures: vLLM's Llama, Qwen2 and Qwen3, whose weights can stay real, shareable
+tensors, and whose decoder layers can be tapped for readout and steering.
 
 Runs in vLLM's worker process (loaded by "module:Class" string from `register()`).
 
 Stock vLLM on CPU repacks every linear weight for oneDNN after loading and drops `layer.weight` (shape
 [0]); `lm_head` keeps its tensor but multiplies with a packed copy. Either way a write to the weight
 tensor from another process changes nothing. These subclasses keep vLLM's signatures, parameter names
-and `packed_modules_mapping` (the trainer's view builder relies on them) and change two things:
+and `packed_modules_mapping` (the trainer's view builder relies on them). Only when weights are shared
+(PLASTICITY_TRAINING or PLASTICITY_SHARE_WEIGHTS) do they change two things, because the packed kernels are
+faster (a 99M-parameter Llama on 2 cores served 0.62x of stock with every layer kept in place):
   1. every linear layer carries vLLM's own `_cpu_skip_gemm_dispatch` flag (made for MLA's kv_b_proj),
      so it keeps its weight and multiplies with `F.linear` on it;
   2. the embedding / lm_head quant method does the same for the logits matmul;
@@ -64,13 +67,16 @@ class SharedWeightsMixin:
     when banks can be loaded (PLASTICITY_VECTORS_DIR), every decoder layer taps the residual stream."""
 
     plasticity_manifest: WeightManifest | None = None
+    plasticity_in_place = False
     plasticity_tapped_layer_arg: dict = {}  # the constructor's own layer-type argument, where it has one
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         config = PlasticityConfig.from_env()
         tap = config.vectors_dir is not None
         super().__init__(vllm_config=vllm_config, prefix=prefix, **(self.plasticity_tapped_layer_arg if tap else {}))
-        keep_weights_in_place(self)
+        self.plasticity_in_place = config.share_weights  # readout and steering need no in-place weights
+        if self.plasticity_in_place:
+            keep_weights_in_place(self)
         if tap:
             # vLLM keys its on-disk compile cache by the config's hash, not by the layer classes: mark the
             # config so a graph compiled without the tap is never loaded for a tapped model (or the reverse).

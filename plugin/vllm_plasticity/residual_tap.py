@@ -29,6 +29,8 @@ concepts (PLASTICITY_READOUT_CAPACITY lowers it).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.library import Library
 from vllm.model_executor.models.utils import PPMissingLayer
@@ -122,16 +124,10 @@ class ResidualTapMixin:
         return hidden_states, residual
 
 
+@functools.cache  # one class per layer class: isinstance checks and compiled graphs see one type
 def tapped_layer_class(layer_class: type) -> type:
-    """The subclass of `layer_class` that taps its output (one class per layer class, cached)."""
-    cached = _tapped_classes.get(layer_class)
-    if cached is None:
-        cached = type(f"Tapped{layer_class.__name__}", (ResidualTapMixin, layer_class), {})
-        _tapped_classes[layer_class] = cached
-    return cached
-
-
-_tapped_classes: dict[type, type] = {}
+    """The subclass of `layer_class` that taps its output."""
+    return type(f"Tapped{layer_class.__name__}", (ResidualTapMixin, layer_class), {})
 
 
 def tap_layers(layers: torch.nn.ModuleList) -> None:

@@ -37,6 +37,8 @@ class PlasticityWorkerExtension:
             "dtype": str(param.dtype).removeprefix("torch."),
             "device": str(param.device),
             "weights_shareable": shareable,
+            # False: vLLM's own (packed) kernels serve; True: weights are kept as tensors other processes write
+            "weights_in_place": bool(getattr(model, "plasticity_in_place", False)),
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "readout": self._plasticity_readout_limits(),
         }

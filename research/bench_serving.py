@@ -1,0 +1,124 @@
+"""Benchmark: serving throughput of the plugin vs stock vLLM, side by side at a realistic layer shape.
+
+One engine at a time (this machine has 2 cores), in this order: stock vLLM, `plasticity serve` (no
+training, no vectors dir), `plasticity serve --training`, stock again (the machine's drift shows as the
+difference between the two stock runs). Each server gets the same warm-up, then `--rounds` rounds of
+`--concurrency` simultaneous completions of `--tokens` generated tokens each (greedy, ignore_eos), and
+reports generated tokens per second of wall time. Ratios are against the mean of the two stock runs.
+
+The model is built here: a random-init Llama with the built-in model's tokenizer and the layer shapes of a
+real small model (default hidden 1024, intermediate 3072, 16 heads, 8 KV heads, 8 layers: 104M parameters).
+Random weights are fine for speed.
+
+    python research/bench_serving.py [--hidden 1024 --layers 8 ...] [--out research/serving_results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
+
+from plasticity_training.default_model import ModelSpec, build_model  # noqa: E402
+from vllm_plasticity.launcher import ServerProcess  # noqa: E402
+
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32"]
+
+
+def throughput(server: ServerProcess, model: str, concurrency: int, tokens: int) -> float:
+    """Generated tokens per second for `concurrency` simultaneous completions."""
+    def one(i: int) -> int:
+        r = requests.post(server.url + "/v1/completions", timeout=600, json={
+            "model": model, "prompt": f"The story number {i} begins at the door of the old house and", "max_tokens": tokens,
+            "temperature": 0, "ignore_eos": True})
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        generated = sum(pool.map(one, range(concurrency)))
+    return generated / (time.perf_counter() - t0)
+
+
+def run(kind: str, model: Path, args, workdir: Path) -> dict:
+    extra = [*SERVER_ARGS, "--state-dir", str(workdir / f"state-{kind}")]
+    if kind == "stock":
+        server = ServerProcess.stock(model, extra_args=SERVER_ARGS, log_path=workdir / f"{kind}.log")
+    else:
+        server = ServerProcess.plasticity(model, extra_args=extra + (["--training"] if kind == "training" else []),
+                                          log_path=workdir / f"{kind}.log")
+    try:
+        server.wait_ready(progress=lambda s: print(f"  ... {kind} starting ({s:.0f}s)", file=sys.stderr))
+        throughput(server, str(model), args.concurrency, 8)  # warm-up: compile paths, caches
+        rates = [throughput(server, str(model), args.concurrency, args.tokens) for _ in range(args.rounds)]
+        info = {}
+        if kind != "stock":
+            info = requests.get(server.url + "/plasticity/info", timeout=10).json()
+        print(f"[serving] {kind}: {', '.join(f'{r:.1f}' for r in rates)} tok/s", file=sys.stderr)
+        return {"kind": kind, "rates": rates, "in_place": info.get("weights_in_place")}
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=3072)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("serving_results.md")))
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="plasticity-bench-serving-") as tmp:
+        workdir = Path(tmp)
+        spec = ModelSpec(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                         num_hidden_layers=args.layers, train_steps=0)
+        model = build_model(spec, workdir / "model", log=lambda m: print(m, file=sys.stderr))
+        n_params = json.loads((model / "plasticity_spec.json").read_text()).get("parameters")
+        results = [run(kind, model, args, workdir) for kind in ("stock", "plugin", "training", "stock")]
+
+    stock = statistics.mean(r for res in results if res["kind"] == "stock" for r in res["rates"])
+    size = f"{n_params / 1e6:.0f}M parameters" if n_params else "size unknown"
+    lines = [
+        "# Serving throughput: plugin vs stock vLLM",
+        "",
+        f"Command: `{command()}`  ",
+        f"Machine: {machine()}  ",
+        f"Model: random-init Llama, {size}, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"{args.heads} heads / {args.kv_heads} KV heads, {args.layers} layers, fp32, vocabulary {spec.vocab_size}  ",
+        f"Load: {args.concurrency} concurrent greedy completions of {args.tokens} tokens, {args.rounds} rounds per "
+        "server after a warm-up; servers run one after another in the order below.",
+        "",
+        "| server | weights kept in place | tok/s per round | mean tok/s | vs stock (mean of both stock runs) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    names = {"stock": "stock vLLM", "plugin": "plasticity serve", "training": "plasticity serve --training"}
+    for res in results:
+        mean = statistics.mean(res["rates"])
+        in_place = "-" if res["in_place"] is None else ("yes" if res["in_place"] else "no (vLLM's packed kernels)")
+        lines.append(f"| {names[res['kind']]} | {in_place} | {', '.join(f'{r:.1f}' for r in res['rates'])} | "
+                     f"{mean:.1f} | {mean / stock:.3f} |")
+    first, last = (statistics.mean(res["rates"]) for res in (results[0], results[-1]))
+    lines += ["", f"The two stock runs differ by {abs(first - last) / stock:.1%} of their mean: the machine's drift "
+              "over the run, the noise floor of every ratio above."]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
