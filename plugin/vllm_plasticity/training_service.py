@@ -32,7 +32,9 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 from vllm_plasticity.config import TrainLimits
 from vllm_plasticity.contract.files import is_inside
 from vllm_plasticity.contract.messages import BeginJob, Checkpoint, EndJob, Ping, Step, TrainerError
-from vllm_plasticity.contract.settings import ContextMode, OptimizerSettings, ParamsFilter, Sample, Strict, select_params
+from vllm_plasticity.contract.settings import (
+    ContextMode, Number, Objective, OptimizerSettings, ParamsFilter, PreferenceSample, PreferenceSettings, Sample, Strict,
+    select_params)
 from vllm_plasticity.trainer_client import TrainerClient, TrainerUnavailable
 
 MAX_STEPS = 1000  # the schema's ceiling; the server's own limit (PLASTICITY_TRAIN_MAX_STEPS) may be lower
@@ -43,7 +45,8 @@ HTTP_STATUS: dict[str, int] = {"invalid": 400, "conflict": 409, "rejected": 422,
 
 
 class TrainRequest(Strict):
-    samples: list[Sample] | None = Field(None, min_length=1)
+    objective: Objective = Field("sft", description="sft: continuation loss; orpo, dpo: preference pairs")
+    samples: list[Sample | PreferenceSample] | None = Field(None, min_length=1)
     context_ids: list[StrictInt] | None = Field(None, min_length=1, description="single-sample shorthand")
     continuation_ids: list[StrictInt] | None = Field(None, min_length=1, description="single-sample shorthand")
     steps: StrictInt = Field(1, ge=1, le=MAX_STEPS)
@@ -53,6 +56,13 @@ class TrainRequest(Strict):
     wait: StrictBool = Field(True, description="answer when the job ends (false: answer with the job id at once)")
     pause: StrictBool = Field(False, description="pause generation around each optimizer step")
     context_mode: ContextMode = "masked"
+    beta: Number | None = Field(None, description="dpo: strength of the KL constraint (default 0.1)")
+    lambda_: Number | None = Field(None, alias="lambda", description="orpo: weight of the odds-ratio term (default 0.1)")
+
+    @property
+    def preference(self) -> PreferenceSettings:
+        given = {k: v for k, v in (("beta", self.beta), ("lambda", self.lambda_)) if v is not None}
+        return PreferenceSettings(**given)
 
     @model_validator(mode="after")
     def _one_form(self):
@@ -65,6 +75,20 @@ class TrainRequest(Strict):
             self.samples = [Sample(context_ids=self.context_ids, continuation_ids=self.continuation_ids)]
         if self.samples is None:
             raise ValueError("no samples: give samples, or context_ids + continuation_ids")
+        kind, fields = ((Sample, "context_ids and continuation_ids") if self.objective == "sft"
+                        else (PreferenceSample, "context_ids, chosen_ids and rejected_ids"))
+        for i, sample in enumerate(self.samples):
+            if not isinstance(sample, kind):
+                raise ValueError(f"objective {self.objective!r} takes samples with {fields}; samples[{i}] is not one")
+            if self.objective != "dpo" and getattr(sample, "ref_chosen_logp", None) is not None:
+                raise ValueError(f"samples[{i}]: reference log-probs apply to the dpo objective only")
+        if self.beta is not None and self.objective != "dpo":
+            raise ValueError("beta applies to the dpo objective only")
+        if self.lambda_ is not None and self.objective != "orpo":
+            raise ValueError("lambda applies to the orpo objective only")
+        if self.objective != "sft" and self.context_mode != "masked":
+            raise ValueError(f"context_mode {self.context_mode!r} applies to sft only")
+        self.preference  # the bounds of beta and lambda (PreferenceSettings): a bad value is refused here
         return self
 
 
@@ -84,6 +108,8 @@ class TrainJob:
         self.publish_seconds: list[float] = []  # the server's bookkeeping per step (prefix-cache reset)
         self.tokens = 0
         self.skipped_duplicates = 0
+        self.skipped_zero_weight = 0
+        self.preference_steps: list[dict] = []  # orpo, dpo: chosen/rejected log-probs and margin per step
         self.weight_version: int | None = None
         self.error: str | None = None
         self.http_status = 200
@@ -94,9 +120,15 @@ class TrainJob:
         self.done = asyncio.Event()
 
     def summary(self) -> dict:
-        return {"job_id": self.id, "status": self.status, "steps": len(self.losses), "losses": self.losses,
+        preference = {}
+        if self.request.objective != "sft":
+            preference = {key + "s": [step[key] for step in self.preference_steps]
+                          for key in ("chosen_logp", "rejected_logp", "margin")}
+        return {"job_id": self.id, "status": self.status, "objective": self.request.objective,
+                "steps": len(self.losses), "losses": self.losses, **preference,
                 "tokens": self.tokens, "weight_version": self.weight_version,
-                "skipped_duplicates": self.skipped_duplicates, **({"error": self.error} if self.error else {})}
+                "skipped_duplicates": self.skipped_duplicates, "skipped_zero_weight": self.skipped_zero_weight,
+                **({"error": self.error} if self.error else {})}
 
     def detail(self) -> dict:
         return {**self.summary(), "requested_steps": self.request.steps, "samples": len(self.request.samples),
@@ -157,7 +189,7 @@ class TrainingService:
         if len(req.samples) > lim.max_samples:
             raise HTTPException(400, f"{len(req.samples)} samples is more than this server's limit {lim.max_samples} "
                                      "per request (PLASTICITY_TRAIN_MAX_SAMPLES)")
-        tokens = sum(len(s.context_ids) + len(s.continuation_ids) for s in req.samples)
+        tokens = sum(len(s.context_ids) * len(s.sequences()) + sum(map(len, s.sequences())) for s in req.samples)
         if tokens > lim.max_tokens:
             raise HTTPException(400, f"{tokens} tokens (context + continuation, all samples) is more than this "
                                      f"server's limit {lim.max_tokens} per request (PLASTICITY_TRAIN_MAX_TOKENS)")
@@ -168,12 +200,12 @@ class TrainingService:
         if self.param_names and not select_params(self.param_names, req.params):
             raise HTTPException(400, f"the params filter {req.params.model_dump()} selects no parameter of this model")
         for i, s in enumerate(req.samples):
-            ids = s.context_ids + s.continuation_ids
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            bad = [t for t in s.context_ids + [t for seq in s.sequences() for t in seq] if not 0 <= t < self.vocab_size]
             if bad:
                 raise HTTPException(400, f"samples[{i}]: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-            if len(ids) > self.max_model_len:
-                raise HTTPException(400, f"samples[{i}]: context + continuation is {len(ids)} tokens, "
+            longest = len(s.context_ids) + max(map(len, s.sequences()))
+            if longest > self.max_model_len:
+                raise HTTPException(400, f"samples[{i}]: context + continuation is {longest} tokens, "
                                          f"more than the model's maximum length {self.max_model_len}")
 
     def submit(self, req: TrainRequest) -> TrainJob:
@@ -243,9 +275,11 @@ class TrainingService:
         self.trainer.state = "busy"
         try:
             begin = await self._trainer_request(BeginJob(
-                samples=req.samples, optimizer=req.optimizer, params=req.params, force=req.force,
+                samples=req.samples, objective=req.objective, preference=req.preference,
+                optimizer=req.optimizer, params=req.params, force=req.force,
                 context_mode=req.context_mode, weight_version=self.weight_version or 0))
-            job.tokens, job.skipped_duplicates = begin.tokens, begin.skipped_duplicates
+            job.tokens, job.skipped_duplicates, job.skipped_zero_weight = (begin.tokens, begin.skipped_duplicates,
+                                                                           begin.skipped_zero_weight)
             success = False
             try:
                 for _ in range(req.steps if begin.samples else 0):
@@ -262,6 +296,9 @@ class TrainingService:
                         if req.pause:
                             await self.engine_client.resume_generation()
                     job.losses.append(reply.loss)
+                    if req.objective != "sft":
+                        job.preference_steps.append({"chosen_logp": reply.chosen_logp,
+                                                     "rejected_logp": reply.rejected_logp, "margin": reply.margin})
                     job.step_seconds.append(reply.seconds)
                     job.weight_version = self._advance_version(reply.weight_version)
                 success = not job.cancel_requested

@@ -32,7 +32,8 @@ from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
 HANDLERS: dict[type, Callable[[TrainerCore, object], Reply]] = {
     Ping: lambda core, m: Status(**core.status()),
     BeginJob: lambda core, m: JobBegun(**core.begin_job(
-        [s.model_dump() for s in m.samples], m.optimizer, m.params, m.force, m.context_mode, m.weight_version)),
+        [s.model_dump() for s in m.samples], m.optimizer, m.params, m.force, m.context_mode, m.weight_version,
+        m.objective, m.preference)),
     Step: lambda core, m: StepDone(**core.step()),
     EndJob: lambda core, m: JobEnded(**core.end_job(m.success)),
     Checkpoint: lambda core, m: CheckpointWritten(**core.checkpoint(

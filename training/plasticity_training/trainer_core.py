@@ -27,17 +27,30 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from plasticity_training import checkpoint as ckpt
 from plasticity_training.apollo import Apollo, NonFiniteGradientError, NonFiniteUpdateError, flatten_state, unflatten_state
 from plasticity_training.hf_view import build_hf_view
+from plasticity_training.objectives import ObjectiveResult, continuation_logprobs, dpo_loss, orpo_loss, sft_loss
 from vllm_plasticity.contract.files import write_atomically, write_file_atomically
 from vllm_plasticity.contract.messages import TrainerError
-from vllm_plasticity.contract.settings import ContextMode, OptimizerSettings, ParamsFilter, select_params
+from vllm_plasticity.contract.settings import (
+    ContextMode, Objective, OptimizerSettings, ParamsFilter, PreferenceSettings, select_params)
 
 
 def sample_hash(context_ids: list[int], continuation_ids: list[int]) -> str:
     blob = json.dumps([context_ids, continuation_ids], separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def sample_key(objective: str, sample: dict) -> str:
+    """The dedup key: an sft sample's is its token ids (as it always was); a preference sample's names the
+    objective and both continuations, so the same pair under another objective trains again."""
+    if objective == "sft":
+        return sample_hash(sample["context_ids"], sample["continuation_ids"])
+    blob = json.dumps([objective, sample["context_ids"], sample["chosen_ids"], sample["rejected_ids"]],
+                      separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -127,13 +140,21 @@ class TrainerCore:
     # ---- jobs ------------------------------------------------------------------------------------
     def begin_job(self, samples: list[dict], optimizer: OptimizerSettings | dict | None = None,
                   params: ParamsFilter | dict | None = None, force: bool = False, context_mode: ContextMode = "masked",
-                  weight_version: int = 0) -> dict:
+                  weight_version: int = 0, objective: Objective = "sft",
+                  preference: PreferenceSettings | dict | None = None) -> dict:
         """Open a job: choose the parameters that train, build or reuse the optimizer, drop samples trained
-        on before (unless `force`). Samples are {"context_ids", "continuation_ids"} dicts."""
+        on before (unless `force`) and samples of weight 0, and for DPO fix the reference log-probs (the
+        weights as they are now, where the client gave none). Samples are dicts: {"context_ids",
+        "continuation_ids"} for sft, {"context_ids", "chosen_ids", "rejected_ids"} for orpo and dpo, each
+        with an optional "weight" (default 1)."""
         if self.job is not None:
             raise TrainerError("conflict", "a job is already running in the trainer")
+        if objective != "sft" and context_mode != "masked":
+            raise TrainerError("invalid", f"context_mode {context_mode!r} applies to sft only; {objective} "
+                                          "computes both continuations in one masked forward")
         optimizer = optimizer if isinstance(optimizer, OptimizerSettings) else OptimizerSettings(**(optimizer or {}))
         params = params if isinstance(params, ParamsFilter) else ParamsFilter(**(params or {}))
+        preference = preference if isinstance(preference, PreferenceSettings) else PreferenceSettings(**(preference or {}))
         # A trainer killed mid-job stepped past its last saved version: never count backwards.
         self.state.weight_version = max(self.state.weight_version, weight_version)
         selected = select_params(list(self.named), params)
@@ -141,21 +162,56 @@ class TrainerCore:
             raise TrainerError("invalid", f"the params filter {params.model_dump()} selects no parameter")
         self._ensure_optimizer(optimizer)
 
-        hashes = [sample_hash(s["context_ids"], s["continuation_ids"]) for s in samples]
-        keep = [s for s, h in zip(samples, hashes) if force or h not in self.trained]
+        weighted = [s for s in samples if s.get("weight", 1.0) > 0]
+        hashes = [sample_key(objective, s) for s in weighted]
+        fresh = [(s, h) for s, h in zip(weighted, hashes) if force or h not in self.trained]
+        keep = [s for s, _ in fresh]
         selected_set = set(selected)
         for name, p in self.named.items():
             p.requires_grad_(name in selected_set)
-        self.job = {"samples": keep, "hashes": [h for s, h in zip(samples, hashes) if force or h not in self.trained],
-                    "context_mode": context_mode, "tokens": sum(len(s["continuation_ids"]) for s in keep)}
-        return {"samples": len(keep), "tokens": self.job["tokens"], "skipped_duplicates": len(samples) - len(keep),
-                "parameters": len(selected)}
+        conts = ("continuation_ids",) if objective == "sft" else ("chosen_ids", "rejected_ids")
+        self.job = {"samples": keep, "hashes": [h for _, h in fresh], "context_mode": context_mode,
+                    "objective": objective, "preference": preference,
+                    "tokens": sum(len(s[k]) for s in keep for k in conts)}
+        if objective == "dpo" and keep:
+            self.job["reference"] = self._dpo_reference(keep)
+        return {"samples": len(keep), "tokens": self.job["tokens"], "skipped_duplicates": len(weighted) - len(keep),
+                "skipped_zero_weight": len(samples) - len(weighted), "parameters": len(selected)}
+
+    @torch.no_grad()
+    def _dpo_reference(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ref chosen, ref rejected) summed log-probs: the client's, else the weights as they are now (so no
+        second copy of the model is kept)."""
+        given = [s.get("ref_chosen_logp") is not None for s in samples]
+        chosen, rejected = torch.zeros(len(samples)), torch.zeros(len(samples))
+        if not all(given):
+            ctx = [s["context_ids"] for s in samples]
+            chosen, _ = continuation_logprobs(self.model, self.pad_id, ctx, [s["chosen_ids"] for s in samples])
+            rejected, _ = continuation_logprobs(self.model, self.pad_id, ctx, [s["rejected_ids"] for s in samples])
+        for i, s in enumerate(samples):
+            if given[i]:
+                chosen[i], rejected[i] = s["ref_chosen_logp"], s["ref_rejected_logp"]
+        return chosen, rejected
+
+    def _objective(self, job: dict) -> ObjectiveResult:
+        samples, pref = job["samples"], job["preference"]
+        weights = torch.tensor([float(s.get("weight", 1.0)) for s in samples])  # (N,)
+        if job["objective"] == "sft":
+            return ObjectiveResult(self._loss(samples, job["context_mode"]))
+        ctx = [s["context_ids"] for s in samples]
+        chosen, n_chosen = continuation_logprobs(self.model, self.pad_id, ctx, [s["chosen_ids"] for s in samples])
+        rejected, n_rejected = continuation_logprobs(self.model, self.pad_id, ctx, [s["rejected_ids"] for s in samples])
+        if job["objective"] == "dpo":
+            return dpo_loss(chosen, rejected, *job["reference"], pref.beta, weights)
+        return orpo_loss(chosen, n_chosen, rejected, n_rejected, pref.lambda_, weights)
 
     def _loss(self, samples: list[dict], context_mode: str) -> torch.Tensor:
-        """Mean cross-entropy over all continuation tokens; the context only conditions."""
-        n_tokens = sum(len(s["continuation_ids"]) for s in samples)
+        """The sft loss: cross-entropy over the continuation tokens, each sample's tokens weighted by its
+        weight (all 1: the plain mean over tokens); the context only conditions."""
+        weights = torch.tensor([float(s.get("weight", 1.0)) for s in samples])  # (N,)
+        counts = torch.tensor([float(len(s["continuation_ids"])) for s in samples])  # (N,)
         if context_mode == "no_grad":
-            total = 0.0
+            sums = []
             for s in samples:  # the context's keys/values computed without a graph (truncated gradient)
                 ctx = torch.tensor([s["context_ids"]])  # (1, C)
                 cont = torch.tensor([s["continuation_ids"]])  # (1, K)
@@ -165,21 +221,12 @@ class TrainerCore:
                 # The first continuation token is predicted by the context's last position.
                 first = out.logits[:, -1:].detach()
                 all_logits = torch.cat([first, logits[:, :-1]], dim=1)  # (1, K, V)
-                total = total + torch.nn.functional.cross_entropy(all_logits[0].float(), cont[0], reduction="sum")
-            return total / n_tokens
-        # masked: one padded batch; labels are -100 on the context and the padding (exact gradient).
-        seqs = [s["context_ids"] + s["continuation_ids"] for s in samples]
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(seqs), T), -100, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for b, (s, seq) in enumerate(zip(samples, seqs)):
-            ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, : len(seq)] = 1
-            labels[b, len(s["context_ids"]) : len(seq)] = torch.tensor(s["continuation_ids"])
-        logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                 ignore_index=-100, reduction="sum") / n_tokens
+                sums.append(-F.cross_entropy(all_logits[0].float(), cont[0], reduction="sum"))
+            return sft_loss(torch.stack(sums), counts, weights).loss
+        # masked: one padded batch, the gradient flows through the context's keys and values (exact).
+        sums, _ = continuation_logprobs(self.model, self.pad_id, [s["context_ids"] for s in samples],
+                                        [s["continuation_ids"] for s in samples])
+        return sft_loss(sums, counts, weights).loss
 
     def step(self) -> dict:
         """One forward/backward/APOLLO step on the job's samples, applied in place to vLLM's weights."""
@@ -189,7 +236,8 @@ class TrainerCore:
             return {"loss": None, "tokens": 0, "weight_version": self.state.weight_version, "seconds": 0.0}
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(self.job["samples"], self.job["context_mode"])
+        result = self._objective(self.job)
+        loss = result.loss
         if not torch.isfinite(loss):
             raise TrainerError("rejected", f"non-finite loss ({loss.item()}); step rejected, weights unchanged")
         loss.backward()
@@ -202,7 +250,8 @@ class TrainerCore:
         self.state.weight_version += 1
         self.state.total_steps += 1
         return {"loss": loss.item(), "tokens": self.job["tokens"], "weight_version": self.state.weight_version,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "chosen_logp": result.chosen_logp,
+                "rejected_logp": result.rejected_logp, "margin": result.margin}
 
     def end_job(self, success: bool = True) -> dict:
         job, self.job = self.job, None

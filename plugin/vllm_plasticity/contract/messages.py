@@ -5,7 +5,7 @@ Any process: the API server (trainer_client.py, training_service.py) sends reque
 pause generation, reset the prefix cache, take a checkpoint or stop a cancelled job between steps:
 
     Ping                                  -> Status
-    BeginJob(samples, optimizer, params, force, context_mode, weight_version) -> JobBegun
+    BeginJob(samples, objective, preference, optimizer, params, force, context_mode, weight_version) -> JobBegun
     Step                                  -> StepDone       (one optimizer step, in place)
     EndJob(success)                       -> JobEnded       (state saved)
     Checkpoint(target, allowed_root, allow_model_dir, weight_version) -> CheckpointWritten
@@ -27,7 +27,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from vllm_plasticity.contract.settings import ContextMode, OptimizerSettings, ParamsFilter, Sample, Strict
+from vllm_plasticity.contract.settings import (
+    ContextMode, Objective, OptimizerSettings, ParamsFilter, PreferenceSample, PreferenceSettings, Sample, Strict)
 
 # What went wrong, as the trainer sees it:
 #   invalid        the request cannot be done as asked (a filter that selects nothing, a bad path)
@@ -56,7 +57,9 @@ class Ping(Strict):
 
 class BeginJob(Strict):
     op: Literal["begin_job"] = "begin_job"
-    samples: list[Sample]
+    samples: list[Sample] | list[PreferenceSample]  # Sample for sft, PreferenceSample for orpo and dpo
+    objective: Objective = "sft"
+    preference: PreferenceSettings = PreferenceSettings()
     optimizer: OptimizerSettings = OptimizerSettings()
     params: ParamsFilter = ParamsFilter()
     force: bool = False  # train samples already trained on
@@ -110,6 +113,7 @@ class JobBegun(Reply):
     samples: int  # samples that will train (duplicates skipped)
     tokens: int  # continuation tokens the loss is on
     skipped_duplicates: int
+    skipped_zero_weight: int = 0
     parameters: int  # parameter tensors the filter selected
 
 
@@ -118,6 +122,9 @@ class StepDone(Reply):
     tokens: int
     weight_version: int
     seconds: float  # forward, backward and optimizer
+    chosen_logp: float | None = None  # orpo, dpo: mean over samples of log p(chosen | context), before the step
+    rejected_logp: float | None = None
+    margin: float | None = None  # dpo: implicit reward margin; orpo: log odds ratio (sample means)
 
 
 class JobEnded(Reply):

@@ -38,9 +38,50 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+Objective = Literal["sft", "orpo", "dpo"]
+Weight = Annotated[Number, Field(ge=0, le=1e6, description="the sample's weight in the loss (0: skipped)")]
+
+
 class Sample(Strict):
+    """An `sft` sample: the loss is the continuation's cross-entropy given the context."""
+
     context_ids: list[StrictInt] = Field(min_length=1, description="conditioning tokens (no loss)")
     continuation_ids: list[StrictInt] = Field(min_length=1, description="tokens the loss is on")
+    weight: Weight = 1.0
+
+    def sequences(self) -> list[list[int]]:
+        return [self.continuation_ids]
+
+
+class PreferenceSample(Strict):
+    """An `orpo` or `dpo` sample: a context, a preferred and a rejected continuation. For DPO the client may
+    give the reference log-probs (sums over each continuation's tokens); otherwise the served weights at the
+    start of the job are the reference."""
+
+    context_ids: list[StrictInt] = Field(min_length=1)
+    chosen_ids: list[StrictInt] = Field(min_length=1, description="the preferred continuation")
+    rejected_ids: list[StrictInt] = Field(min_length=1, description="the rejected continuation")
+    weight: Weight = 1.0
+    ref_chosen_logp: Number | None = Field(None, le=0, description="dpo: reference log p(chosen | context)")
+    ref_rejected_logp: Number | None = Field(None, le=0, description="dpo: reference log p(rejected | context)")
+
+    @model_validator(mode="after")
+    def _both_references_or_neither(self):
+        if (self.ref_chosen_logp is None) != (self.ref_rejected_logp is None):
+            raise ValueError("give both ref_chosen_logp and ref_rejected_logp, or neither")
+        return self
+
+    def sequences(self) -> list[list[int]]:
+        return [self.chosen_ids, self.rejected_ids]
+
+
+class PreferenceSettings(Strict):
+    """The preference objectives' strengths: DPO's beta (Rafailov et al. 2023) and ORPO's lambda (Hong et
+    al. 2024), with their papers' usual defaults."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    beta: Number = Field(0.1, gt=0, le=100.0, description="dpo: strength of the implicit KL constraint")
+    lambda_: Number = Field(0.1, ge=0, le=100.0, alias="lambda", description="orpo: weight of the odds-ratio term")
 
 
 class OptimizerSettings(Strict):
