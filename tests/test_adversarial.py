@@ -30,6 +30,10 @@ HOSTILE = [
     ("post", "/train", {**IDS, "params": {"layers": [3, 1]}}, "layers"),
     ("post", "/train", {**IDS, "context_mode": "eval"}, "context_mode"),
     ("post", "/train", "[]", "dict"),
+    ("post", "/train", {"objective": "dpo", "samples": [IDS]}, "takes samples with context_ids, chosen_ids"),
+    ("post", "/train", '{"objective": "dpo", "beta": Infinity, "samples": [{"context_ids": [5], "chosen_ids": [6], '
+                       '"rejected_ids": [7]}]}', "beta"),
+    ("post", "/train", {"samples": [{**IDS, "weight": -0.5}]}, "weight"),
     ("delete", "/train/train-0-nope", None, "no job"),
     ("post", "/checkpoint", {"path": "../../etc"}, "not inside the checkpoint directory"),
     ("post", "/checkpoint", {"path": "/"}, "not inside the checkpoint directory"),
