@@ -92,3 +92,13 @@ def test_a_server_started_with_shards_says_why_it_cannot_train():
     app.state.plasticity = state
     r = TestClient(app).post("/train", json={"context_ids": [1], "continuation_ids": [2]})
     assert r.status_code == 503 and "--tensor-parallel-size 1" in r.json()["detail"]
+
+
+def test_readout_on_a_gpu_selects_the_v1_model_runner(tmp_path, capsys):
+    model = _model_dir(tmp_path)
+    _, env = build_serve_command([model, "--vectors-dir", str(tmp_path)], {}, cuda=True)
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0" and "VLLM_USE_V2_MODEL_RUNNER=0" in capsys.readouterr().err
+    _, env = build_serve_command([model, "--vectors-dir", str(tmp_path)], {"VLLM_USE_V2_MODEL_RUNNER": "1"}, cuda=True)
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "1"  # the operator's choice stands (the bank load then says why not)
+    _, env = build_serve_command([model], {}, cuda=True)
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in env  # without readout vLLM's default runner serves

@@ -113,6 +113,12 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     # A checkpoint directory stands for its newest complete generation (`current`).
     if (Path(model) / "current" / "config.json").is_file():
         model = str(Path(model) / "current")
+    if cuda and known.vectors_dir and "VLLM_USE_V2_MODEL_RUNNER" not in env:
+        # The readout engine reads the V1 runner's batch layout (readout_worker.check_batch_layout); vLLM
+        # 0.32 defaults to the V2 runner on GPUs, so readout and steering select V1, and say so.
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        print("plasticity: readout and steering need vLLM's V1 model runner: VLLM_USE_V2_MODEL_RUNNER=0",
+              file=sys.stderr)
     if not cuda:
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         # vLLM sizes the CPU KV cache from NUMA node 0, not the machine; 1 GiB starts anywhere.
