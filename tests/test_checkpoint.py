@@ -479,3 +479,40 @@ def test_sigkill_at_random_points_of_syncs_leaves_old_or_new(tmp_path):
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+# ---- reading only what changed ------------------------------------------------------------------
+
+def test_a_sync_reads_only_the_tensors_stepped_since_its_standby_was_written(tmp_path, monkeypatch):
+    from plasticity_training.checkpoint import ChangeTracker
+
+    src, ckpt = source_dir(tmp_path), tmp_path / "ck"
+    g = torch.Generator().manual_seed(5)
+    live = {f"w.{i}": torch.randn(256, 512, generator=g) for i in range(8)}  # 512 KiB each
+    tensor_bytes = 256 * 512 * 4
+    changes = ChangeTracker()
+    sync_checkpoint(live, ckpt, src, changes=changes)  # gen-a written, gen-b seeded (seeded: not known)
+
+    def step(name):
+        live[name].add_(1.0)
+        changes.stepped(n for n in live if n == name)  # a generator, as the trainer passes
+
+    step("w.1")
+    second = sync_checkpoint(live, ckpt, src, changes=changes)  # into the seeded gen-b: compared in full
+    assert second.bytes_read >= 8 * tensor_bytes
+    step("w.2")
+    third = sync_checkpoint(live, ckpt, src, changes=changes)  # into gen-a: w.1 and w.2 changed since
+    assert 2 * tensor_bytes <= third.bytes_read <= 2 * tensor_bytes + 3 * 4096
+    assert third.weight_bytes_written >= 2 * tensor_bytes and bitwise_equal(load_current(ckpt), live)
+    step("w.3")
+    fourth = sync_checkpoint(live, ckpt, src, changes=changes)  # into gen-b: w.2 and w.3 since
+    assert fourth.bytes_read <= 2 * tensor_bytes + 3 * 4096 and bitwise_equal(load_current(ckpt), live)
+
+    # A sync that fails half-way leaves its generation unknown: the next one into it compares in full.
+    step("w.4")
+    monkeypatch.setattr(ck_io, "pwrite_all", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(ck.CheckpointWriteError):
+        sync_checkpoint(live, ckpt, src, changes=changes)
+    monkeypatch.undo()
+    repaired = sync_checkpoint(live, ckpt, src, changes=changes)
+    assert repaired.bytes_read >= 8 * tensor_bytes and bitwise_equal(load_current(ckpt), live)

@@ -75,7 +75,8 @@ import torch
 from torch import nn
 
 from plasticity_training.checkpoint_io import (
-    TMP_SUFFIX, BufferPool, Stats, copy_file, diff_write, fsync_dir, full_write, same_layout, unlink, write_small)
+    TMP_SUFFIX, BufferPool, Stats, copy_file, diff_write, dirty_ranges, fsync_dir, full_write, same_layout, unlink,
+    write_small)
 from plasticity_training.checkpoint_layout import BLOCK_SIZE, MAX_SHARD_BYTES, FilePlan, index_bytes, plan_layout
 from vllm_plasticity.contract.files import is_inside
 
@@ -132,6 +133,38 @@ class SyncReport:
     seconds: float
     full_rewrite: bool  # some weight file was written whole (first sync, changed layout)
     warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+class ChangeTracker:
+    """Which tensors may differ from each generation this process wrote: a sync then reads and compares
+    only those (and the header) instead of the whole standby file.
+
+    The trainer calls `stepped(names)` after every optimizer step. A generation counts as known only while
+    its manifest still carries the generation number this process wrote; a generation written by anyone
+    else, torn by a crash, or never written here is compared in full. Writes to the weights by anything
+    but the trainer are outside this contract (only the trainer writes them).
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], tuple[int, set[str]]] = {}  # (target, generation dir) -> (number, changed)
+
+    def stepped(self, names) -> None:
+        names = set(names)  # once: every known generation gets the same names (a generator would be spent)
+        for _, changed in self._known.values():
+            changed.update(names)
+
+    def since(self, target: Path, gen: str) -> set[str] | None:
+        entry = self._known.get((str(target), gen))
+        manifest = _read_manifest(target / gen)
+        if entry is None or manifest is None or manifest.get("generation") != entry[0]:
+            return None
+        return set(entry[1])
+
+    def forget(self, target: Path, gen: str) -> None:
+        self._known.pop((str(target), gen), None)
+
+    def written(self, target: Path, gen: str, number: int) -> None:
+        self._known[(str(target), gen)] = (number, set())
 
 
 # ---- what to write ------------------------------------------------------------------------------
@@ -248,7 +281,7 @@ def _read_manifest(gen_dir: Path) -> dict | None:
 
 def _write_generation(gen_dir: Path, plans: list[FilePlan], index: bytes, small: dict[str, bytes],
                       extras: dict[str, bytes], manifest: dict, block_size: int, stats: Stats, progress,
-                      pool: BufferPool) -> None:
+                      pool: BufferPool, changed: set[str] | None = None) -> None:
     """Make `gen_dir` (not named by `current`) a complete, fsynced checkpoint of the live weights."""
     gen_dir.mkdir(exist_ok=True)
     state_dir = gen_dir / STATE_DIR
@@ -273,7 +306,7 @@ def _write_generation(gen_dir: Path, plans: list[FilePlan], index: bytes, small:
             path = gen_dir / plan.name
             report = None if progress is None else (lambda pos, base=done: progress(base + pos, total))
             if same_layout(path, plan):
-                diff_write(path, plan, bufs, block_size, stats, report)
+                diff_write(path, plan, bufs, block_size, stats, report, dirty_ranges(plan, changed, block_size))
             else:
                 full_write(path, plan, bufs, block_size, stats, report)
             done += plan.size
@@ -316,7 +349,7 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
                     allow_model_dir: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
                     seed_standby: bool = True,
                     progress: Callable[[int, int], None] | None = None,
-                    buffers: BufferPool | None = None) -> SyncReport:
+                    buffers: BufferPool | None = None, changes: ChangeTracker | None = None) -> SyncReport:
     """Write `tensors` (HF name -> tensor, e.g. `hf_tensors(model)`) as the next checkpoint generation.
 
     target_dir: the checkpoint directory (created); load `<target_dir>/current`. It may not be, or be
@@ -330,6 +363,8 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
     block_size: diff granularity in bytes (a power of two, >= 512).
     progress: called as progress(bytes_done, bytes_total) over the weight files, per 8 MiB window.
     buffers: a BufferPool kept by a caller that syncs repeatedly (its window buffers are reused).
+    changes: the caller's ChangeTracker: only tensors it reports as stepped since the standby generation
+        was written are compared (a one-layer change reads about that layer, not the model).
 
     Raises CheckpointPathError, CheckpointBusyError, CheckpointDiskFullError, CheckpointWriteError
     (the previous checkpoint intact in every case) and ValueError for tensors safetensors cannot hold.
@@ -338,10 +373,6 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
     if block_size < 512 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 512, not {block_size}")
     target = _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir)
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise CheckpointNonFiniteError(f"the weights hold NaN/Inf in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
-                                       "nothing was written and the previous checkpoint is intact")
     plans = plan_layout(tensors, block_size, max_shard_bytes)
     index = index_bytes(plans, tensors)
     small, warnings = _read_source_files(source_model_dir)
@@ -368,10 +399,22 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
             "state_files": sorted(extras), "source_files": sorted(small),
             "source_model_dir": str(Path(source_model_dir).resolve()),
         }
+        changed = changes.since(target, standby) if changes is not None else None
+        # Never a wreck on disk: every tensor this sync may write is finite (those it will not touch were
+        # checked when they were written; reading 400 MB to check them again cost more than the sync).
+        bad = [name for name, t in tensors.items() if (changed is None or name in changed)
+               and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointNonFiniteError(f"the weights hold NaN/Inf in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                                           "nothing was written and the previous checkpoint is intact")
+        if changes is not None:
+            changes.forget(target, standby)  # until the flip: a failure leaves it unknown, compared in full
         _write_generation(target / standby, plans, index, small, extras, manifest, block_size, stats, progress,
-                          buffers or BufferPool())
+                          buffers or BufferPool(), changed)
         _flip(target, standby)
         committed = True
+        if changes is not None:
+            changes.written(target, standby, generation)
         if live is None and seed_standby:  # first sync: make the other generation a copy, so the next diffs
             other = target / GENERATIONS[1]
             try:

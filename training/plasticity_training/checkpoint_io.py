@@ -154,18 +154,35 @@ def same_layout(path: Path, plan: FilePlan) -> bool:
         return False
 
 
-def diff_write(path: Path, plan: FilePlan, bufs: Buffers, block_size: int, stats: Stats, progress) -> None:
-    """Bring `path` (same size and header as `plan`) to the live bytes, writing only differing blocks."""
+def dirty_ranges(plan: FilePlan, changed: set[str] | None, block_size: int) -> list[tuple[int, int]]:
+    """The byte ranges of `plan`'s file that may differ from a generation written when none of the tensors
+    outside `changed` had changed (block-aligned, merged, the header included); None: the whole file."""
+    if changed is None:
+        return [(0, plan.size)]
+    spans = [(0, len(plan.header))] + [plan.spans[name] for name in plan.tensors if name in changed]
+    out: list[tuple[int, int]] = []
+    for a, b in sorted((a // block_size * block_size, min(plan.size, -(-b // block_size) * block_size))
+                       for a, b in spans if b > a):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def diff_write(path: Path, plan: FilePlan, bufs: Buffers, block_size: int, stats: Stats, progress,
+               ranges: list[tuple[int, int]] | None = None) -> None:
+    """Bring `path` (same size and header as `plan`) to the live bytes, writing only differing blocks.
+    Only `ranges` are read and compared (default: the whole file; see dirty_ranges)."""
     window = bufs.size
     fd = os.open(path, os.O_RDWR)
+    stats.blocks_total += -(-plan.size // block_size)
     try:
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except (AttributeError, OSError):
             pass
-        pos = 0
-        while pos < plan.size:
-            n = min(window, plan.size - pos)
+        for pos, n in _windows(ranges or [(0, plan.size)], window):
             nblocks = -(-n // block_size)
             padded = nblocks * block_size
             live, live_mv = live_window(plan, pos, n, padded, bufs)
@@ -176,7 +193,6 @@ def diff_write(path: Path, plan: FilePlan, bufs: Buffers, block_size: int, stats
             a = live.view(torch.int64).view(nblocks, block_size // 8)
             b = bufs.file[:padded].view(torch.int64).view(nblocks, block_size // 8)
             changed = torch.nonzero((a != b).any(dim=1)).flatten()
-            stats.blocks_total += nblocks
             if changed.numel():
                 stats.blocks_changed += changed.numel()
                 breaks = torch.nonzero(changed[1:] - changed[:-1] != 1).flatten() + 1
@@ -187,12 +203,18 @@ def diff_write(path: Path, plan: FilePlan, bufs: Buffers, block_size: int, stats
                     pwrite_all(fd, live_mv[lo:hi], pos + lo)
                     stats.weight_bytes_written += hi - lo
                     stats.bytes_written += hi - lo
-            pos += n
             if progress is not None:
-                progress(pos)
+                progress(pos + n)
         os.fsync(fd)  # also when nothing differed: blocks a killed sync wrote may not be on disk yet
     finally:
         os.close(fd)
+
+
+def _windows(ranges: list[tuple[int, int]], window: int):
+    """(position, length) of the compare windows covering `ranges`, in file order."""
+    for a, b in ranges:
+        for pos in range(a, b, window):
+            yield pos, min(window, b - pos)
 
 
 def full_write(path: Path, plan: FilePlan, bufs: Buffers, block_size: int, stats: Stats, progress) -> None:

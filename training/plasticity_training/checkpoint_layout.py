@@ -49,6 +49,7 @@ class FilePlan:
     size: int
     tensors: list[str]
     segments: list[_Segment]
+    spans: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # tensor -> its bytes in the file
     ends: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -103,16 +104,18 @@ def plan_layout(tensors: Mapping[str, torch.Tensor], block_size: int = BLOCK_SIZ
         body += b" " * (-total % align)
         header = struct.pack("<Q", len(body)) + body
         segments = [_Segment(0, len(header), torch.frombuffer(bytearray(header), dtype=torch.uint8))]
+        spans = {}
         pos = len(header)
         for name in order:
             t = tensors[name]
             nbytes = t.numel() * t.element_size()
+            spans[name] = (pos, pos + nbytes)
             if nbytes:
                 if not t.is_contiguous():
                     t = t.contiguous()
                 segments.append(_Segment(pos, pos + nbytes, _byte_view(t)))
             pos += nbytes
-        plans.append(FilePlan(fname, header, pos, order, segments))
+        plans.append(FilePlan(fname, header, pos, order, segments, spans))
     return plans
 
 

@@ -88,6 +88,7 @@ class TrainerCore:
         self.trained = set(self.state.trained)
         self.optimizer: Apollo | None = None
         self.checkpoint_buffers = ckpt.BufferPool()  # a sync's window buffers, kept for the next one
+        self.checkpoint_changes = ckpt.ChangeTracker()  # which tensors steps changed since each generation
         self.job: dict | None = None
 
     def _restore_from_checkpoint(self) -> str | None:
@@ -247,6 +248,7 @@ class TrainerCore:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainerError("rejected", f"{exc}; step rejected, weights unchanged") from exc
         self.optimizer.zero_grad(set_to_none=True)
+        self.checkpoint_changes.stepped(name for name, p in self.named.items() if p.requires_grad)
         self.state.weight_version += 1
         self.state.total_steps += 1
         return {"loss": loss.item(), "tokens": self.job["tokens"], "weight_version": self.state.weight_version,
@@ -293,7 +295,7 @@ class TrainerCore:
                  if (self.state_dir / name).exists()}
         try:
             report = ckpt.sync_checkpoint(ckpt.hf_tensors(self.model), target, self.model_path, extra_files=extra,
-                                          buffers=self.checkpoint_buffers,
+                                          buffers=self.checkpoint_buffers, changes=self.checkpoint_changes,
                                           allowed_root=allowed_root, allow_model_dir=allow_model_dir)
         except ckpt.CheckpointPathError as exc:
             raise TrainerError("invalid", str(exc)) from exc
