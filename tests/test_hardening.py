@@ -271,7 +271,7 @@ def test_a_request_keeps_the_bank_version_it_started_with(plasticity_server, def
     write_bank(server, "swap_v1", ["a", "b"], [1], seed=1)
     write_bank(server, "swap_v2", ["p", "q", "r"], [1, 2], seed=2)
     assert post(server, "/readout/load", {"name": "swapped", "path": "swap_v1"}).status_code == 200
-    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "temperature": 0,
+    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "temperature": 0,
             "vllm_xargs": {"readout": "swapped"}}
     chunks = []
     with requests.post(server.url + "/v1/completions", json={**body, "stream": True}, headers=AUTH, stream=True,
