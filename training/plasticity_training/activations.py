@@ -272,7 +272,8 @@ class ServerSource:
 
     It reads the residual stream with the server's own readout: it loads a "basis" bank (the standard
     basis vectors e_a..e_b at the requested layers, so each score is one coordinate of the hidden
-    state), sends every text as a prompt with `readout` set, and unloads the bank. When the hidden size
+    state), sends the texts as prompts with `readout` set (`batch_size` texts per completion request,
+    `concurrency` requests in flight, scores as base64 float32), and unloads the bank. When the hidden size
     exceeds the server's free readout capacity, it goes through the coordinates in slices, one pass over
     the corpus per slice (hidden / capacity passes; `PLASTICITY_READOUT_CAPACITY` on the server sets it).
     Texts are tokenized by the server (`/tokenize`), as the server would for a prompt.
@@ -285,10 +286,11 @@ class ServerSource:
     """
 
     def __init__(self, url: str, api_key: str | None = None, max_tokens: int | None = None,
-                 concurrency: int = 4, timeout: float = 600.0) -> None:
+                 concurrency: int = 4, timeout: float = 600.0, batch_size: int = 8) -> None:
         import requests
 
         self.url, self.timeout, self.concurrency = url.rstrip("/"), timeout, max(1, concurrency)
+        self.batch_size = max(1, batch_size)  # texts per completion request
         self.session = requests.Session()
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
@@ -322,20 +324,26 @@ class ServerSource:
         banks = self._call("get", "/readout")["banks"]
         return self.capacity - sum(len(b["concepts"]) for b in banks)
 
-    def _states(self, ids: list[int], bank: str) -> Tensor:
+    def _states(self, batch: list[list[int]], bank: str) -> list[Tensor]:
+        """Each prompt's (T, layers, width) scores, from one completion request carrying the whole batch
+        (one HTTP round trip and one score fetch for many texts)."""
         import base64
 
         import numpy as np
 
-        out = self._call("post", "/v1/completions", {"model": self.served_name, "prompt": ids, "max_tokens": 1,
+        out = self._call("post", "/v1/completions", {"model": self.served_name, "prompt": batch, "max_tokens": 1,
                                                      "temperature": 0, "vllm_xargs": {"readout": bank,
                                                                                       "readout_encoding": "base64"}})
-        readout = out["choices"][0]["readout"]
-        if "error" in readout or readout["positions"] != list(range(len(ids))):
-            raise ServerUnavailableError(f"--server {self.url}: readout did not cover the prompt: "
-                                         f"{readout.get('error', readout['positions'][:8])}")
-        raw = np.frombuffer(base64.b64decode(readout["scores"]), dtype="<f4").reshape(readout["scores_shape"])
-        return torch.from_numpy(raw.copy())  # (T, layers, width)
+        choices = sorted(out["choices"], key=lambda c: c["index"])
+        states = []
+        for ids, choice in zip(batch, choices, strict=True):
+            readout = choice["readout"]
+            if "error" in readout or readout["positions"] != list(range(len(ids))):
+                raise ServerUnavailableError(f"--server {self.url}: readout did not cover the prompt: "
+                                             f"{readout.get('error', readout['positions'][:8])}")
+            raw = np.frombuffer(base64.b64decode(readout["scores"]), dtype="<f4").reshape(readout["scores_shape"])
+            states.append(torch.from_numpy(raw.copy()))  # (T, layers, width)
+        return states
 
     def collect(self, texts: Sequence[str], layers: Sequence[int], *, skip_tokens: int = 1, bases: bool = False,
                 subspace_rank: int | None = None, heads: bool = False, progress: bool = True) -> Activations:
@@ -356,11 +364,14 @@ class ServerSource:
                 name = f"capture-{os.getpid()}-{k}"
                 self._call("post", "/readout/load", {"name": name, "basis": [a, b], "layers": layers})
                 try:
+                    batches = [list(range(i, min(i + self.batch_size, N))) for i in range(0, N, self.batch_size)]
                     with ThreadPoolExecutor(self.concurrency) as pool:
-                        for i, block in enumerate(pool.map(lambda ids: self._states(ids, name), enc)):
-                            for j, L in enumerate(layers):
-                                states[L][i][:, a:b] = block[:, j, :]
-                            bar.update(1)
+                        results = pool.map(lambda rows: self._states([enc[i] for i in rows], name), batches)
+                        for rows, blocks in zip(batches, results):
+                            for i, block in zip(rows, blocks):
+                                for j, L in enumerate(layers):
+                                    states[L][i][:, a:b] = block[:, j, :]
+                            bar.update(len(rows))
                 finally:
                     self._call("delete", f"/readout/{name}")
         finally:

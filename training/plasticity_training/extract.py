@@ -89,6 +89,7 @@ def run(options: ExtractOptions, log=None) -> Path:
         from plasticity_training.activations import ServerSource
 
         source = ServerSource(options.server, api_key=options.api_key or os.environ.get("VLLM_API_KEY"),
+                              batch_size=options.batch_size,
                               max_tokens=options.max_tokens)
     else:
         model_dir = options.model
