@@ -142,11 +142,12 @@ def require_training(state: ServerState = Depends(require_api_key)) -> TrainingS
 
 @router.post("/train")
 async def train(req: TrainRequest, training: TrainingService = Depends(require_training)) -> dict:
-    """Train the served model in place on token IDs; loss on the continuation only.
+    """Train the served model in place on token IDs.
 
-    Body: {"samples": [{"context_ids": [...], "continuation_ids": [...]}], "steps": 1, "optimizer": {...},
-    "params": {...}, "force": false, "wait": true, "pause": false, "context_mode": "masked"}, or the
-    single-sample shorthand {"context_ids": [...], "continuation_ids": [...]}.
+    Body: {"samples": [{"context_ids": [...], "continuation_ids": [...], "weight": 1}], "steps": 1,
+    "optimizer": {...}, "params": {...}, "force": false, "wait": true, "pause": false, "context_mode": "masked"},
+    or the single-sample shorthand {"context_ids": [...], "continuation_ids": [...]}; with "objective": "dpo" or
+    "orpo", samples are {"context_ids", "chosen_ids", "rejected_ids"} (and "beta" / "lambda" may be set).
     """
     training.validate(req)
     job = training.submit(req)

@@ -38,7 +38,7 @@ from fastapi.routing import APIRoute
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-from vllm_plasticity.readout_service import DefaultSteering, LoadBankRequest, ReadoutService
+from vllm_plasticity.readout_service import READOUT_FIELDS, DefaultSteering, LoadBankRequest, ReadoutService
 
 
 def choice_index(req_id: str, n: int, completions: bool) -> int:
@@ -196,8 +196,13 @@ async def call_with_readout(handler: Any, request: Any, raw_request: Request, co
     service = getattr(getattr(raw_request.app.state, "plasticity", None), "readout", None)
     plan = None
     if service is not None:
-        body = await raw_request.json()  # already read and parsed by FastAPI: served from its cache
-        plan = service.plan(request, body.get("vllm_xargs") if isinstance(body, dict) else None)
+        raw_xargs = None
+        if any(name in (request.vllm_xargs or {}) for name in READOUT_FIELDS):
+            # Only then: vLLM's model coerced a JSON `true` to 1, so read the client's own values (one more
+            # parse of the body, for requests that ask for readout or steering through vllm_xargs alone).
+            body = await raw_request.json()
+            raw_xargs = body.get("vllm_xargs") if isinstance(body, dict) else None
+        plan = service.plan(request, raw_xargs)
     response = await handler(request, raw_request)
     if plan is None or plan["readout"] is None:
         return response

@@ -186,22 +186,26 @@ class TrainerCore:
         given = [s.get("ref_chosen_logp") is not None for s in samples]
         chosen, rejected = torch.zeros(len(samples)), torch.zeros(len(samples))
         if not all(given):
-            ctx = [s["context_ids"] for s in samples]
-            chosen, _ = continuation_logprobs(self.model, self.pad_id, ctx, [s["chosen_ids"] for s in samples])
-            rejected, _ = continuation_logprobs(self.model, self.pad_id, ctx, [s["rejected_ids"] for s in samples])
+            (chosen, _), (rejected, _) = self._pair_logprobs(samples)
         for i, s in enumerate(samples):
             if given[i]:
                 chosen[i], rejected[i] = s["ref_chosen_logp"], s["ref_rejected_logp"]
         return chosen, rejected
 
+    def _pair_logprobs(self, samples: list[dict]) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """((chosen sums, counts), (rejected sums, counts)), each (N,): one forward over all 2N sequences."""
+        ctx = [s["context_ids"] for s in samples]
+        sums, counts = continuation_logprobs(self.model, self.pad_id, ctx + ctx, [s["chosen_ids"] for s in samples]
+                                             + [s["rejected_ids"] for s in samples])
+        n = len(samples)
+        return (sums[:n], counts[:n]), (sums[n:], counts[n:])
+
     def _objective(self, job: dict) -> ObjectiveResult:
         samples, pref = job["samples"], job["preference"]
-        weights = torch.tensor([float(s.get("weight", 1.0)) for s in samples])  # (N,)
         if job["objective"] == "sft":
             return ObjectiveResult(self._loss(samples, job["context_mode"]))
-        ctx = [s["context_ids"] for s in samples]
-        chosen, n_chosen = continuation_logprobs(self.model, self.pad_id, ctx, [s["chosen_ids"] for s in samples])
-        rejected, n_rejected = continuation_logprobs(self.model, self.pad_id, ctx, [s["rejected_ids"] for s in samples])
+        weights = torch.tensor([float(s.get("weight", 1.0)) for s in samples])  # (N,)
+        (chosen, n_chosen), (rejected, n_rejected) = self._pair_logprobs(samples)
         if job["objective"] == "dpo":
             return dpo_loss(chosen, rejected, *job["reference"], pref.beta, weights)
         return orpo_loss(chosen, n_chosen, rejected, n_rejected, pref.lambda_, weights)
