@@ -55,6 +55,13 @@ def test_serve_unknown_architecture_is_served_stock(tmp_path, capsys):
     assert "no plasticity subclass" in capsys.readouterr().err
 
 
+def test_serve_a_project_architecture_as_it_is_named(tmp_path, capsys):
+    cmd, env = build_serve_command([_model_dir(tmp_path, "CausalBankForCausalLM"), "--training"], {}, cuda=False)
+    assert "--hf-overrides" not in cmd  # registered under its own name: nothing to override
+    assert "no plasticity subclass" not in capsys.readouterr().err
+    assert env["PLASTICITY_TRAINING"] == "1"
+
+
 def test_serve_help_explains_plasticity_flags(capsys):
     from plasticity_training.cli import main
 

@@ -1,5 +1,6 @@
 """Imports run one way (DESIGN.md, "The import graph"): the plugin never imports the training side; the
-contract imports neither side nor vLLM; the trainer process sees the plugin only through the contract.
+contract imports neither side nor vLLM; the trainer process sees the plugin only through the contract and
+the project architectures' torch forms (which import no vLLM: only their *_vllm / recurrent_* modules do).
 Read from every module's source (lazy imports inside functions included), so a new file joins by itself."""
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN, TRAINING = REPO / "plugin" / "vllm_plasticity", REPO / "training" / "plasticity_training"
 TRAINER_PROCESS = ("trainer", "trainer_core", "hf_view", "checkpoint", "checkpoint_io", "checkpoint_layout", "apollo")
+ARCHITECTURES = PLUGIN / "architectures"
+VLLM_SIDE = ("causal_bank_vllm", "recurrent_layer", "recurrent_config")  # the architectures' vLLM forms
+
+
+def torch_form(name: str) -> bool:
+    """An architecture module the trainer may import: under vllm_plasticity.architectures, not a vLLM form."""
+    return name.startswith("vllm_plasticity.architectures") and name.rsplit(".", 1)[-1] not in VLLM_SIDE
 
 
 def imports(path: Path) -> set[str]:
@@ -49,8 +57,21 @@ def test_the_contract_imports_neither_side_nor_vllm():
 def test_the_trainer_process_sees_the_plugin_only_through_the_contract():
     graph = {m: names for m, names in modules(TRAINING).items() if Path(m).stem in TRAINER_PROCESS}
     assert len(graph) == len(TRAINER_PROCESS)
-    bad = lambda n: n.split(".")[0] == "vllm" or (n.startswith("vllm_plasticity") and not n.startswith("vllm_plasticity.contract"))
+    bad = lambda n: n.split(".")[0] == "vllm" or (n.startswith("vllm_plasticity") and not n.startswith("vllm_plasticity.contract")
+                                                  and not torch_form(n))
     assert wrong(graph, bad) == []
+
+
+def test_the_architectures_torch_forms_import_no_vllm():
+    graph = {m: names for m, names in modules(ARCHITECTURES).items() if Path(m).stem not in VLLM_SIDE}
+    assert {"architectures/causal_bank_hf.py", "architectures/causal_bank_modules.py"} <= set(graph)
+    bad = lambda n: n.split(".")[0] in ("vllm", "plasticity_training") or (
+        n.startswith("vllm_plasticity") and not (n.startswith("vllm_plasticity.contract") or torch_form(n)))
+    assert wrong(graph, bad) == []
+    code = ("import sys, vllm_plasticity.architectures.causal_bank_hf; "
+            "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'plasticity_training'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_importing_the_contract_loads_no_vllm():

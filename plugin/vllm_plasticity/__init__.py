@@ -23,6 +23,13 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "PlasticityQwen2ForCausalLM",
     "Qwen3ForCausalLM": "PlasticityQwen3ForCausalLM",
 }
+# Architectures stock vLLM cannot serve, written in this project (plugin/vllm_plasticity/architectures/):
+# registered name -> (vLLM class "module:Class", transformers model_type registered for the same model).
+CUSTOM_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "CausalBankForCausalLM": ("vllm_plasticity.architectures.causal_bank_vllm:CausalBankForCausalLM", "causal_bank"),
+}
+# Every architecture the plugin serves with training, readout and steering.
+SERVED_ARCHITECTURES = frozenset(ARCHITECTURES.values()) | frozenset(CUSTOM_ARCHITECTURES)
 WORKER_EXTENSION = "vllm_plasticity.worker_extension.PlasticityWorkerExtension"
 
 
@@ -36,3 +43,17 @@ def register() -> None:
     for name in ARCHITECTURES.values():
         if name not in supported:
             ModelRegistry.register_model(name, f"vllm_plasticity.models:{name}")
+    if CUSTOM_ARCHITECTURES:
+        # vLLM reads config.json with transformers' AutoConfig (the model types must be known to it), and
+        # applies MODELS_CONFIG_MAP's hook per architecture: ours turns prefix caching off and sizes the
+        # per-request state block (architectures/recurrent_layer.py). The hook module is light (no model code).
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+        from vllm_plasticity.architectures import register_with_transformers
+        from vllm_plasticity.architectures.recurrent_config import RecurrentModelConfig
+
+        register_with_transformers()
+        for name, (target, _) in CUSTOM_ARCHITECTURES.items():
+            if name not in supported:
+                ModelRegistry.register_model(name, target)
+            MODELS_CONFIG_MAP.setdefault(name, RecurrentModelConfig)

@@ -40,7 +40,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.platforms import current_platform
 
 from vllm_plasticity.config import PlasticityConfig
-from vllm_plasticity.residual_tap import TapBuffers, install_buffers, tap_layers, tapped_layer_class
+from vllm_plasticity.residual_tap import install_buffers_for, tap_layers, tapped_layer_class
 from vllm_plasticity.contract.weights import WeightManifest, share_cpu_parameters
 
 
@@ -78,18 +78,10 @@ class SharedWeightsMixin:
         if self.plasticity_in_place:
             keep_weights_in_place(self)
         if tap:
-            # vLLM keys its on-disk compile cache by the config's hash, not by the layer classes: mark the
-            # config so a graph compiled without the tap is never loaded for a tapped model (or the reverse).
-            if isinstance(vllm_config.additional_config, dict):
-                vllm_config.additional_config["plasticity_residual_tap"] = 1
             tap_layers(self.model.layers)
-            scheduler = vllm_config.scheduler_config
             hf_config = vllm_config.model_config.hf_config.get_text_config()
-            install_buffers(TapBuffers(
-                num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
-                max_tokens=scheduler.max_num_batched_tokens, capacity=config.readout_capacity,
-                steer_rows=min(config.steer_slots, scheduler.max_num_seqs) + 1,
-                device=torch.device(vllm_config.device_config.device)))
+            install_buffers_for(vllm_config, hf_config.num_hidden_layers, hf_config.hidden_size,
+                                config.readout_capacity, config.steer_slots)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)

@@ -95,6 +95,20 @@ def current_buffers() -> TapBuffers | None:
     return _buffers
 
 
+def install_buffers_for(vllm_config, num_layers: int, hidden_size: int, capacity: int, steer_slots: int) -> None:
+    """Size and install this process's buffers for a model of `num_layers` tapped streams of `hidden_size`,
+    from vLLM's scheduler limits (every model class that taps calls this from its __init__)."""
+    # vLLM keys its on-disk compile cache by the config's hash, not by the layer classes: mark the config
+    # so a graph compiled without the tap is never loaded for a tapped model (or the reverse).
+    if isinstance(vllm_config.additional_config, dict):
+        vllm_config.additional_config["plasticity_residual_tap"] = 1
+    scheduler = vllm_config.scheduler_config
+    install_buffers(TapBuffers(
+        num_layers=num_layers, hidden_size=hidden_size, max_tokens=scheduler.max_num_batched_tokens,
+        capacity=capacity, steer_rows=min(steer_slots, scheduler.max_num_seqs) + 1,
+        device=torch.device(vllm_config.device_config.device)))
+
+
 def _residual_tap(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     if _buffers is not None:
         _buffers.tap(hidden_states, residual, layer)

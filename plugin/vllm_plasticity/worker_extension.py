@@ -11,7 +11,7 @@ import torch
 
 from pathlib import Path
 
-from vllm_plasticity import ARCHITECTURES
+from vllm_plasticity import SERVED_ARCHITECTURES
 from vllm_plasticity.config import PlasticityConfig
 from vllm_plasticity.readout_worker import ReadoutEngine, basis_bank, read_bank_files
 from vllm_plasticity.residual_tap import current_buffers
@@ -29,7 +29,7 @@ class PlasticityWorkerExtension:
         model = self._plasticity_model()
         param = next(model.parameters())
         arch = type(model).__name__
-        registered = arch in ARCHITECTURES.values()
+        registered = arch in SERVED_ARCHITECTURES
         shareable = registered and (param.device.type == "cuda" or getattr(model, "plasticity_manifest", None) is not None)
         return {
             "architecture": arch,
@@ -46,7 +46,7 @@ class PlasticityWorkerExtension:
     def plasticity_weight_manifest(self) -> dict | None:
         """The manifest a trainer maps the live weights with, or None when they are not shareable."""
         model = self._plasticity_model()
-        if type(model).__name__ not in ARCHITECTURES.values():
+        if type(model).__name__ not in SERVED_ARCHITECTURES:
             return None
         if next(model.parameters()).device.type == "cuda":
             if not PlasticityConfig.from_env().share_weights:

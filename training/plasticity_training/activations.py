@@ -184,6 +184,9 @@ class HFSource:
             dtype_arg = getattr(torch, dtype)
         else:
             raise ValueError(f"Invalid dtype: {dtype!r} (expected auto, float32, bfloat16 or float16)")
+        from vllm_plasticity.architectures import register_with_transformers
+
+        register_with_transformers()  # the project's own architectures load like any HF causal LM
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype_arg).to(device)
         name = str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)

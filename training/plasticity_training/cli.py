@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from vllm_plasticity import ARCHITECTURES, WORKER_EXTENSION
+from vllm_plasticity import ARCHITECTURES, SERVED_ARCHITECTURES, WORKER_EXTENSION
 from vllm_plasticity.config import training_needs_one_shard
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -130,7 +130,7 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     arch = model_architecture(model)
     if "architectures" not in overrides and arch in ARCHITECTURES:
         overrides["architectures"] = [ARCHITECTURES[arch]]
-    elif "architectures" not in overrides and arch not in ARCHITECTURES.values():
+    elif "architectures" not in overrides and arch not in SERVED_ARCHITECTURES:
         print(f"plasticity: architecture {arch!r} has no plasticity subclass; serving it stock "
               f"(training and in-place weight sharing unavailable)", file=sys.stderr)
     if overrides:
@@ -178,14 +178,46 @@ def serve(argv: list[str]) -> None:
 def default_model(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="plasticity default-model",
                                      description="Print the built-in model's path, building it first if absent.")
+    parser.add_argument("--arch", choices=("llama", "causal-bank"), default="llama",
+                        help="llama (default): a 4-layer Llama; causal-bank: a byte-level decepticons causal bank")
     parser.add_argument("--rebuild", action="store_true", help="build again even if a cached build exists")
     args = parser.parse_args(argv)
-    from plasticity_training.default_model import ModelSpec, build_model, default_model_path
+    log = lambda msg: print(msg, file=sys.stderr)
+    if args.arch == "causal-bank":
+        from plasticity_training.default_causal_bank import CausalBankSpec, build_causal_bank, default_causal_bank_path
 
-    path = default_model_path(build=False)
-    if args.rebuild or not (path / "config.json").exists():
-        build_model(ModelSpec(), path, log=lambda msg: print(msg, file=sys.stderr))
+        path = default_causal_bank_path(build=False)
+        if args.rebuild or not (path / "config.json").exists():
+            build_causal_bank(CausalBankSpec(), path, log=log)
+    else:
+        from plasticity_training.default_model import ModelSpec, build_model, default_model_path
+
+        path = default_model_path(build=False)
+        if args.rebuild or not (path / "config.json").exists():
+            build_model(ModelSpec(), path, log=log)
     print(path)
+
+
+def import_model(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="plasticity import",
+        description="Turn a model saved by its own package into a directory `plasticity serve` serves.")
+    sub = parser.add_subparsers(dest="kind", required=True)
+    bank = sub.add_parser("causal-bank", help="a decepticons causal-bank checkpoint (<name>.checkpoint.pt + result JSON)")
+    bank.add_argument("checkpoint", help="the <name>.checkpoint.pt state dict the package saved")
+    bank.add_argument("--result", help="its result JSON (default: <name>.json beside the checkpoint)")
+    bank.add_argument("--tokenizer", help="the sentencepiece .model, when the vocabulary is not bytes (256)")
+    bank.add_argument("--out", required=True, help="the model directory to write (replaced if it exists)")
+    args = parser.parse_args(argv)
+    from plasticity_training.causal_bank_export import import_causal_bank
+    from vllm_plasticity.architectures.causal_bank_config import UnsupportedConfig
+
+    try:
+        out = import_causal_bank(args.checkpoint, args.out, result_json=args.result, tokenizer=args.tokenizer)
+    except (UnsupportedConfig, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"plasticity import: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(out)
 
 
 def extract(argv: list[str]) -> None:
@@ -194,7 +226,7 @@ def extract(argv: list[str]) -> None:
     extract_main(argv)
 
 
-COMMANDS = {"serve": serve, "default-model": default_model, "extract": extract}
+COMMANDS = {"serve": serve, "default-model": default_model, "import": import_model, "extract": extract}
 
 USAGE = """usage: plasticity COMMAND [ARGS]
 
@@ -203,7 +235,10 @@ commands:
         [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [vllm serve args ...]
                   start vLLM's OpenAI-compatible server with the plugin enabled
                   (MODEL defaults to the built-in model)
-  default-model   print the built-in model's path, building it if absent
+  default-model [--arch llama|causal-bank]
+                  print the built-in model's path, building it if absent
+  import causal-bank CHECKPOINT [--result JSON] [--tokenizer SPM_MODEL] --out DIR
+                  a decepticons causal-bank checkpoint as a model directory to serve
   extract --out BANK_DIR [--corpus DIR] [--model DIR | --server URL] [--method M] [--layers SPEC] [--report]
                   concept vectors from the story corpus into a readout bank (`plasticity extract --help`)
 """

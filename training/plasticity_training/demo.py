@@ -142,10 +142,45 @@ def main() -> None:
         server.stop()
         left = list(SHM_DIR.glob(ARENA_PREFIX + "*"))
         print(f"  stopped pid {server.pid}; shared-memory files left: {len(left)}")
+    try:
+        causal_bank_tour(work)
+    finally:
         if not args.keep_logs:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
+
+
+def causal_bank_tour(work: Path) -> None:
+    """A custom architecture stock vLLM cannot serve, served, taught and checkpointed the same way."""
+    from plasticity_training.default_causal_bank import default_causal_bank_path
+
+    step("12. A custom architecture: the decepticons causal bank (plasticity default-model --arch causal-bank)")
+    model_dir = default_causal_bank_path(log=lambda m: print("  " + m, flush=True))
+    spec = json.loads((model_dir / "plasticity_spec.json").read_text())
+    print(f"  {model_dir}\n  {spec['parameters'] / 1e6:.2f}M parameters, byte vocabulary, final loss {spec['final_loss']}")
+    server = ServerProcess.plasticity(model_dir, extra_args=["--dtype", "float32", "--training",
+                                                             "--state-dir", str(work / "state-causal-bank")],
+                                      log_path=work / "server-causal-bank.log")
+    try:
+        server.wait_ready(progress=lambda s: print(f"  ... starting ({s:.0f}s)", flush=True))
+        model = str(model_dir)
+        info = requests.get(server.url + "/plasticity/info", timeout=10).json()
+        print(f"  serving {info['architecture']}: per-request recurrent state in vLLM's state slots, "
+              f"context {requests.get(server.url + '/v1/models', timeout=10).json()['data'][0]['max_model_len']} bytes")
+        prompt = "The old house"
+        print(f"  {prompt!r} -> {complete(server.url, model, prompt, 40)!r}")
+        context, target = list(b"The lighthouse keeper was called "), list(b"Ottoline")
+        before = complete(server.url, model, bytes(context).decode(), len(target))
+        job = requests.post(server.url + "/train", timeout=600, json={
+            "context_ids": context, "continuation_ids": target, "steps": 30, "optimizer": {"lr": 1e-2}}).json()
+        after = complete(server.url, model, bytes(context).decode(), len(target))
+        print(f"  /train: {before!r} -> {after!r} ({job['steps']} steps, loss {job['losses'][0]:.2f} -> {job['losses'][-1]:.2g})")
+        ckpt = requests.post(server.url + "/checkpoint", timeout=600).json()
+        print(f"  /checkpoint: {ckpt['path']} ({ckpt['bytes_written']:,} bytes)")
+    finally:
+        server.stop()
+        print(f"  stopped pid {server.pid}")
 
 
 if __name__ == "__main__":

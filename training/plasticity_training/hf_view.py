@@ -30,6 +30,9 @@ FUSED = {
     "up_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
 }
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# The project's own architectures (vllm_plasticity.architectures): served under the same parameter names
+# as their Hugging Face form, unfused, so each HF parameter is the whole vLLM tensor of the same name.
+PROJECT_MODEL_TYPES = ("causal_bank",)
 
 
 class ViewError(RuntimeError):
@@ -58,9 +61,15 @@ def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn
     """The HF causal LM for `model_path` with every parameter a view of `weights` (vLLM names)."""
     import transformers
 
+    from vllm_plasticity.architectures import register_with_transformers
+
+    register_with_transformers()
     config = transformers.AutoConfig.from_pretrained(model_path)
+    if config.model_type in PROJECT_MODEL_TYPES:
+        return _project_view(config, weights)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ViewError(f"model type {config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+        raise ViewError(f"model type {config.model_type!r} is not supported "
+                        f"(supported: {SUPPORTED_MODEL_TYPES + PROJECT_MODEL_TYPES})")
     some = next(iter(weights.values()))
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
@@ -93,6 +102,31 @@ def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn
         if buf.is_meta:
             raise ViewError(f"buffer {name!r} is still on the meta device")
     model.eval()  # no dropout: the trainer's forward must equal vLLM's
+    return model
+
+
+def _project_view(config, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A project architecture's HF form on views of `weights` (same names; nothing fused or padded).
+    Parameters the architecture never trains (`frozen_parameters`, e.g. a frozen substrate) keep
+    requires_grad False; the trainer leaves them out of the optimizer."""
+    import transformers
+
+    some = next(iter(weights.values()))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=some.dtype)
+    frozen = set(getattr(model, "frozen_parameters", ()))
+    for name, param in list(model.named_parameters()):
+        if name not in weights:
+            raise ViewError(f"no vLLM tensor {name!r} for {config.model_type} parameter {name!r}")
+        if weights[name].shape != param.shape:
+            raise ViewError(f"{name}: HF shape {tuple(param.shape)} vs vLLM {tuple(weights[name].shape)}")
+        module_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        owner._parameters[leaf] = nn.Parameter(weights[name], requires_grad=name not in frozen)
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise ViewError(f"buffer {name!r} is still on the meta device")
+    model.eval()
     return model
 
 

@@ -80,7 +80,9 @@ class TrainerCore:
         self.model = build_hf_view(model_path, weights)
         self.vocab_size = self.model.config.vocab_size
         self.pad_id = self.model.config.pad_token_id or 0
-        self.named = dict(self.model.named_parameters())  # tied weights appear once
+        # Tied weights appear once; an architecture's never-trained tensors (a frozen substrate) not at all.
+        frozen = set(getattr(self.model, "frozen_parameters", ()))
+        self.named = {n: p for n, p in self.model.named_parameters() if n not in frozen}
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.restored_from = self._restore_from_checkpoint()

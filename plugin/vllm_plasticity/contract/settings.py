@@ -127,9 +127,13 @@ class ParamsFilter(Strict):
 
 def param_kind(name: str) -> str:
     """attention, mlp, embeddings or norms, for a Llama/Qwen parameter name (HF's or vLLM's: the fused
-    qkv_proj/gate_up_proj sit under the same `self_attn`/`mlp` modules)."""
+    qkv_proj/gate_up_proj sit under the same `self_attn`/`mlp` modules). In the project's attention-free
+    architectures (names outside `model.`), the token embedding tables are embeddings and every other
+    weight (substrate, state projections, readouts) counts as mlp."""
     if "embed_tokens" in name or name.startswith("lm_head"):
         return "embeddings"
+    if not name.startswith("model."):
+        return "embeddings" if name.split(".")[0].endswith("_embedding") else "mlp"
     if "norm" in name:  # input/post-attention norms, q_norm/k_norm, the final norm
         return "norms"
     if ".self_attn." in name:
