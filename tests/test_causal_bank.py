@@ -215,10 +215,13 @@ def test_train_teaches_a_fact_and_a_fresh_server_from_the_checkpoint_agrees(bank
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "default"])
 def test_supported_variant_matches_the_reference(variant, servers_restart, tmp_path):
     model_dir, ref = export_variant(variant, tmp_path / variant, seed=11)
+    # Asking for prefix caching must not make a request start from another's state: it stays off here.
     server = servers_restart.start(f"causal-bank-{variant}", lambda log_path: ServerProcess.plasticity(
-        model_dir, extra_args=ARGS, log_path=log_path))
+        model_dir, extra_args=[*ARGS, "--enable-prefix-caching"], log_path=log_path))
     try:
-        parity.logits_match(server, str(model_dir), reference_logprobs(ref), prompts(8, (9, 150, MAX_SEQ_LEN - 1)), TOL)
+        shared = prompts(10, (120,))[0]
+        cases = [*prompts(8, (9, 150, MAX_SEQ_LEN - 1)), shared + [1, 2, 3], shared + [4, 5, 6, 7]]
+        parity.logits_match(server, str(model_dir), reference_logprobs(ref), cases, TOL)
         parity.decode_equals_prefill(server, str(model_dir), prompts(9, (20,))[0], 24, TOL)
     finally:
         servers_restart.stop()
