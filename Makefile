@@ -9,7 +9,7 @@ STAMP := $(VENV)/.plasticity-setup
 PLASTICITY_VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean-state
+.PHONY: setup browser demo test clean-state
 
 setup: $(STAMP)
 
@@ -30,7 +30,14 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	PYTHONUNBUFFERED=1 $(PY) -m plasticity_training.demo
 
-test: setup
+# The page's tests drive a real headless Chromium (Debian's package, with Playwright from the test extra).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& echo "installing Debian's chromium for tests/test_ui.py" \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } \
+		|| command -v chromium >/dev/null 2>&1 || echo "chromium is not installed: tests/test_ui.py will skip"
+
+test: setup browser
 	APOLLO_TORCH_REF=$(VENV)/apollo_ref PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 clean-state:

@@ -62,6 +62,13 @@ def test_serve_a_project_architecture_as_it_is_named(tmp_path, capsys):
     assert env["PLASTICITY_TRAINING"] == "1"
 
 
+def test_no_ui_turns_the_page_off(tmp_path):
+    _, env = build_serve_command([_model_dir(tmp_path), "--vectors-dir", str(tmp_path), "--no-ui"], {}, cuda=False)
+    assert env["PLASTICITY_UI"] == "0"
+    _, env = build_serve_command([_model_dir(tmp_path), "--vectors-dir", str(tmp_path)], {}, cuda=False)
+    assert "PLASTICITY_UI" not in env
+
+
 def test_serve_help_explains_plasticity_flags(capsys):
     from plasticity_training.cli import main
 

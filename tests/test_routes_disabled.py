@@ -57,10 +57,33 @@ def test_readout_and_steering_routes_are_off_without_a_vectors_dir():
     auth = {"Authorization": "Bearer k"}
     calls = (("post", "/readout/load", {"name": "b", "path": "b"}), ("post", "/steering/default", {"steer": []}),
              ("delete", "/readout/b", None), ("delete", "/steering/default", None), ("get", "/readout", None),
-             ("get", "/steering/default", None))
+             ("get", "/steering/default", None), ("get", "/readout/available", None))
     for method, path, body in calls:  # every readout route agrees: off without a vectors directory
         assert getattr(c, method)(path, **({"json": body} if body else {})).status_code == 401, path
         r = getattr(c, method)(path, headers=auth, **({"json": body} if body else {}))
         assert r.status_code == 403 and "--vectors-dir" in r.json()["detail"], (path, r.status_code)
     r = c.post("/readout/load", headers=auth, json={"name": "b", "path": "b"})
     assert r.status_code == 403 and "--vectors-dir" in r.json()["detail"]
+
+
+def test_the_page_is_off_without_a_vectors_dir_and_with_no_ui(tmp_path):
+    from vllm_plasticity.endpoints import PlasticityEndpoints
+
+    def page_client(config: PlasticityConfig) -> TestClient:
+        app = FastAPI()
+        PlasticityEndpoints().attach_router(app)
+        app.state.plasticity = ServerState(None, Namespace(model="m", api_key="k"), config)
+        return TestClient(app)
+
+    for path in ("/plasticity/ui", "/plasticity/ui/app.js"):
+        r = page_client(PlasticityConfig()).get(path)
+        assert r.status_code == 403 and "--vectors-dir" in r.json()["detail"]
+        r = page_client(PlasticityConfig(vectors_dir=tmp_path, ui=False)).get(path)
+        assert r.status_code == 403 and "--no-ui" in r.json()["detail"]
+    on = page_client(PlasticityConfig(vectors_dir=tmp_path))
+    r = on.get("/plasticity/ui")  # static files, no data: served without the key; what the page asks is not
+    assert r.status_code == 200 and "<title>plasticity</title>" in r.text
+    assert "connect-src 'self'" in r.headers["content-security-policy"]
+    assert on.get("/plasticity/ui/app.js").status_code == 200
+    r = on.get("/plasticity/ui/../endpoints.py")
+    assert r.status_code == 404

@@ -82,6 +82,7 @@ class PlasticityConfig:
     state_dir: Path = dataclasses.field(default_factory=_default_state_dir)  # PLASTICITY_STATE_DIR
     checkpoint_dir: Path | None = None  # PLASTICITY_CHECKPOINT_DIR (default: <state_dir>/checkpoints)
     vectors_dir: Path | None = None  # PLASTICITY_VECTORS_DIR: enables /readout/load, paths resolved inside it
+    ui: bool = True  # PLASTICITY_UI=0 turns the page (GET /plasticity/ui) off; it exists only with a vectors dir
     checkpoint_quiet_seconds: float = 600.0  # PLASTICITY_CHECKPOINT_QUIET_SECONDS: sync after this long without training
     checkpoint_into_model_dir: bool = False  # PLASTICITY_CHECKPOINT_INTO_MODEL_DIR: allow targets inside the served model's dir
     readout_capacity: int = 256  # PLASTICITY_READOUT_CAPACITY: concepts loaded at once, all banks together
@@ -97,6 +98,7 @@ class PlasticityConfig:
             state_dir=_path("STATE_DIR") or _default_state_dir(),
             checkpoint_dir=_path("CHECKPOINT_DIR"),
             vectors_dir=_path("VECTORS_DIR"),
+            ui=os.environ.get("PLASTICITY_UI", "1") != "0",
             checkpoint_quiet_seconds=_seconds("CHECKPOINT_QUIET_SECONDS", 600.0),
             checkpoint_into_model_dir=_flag("CHECKPOINT_INTO_MODEL_DIR"),
             readout_capacity=_count("READOUT_CAPACITY", 256),
@@ -115,6 +117,7 @@ class PlasticityConfig:
             "weight_sharing": self.share_weights,
             "readout": self.vectors_dir is not None,
             "steering": self.vectors_dir is not None,
+            "ui": self.vectors_dir is not None and self.ui,
         }
 
 

@@ -28,6 +28,7 @@ from vllm_plasticity.config import PlasticityConfig, training_needs_one_shard
 from vllm_plasticity.contract.files import write_atomically
 from vllm_plasticity.readout_routes import attach_readout_routes
 from vllm_plasticity.readout_service import ReadoutService
+from vllm_plasticity.ui_routes import attach_ui_routes
 from vllm_plasticity.training_service import CheckpointRequest, TrainingService, TrainRequest
 from vllm_plasticity.trainer_client import TrainerClient
 from vllm_plasticity.shm_ledger import record_shm_files, sweep_dead_servers
@@ -94,7 +95,7 @@ class ServerState:
             return
         if self.weight_manifest_path is None:
             self.training_unavailable = (f"training needs weights shared in place, and {self.worker_info.get('architecture')} "
-                                         "does not share them (serve a Llama/Qwen2/Qwen3 model with plasticity serve)")
+                                         "does not share them (serve a Llama/Qwen2/Qwen3 or causal-bank model with plasticity serve)")
             return
         model_config = self.engine_client.model_config
         trainer = TrainerClient(self.config.state_dir, self.weight_manifest_path, self.model_path)
@@ -223,6 +224,9 @@ class PlasticityEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        ui_router = APIRouter(tags=["plasticity"])
+        attach_ui_routes(ui_router)
+        app.include_router(ui_router)
         readout_router = APIRouter(tags=["plasticity"])  # per app: it wraps this app's completion routes
         attach_readout_routes(app, readout_router, require_api_key)
         app.include_router(readout_router)

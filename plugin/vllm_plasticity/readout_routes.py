@@ -145,6 +145,11 @@ def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
         """Load (or replace) a bank: a directory inside --vectors-dir, or a slice of the standard basis."""
         return await service.load(req)
 
+    @router.get("/readout/available", dependencies=[Depends(guard)])
+    async def available_banks(service: ReadoutService = Depends(get_readout)) -> dict:
+        """Bank directories in the vectors directory that POST /readout/load can name (not loaded yet)."""
+        return service.available()
+
     @router.get("/readout", dependencies=[Depends(guard)])
     async def list_banks(service: ReadoutService = Depends(get_readout)) -> dict:
         """The loaded banks, the tap's limits and the default steering."""

@@ -69,8 +69,8 @@ class ReadoutService:
             raise HTTPException(403, "readout and steering are off on this server: start it with "
                                      "`plasticity serve --vectors-dir DIR` (or PLASTICITY_VECTORS_DIR=DIR)")
         if self.limits is None:
-            raise HTTPException(503, "the served model has no residual tap (serve a Llama/Qwen2/Qwen3 model "
-                                     "through plasticity serve)")
+            raise HTTPException(503, "the served model has no residual tap (serve a Llama/Qwen2/Qwen3 or "
+                                     "causal-bank model through plasticity serve)")
 
     def bank_dir(self, path: str) -> Path:
         """`path` (relative to the vectors directory, or absolute) resolved; 400 unless it and every file
@@ -147,6 +147,24 @@ class ReadoutService:
         if self.default_steer and any(t[0] == name for t in self.default_steer["terms"]):
             self.default_steer = None  # it named the bank that is gone
         return {"unloaded": name}
+
+    def available(self) -> dict:
+        """Bank directories in the vectors directory (up to two levels down) that a load could name: both
+        bank files present and inside it. Read from readout.json only (the vectors stay on disk)."""
+        self.require_enabled()
+        root = self.state.config.vectors_dir.resolve()
+        found = []
+        for manifest in sorted([*root.glob(f"*/{BANK_FILES[0]}"), *root.glob(f"*/*/{BANK_FILES[0]}")]):
+            bank_dir = manifest.parent
+            if not all(is_inside((bank_dir / n).resolve(), root) for n in BANK_FILES):
+                continue
+            try:
+                meta = json.loads(manifest.read_text())
+                found.append({"path": str(bank_dir.relative_to(root)), "concepts": len(meta.get("concepts", [])),
+                              "layers": meta.get("layers"), "model": meta.get("model"), "method": meta.get("method")})
+            except (OSError, ValueError):
+                continue  # not readable as a bank manifest: a load would refuse it with the reason
+        return {"vectors_dir": str(root), "banks": found}
 
     def listing(self) -> dict:
         self.require_enabled()

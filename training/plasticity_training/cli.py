@@ -82,6 +82,7 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     parser.add_argument("--state-dir")
     parser.add_argument("--checkpoint-dir")
     parser.add_argument("--vectors-dir")
+    parser.add_argument("--no-ui", action="store_true")
     parser.add_argument("--checkpoint-quiet-seconds")
     parser.add_argument("--port", type=int, default=8000)
     model = None
@@ -108,6 +109,8 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     for flag, var in (("state_dir", "STATE_DIR"), ("checkpoint_dir", "CHECKPOINT_DIR"), ("vectors_dir", "VECTORS_DIR")):
         if getattr(known, flag):
             env["PLASTICITY_" + var] = str(Path(getattr(known, flag)).expanduser().resolve())
+    if known.no_ui:
+        env["PLASTICITY_UI"] = "0"
     if known.checkpoint_quiet_seconds is not None:
         env["PLASTICITY_CHECKPOINT_QUIET_SECONDS"] = known.checkpoint_quiet_seconds
     # A checkpoint directory stands for its newest complete generation (`current`).
@@ -156,7 +159,9 @@ plasticity options (everything else goes to vLLM unchanged; see README's Configu
   --state-dir DIR                  trainer state, weight manifest, logs (default ~/.cache/plasticity/state)
   --checkpoint-dir DIR             the only directory checkpoints are written in (default <state-dir>/checkpoints)
   --checkpoint-quiet-seconds S     checkpoint after S seconds without training (default 600)
-  --vectors-dir DIR                turn on readout and steering; the only directory banks are loaded from
+  --vectors-dir DIR                turn on readout and steering; the only directory banks are loaded from;
+                                   also serves the page GET /plasticity/ui (scores on the text, sliders, teach)
+  --no-ui                          do not serve the page
 
 `python -m vllm.entrypoints.openai.api_server --help` lists vLLM's own arguments.
 """
@@ -232,7 +237,7 @@ USAGE = """usage: plasticity COMMAND [ARGS]
 
 commands:
   serve [MODEL|CHECKPOINT] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR]
-        [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [vllm serve args ...]
+        [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [--no-ui] [vllm serve args ...]
                   start vLLM's OpenAI-compatible server with the plugin enabled
                   (MODEL defaults to the built-in model)
   default-model [--arch llama|causal-bank]
