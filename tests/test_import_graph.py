@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 PLUGIN, TRAINING = REPO / "plugin" / "vllm_plasticity", REPO / "training" / "plasticity_training"
 TRAINER_PROCESS = ("trainer", "trainer_core", "hf_view", "checkpoint", "checkpoint_io", "checkpoint_layout", "apollo")
 ARCHITECTURES = PLUGIN / "architectures"
-VLLM_SIDE = ("causal_bank_vllm", "recurrent_layer", "recurrent_config")  # the architectures' vLLM forms
+VLLM_SIDE = ("causal_bank_vllm", "recurrent_layer", "recurrent_config", "recurrent_vllm", "tkc_vllm")  # the architectures' vLLM forms
 
 
 def torch_form(name: str) -> bool:

@@ -27,6 +27,7 @@ ARCHITECTURES: dict[str, str] = {
 # registered name -> (vLLM class "module:Class", transformers model_type registered for the same model).
 CUSTOM_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "CausalBankForCausalLM": ("vllm_plasticity.architectures.causal_bank_vllm:CausalBankForCausalLM", "causal_bank"),
+    "TKCForCausalLM": ("vllm_plasticity.architectures.tkc_vllm:TKCForCausalLM", "tkc"),
 }
 # Every architecture the plugin serves with training, readout and steering.
 SERVED_ARCHITECTURES = frozenset(ARCHITECTURES.values()) | frozenset(CUSTOM_ARCHITECTURES)

@@ -100,21 +100,23 @@ def export_causal_bank(model, out_dir: str | os.PathLike, tokenizer=None, senten
             raise ValueError(f"vocab_size {vocab} is not bytes (256): pass the sentencepiece model (--tokenizer)")
     tensors = {k: v for k, v in model.state_dict().items()
                if k not in SKIPPED and not k.endswith("._embedding_weight")}
-    return write_model_dir(fields, vocab, tensors, tokenizer, out_dir, dtype)
-
-
-def write_model_dir(fields: dict, vocab_size: int, tensors: dict[str, torch.Tensor], tokenizer,
-                    out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
-    """config.json + model.safetensors + tokenizer files in `out_dir`, written beside it and renamed into
-    place (never half-written). `extra` files (name -> text) are written too."""
-    from safetensors.torch import save_file
-
     from vllm_plasticity.architectures.causal_bank_hf import ARCHITECTURE, CausalBankConfig
 
+    return write_model_dir(CausalBankConfig, ARCHITECTURE, fields, vocab, tensors, tokenizer, out_dir, dtype)
+
+
+def write_model_dir(config_class, architecture: str, fields: dict, vocab_size: int, tensors: dict[str, torch.Tensor],
+                    tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    extra: dict | None = None) -> Path:
+    """config.json (a project architecture's config class, its fields under `config_class.field`) +
+    model.safetensors + tokenizer files in `out_dir`, written beside it and renamed into place (never
+    half-written). `extra` files (name -> text) are written too."""
+    from safetensors.torch import save_file
+
     eos = tokenizer.eos_token_id
-    config = CausalBankConfig(vocab_size=vocab_size, causal_bank=fields, eos_token_id=eos, pad_token_id=eos,
-                              bos_token_id=eos)
-    config.architectures = [ARCHITECTURE]
+    config = config_class(vocab_size=vocab_size, **{config_class.field: fields}, eos_token_id=eos, pad_token_id=eos,
+                          bos_token_id=eos)
+    config.architectures = [architecture]
     config.dtype = str(dtype).removeprefix("torch.")
     tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in tensors.items()}
     out_dir = Path(out_dir)

@@ -183,23 +183,26 @@ def serve(argv: list[str]) -> None:
 def default_model(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="plasticity default-model",
                                      description="Print the built-in model's path, building it first if absent.")
-    parser.add_argument("--arch", choices=("llama", "causal-bank"), default="llama",
-                        help="llama (default): a 4-layer Llama; causal-bank: a byte-level decepticons causal bank")
+    parser.add_argument("--arch", choices=("llama", "causal-bank", "tkc"), default="llama",
+                        help="llama (default): a 4-layer Llama; causal-bank: a byte-level decepticons causal bank; "
+                             "tkc: a byte-level Transformer Killer Core (GRU backbone + DualTierMiras memory)")
     parser.add_argument("--rebuild", action="store_true", help="build again even if a cached build exists")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr)
     if args.arch == "causal-bank":
         from plasticity_training.default_causal_bank import CausalBankSpec, build_causal_bank, default_causal_bank_path
 
-        path = default_causal_bank_path(build=False)
-        if args.rebuild or not (path / "config.json").exists():
-            build_causal_bank(CausalBankSpec(), path, log=log)
+        path, build = default_causal_bank_path(build=False), lambda p: build_causal_bank(CausalBankSpec(), p, log=log)
+    elif args.arch == "tkc":
+        from plasticity_training.default_tkc import TKCSpec, build_tkc, default_tkc_path
+
+        path, build = default_tkc_path(build=False), lambda p: build_tkc(TKCSpec(), p, log=log)
     else:
         from plasticity_training.default_model import ModelSpec, build_model, default_model_path
 
-        path = default_model_path(build=False)
-        if args.rebuild or not (path / "config.json").exists():
-            build_model(ModelSpec(), path, log=log)
+        path, build = default_model_path(build=False), lambda p: build_model(ModelSpec(), p, log=log)
+    if args.rebuild or not (path / "config.json").exists():
+        build(path)
     print(path)
 
 
@@ -240,7 +243,7 @@ commands:
         [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [--no-ui] [vllm serve args ...]
                   start vLLM's OpenAI-compatible server with the plugin enabled
                   (MODEL defaults to the built-in model)
-  default-model [--arch llama|causal-bank]
+  default-model [--arch llama|causal-bank|tkc]
                   print the built-in model's path, building it if absent
   import causal-bank CHECKPOINT [--result JSON] [--tokenizer SPM_MODEL] --out DIR
                   a decepticons causal-bank checkpoint as a model directory to serve

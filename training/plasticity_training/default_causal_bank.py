@@ -71,7 +71,7 @@ def build_causal_bank(spec: CausalBankSpec, out_dir: str | os.PathLike, text: st
     import torch
 
     from plasticity_training.causal_bank_export import BYTE_VOCAB, byte_tokenizer, write_model_dir
-    from vllm_plasticity.architectures.causal_bank_hf import CausalBankConfig, CausalBankForCausalLM
+    from vllm_plasticity.architectures.causal_bank_hf import ARCHITECTURE, CausalBankConfig, CausalBankForCausalLM
 
     text = read_project_text() if text is None else text
     t0 = time.monotonic()
@@ -85,11 +85,12 @@ def build_causal_bank(spec: CausalBankSpec, out_dir: str | os.PathLike, text: st
         n_params = sum(p.numel() for p in model.parameters())
         log(f"[default-model] causal-bank: {n_params / 1e6:.2f}M parameters, byte vocabulary, "
             f"{len(text) / 1e3:.0f}k characters of project text")
-        final_loss = _train(model, text.encode("utf-8"), spec, log) if spec.train_steps else None
+        final_loss = train_next_byte(model, text.encode("utf-8"), spec, log) if spec.train_steps else None
         record = dict(dataclasses.asdict(spec), arch="causal-bank", parameters=n_params, final_loss=final_loss,
                       text_characters=len(text), build_seconds=round(time.monotonic() - t0, 1))
-        out = write_model_dir(spec.fields(), BYTE_VOCAB, model.state_dict(), byte_tokenizer(spec.max_seq_len),
-                              out_dir, extra={"plasticity_spec.json": json.dumps(record, indent=1) + "\n"})
+        out = write_model_dir(CausalBankConfig, ARCHITECTURE, spec.fields(), BYTE_VOCAB, model.state_dict(),
+                              byte_tokenizer(spec.max_seq_len), out_dir,
+                              extra={"plasticity_spec.json": json.dumps(record, indent=1) + "\n"})
     finally:
         torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads_before)
@@ -109,8 +110,10 @@ def _init_substrate(model, spec: CausalBankSpec) -> None:
                                    / math.sqrt(spec.embedding_dim))
 
 
-def _train(model, data: bytes, spec: CausalBankSpec, log) -> float:
-    """Next-byte training on random windows of the text (AdamW, warmup then cosine); the last smoothed loss."""
+def train_next_byte(model, data: bytes, spec, log) -> float:
+    """Next-byte training of a project architecture's HF form on random windows of `data` (AdamW, warmup
+    then cosine; its frozen parameters left alone); the last smoothed loss. `spec` gives train_steps,
+    seq_len, batch_size, lr and seed."""
     import torch
 
     ids = torch.tensor(list(data), dtype=torch.long)

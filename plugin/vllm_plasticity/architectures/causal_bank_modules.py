@@ -99,14 +99,14 @@ def _logit_summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 class CausalBankModules:
-    """Mixed into an nn.Module: `build_causal_bank(shape)` adds the modules; `stream` and `logits` run them."""
+    """Mixed into an nn.Module: `build(shape)` adds the modules; `stream` and `logits` run them."""
 
     causal_bank: CausalBankShape
     # Substrate tensors the reference keeps as buffers unless its substrate_mode learns them: here they are
     # parameters (so they are shared with the trainer and written by checkpoints) that never train.
     frozen_parameters: frozenset[str] = frozenset()
 
-    def build_causal_bank(self, shape: CausalBankShape) -> None:
+    def build(self, shape: CausalBankShape) -> None:
         f, V, E, M = shape.fields, shape.vocab_size, shape.embedding_dim, shape.linear_modes
         self.causal_bank = shape
         shared = bool(f["share_embedding"]) and bool(M) and bool(shape.local_window)

@@ -1,94 +1,19 @@
 """The causal bank served by vLLM: `CausalBankForCausalLM`, registered by `vllm_plasticity.register`.
 
-Runs in vLLM's worker process. The maths is causal_bank_modules.py (the same modules and functions the
-Hugging Face form runs); this class adds vLLM's side:
-  * per-request state in a RecurrentStateLayer (architectures/recurrent_layer.py): decode is an O(1)
-    step per token, prefill the parallel form, chunked prefill continues from the saved state;
-  * `forward` returns the per-token stream; `compute_logits` runs the readouts on the rows vLLM samples;
-  * readout and steering through the same residual-tap op as the transformers, at layer 0 = the stream
-    (when PLASTICITY_VECTORS_DIR is set);
-  * weights loaded by their reference names and, when shared (PLASTICITY_TRAINING/SHARE_WEIGHTS), moved
-    into the shared arena the trainer maps. Plain nn.Linear layers read their weight tensors directly,
-    so a write from the trainer is what the next step computes with.
-An unsupported configuration raises UnsupportedConfig (naming the field) while the model is built, so the
-server stops before it serves anything.
+Runs in vLLM's worker process. The maths is causal_bank_modules.py (what the Hugging Face form runs); the
+vLLM side (state slots, readout tap, weight loading and sharing) is recurrent_vllm.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import torch
-from torch import nn
-from vllm.config import VllmConfig
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
-from vllm.platforms import current_platform
-
-from vllm_plasticity.architectures.causal_bank_config import CausalBankShape, UnsupportedConfig
+from vllm_plasticity.architectures.causal_bank_config import CausalBankShape
 from vllm_plasticity.architectures.causal_bank_modules import CausalBankModules
-from vllm_plasticity.architectures.recurrent_layer import RecurrentStateLayer
-from vllm_plasticity.config import PlasticityConfig
-from vllm_plasticity.contract.weights import WeightManifest, share_cpu_parameters
-from vllm_plasticity.residual_tap import install_buffers_for
-
-# Tensors in the reference's state dicts that the served model rebuilds or does not need: the T x T kernel
-# (the recurrence replaces it), its index buffer, and the tied readout's alias of the embedding.
-SKIPPED_WEIGHTS = ("linear_kernel", "_kernel_time_idx", "._embedding_weight")
+from vllm_plasticity.architectures.recurrent_vllm import RecurrentForCausalLM
 
 
-class CausalBankForCausalLM(CausalBankModules, nn.Module, HasInnerState, IsAttentionFree):
-    plasticity_manifest: WeightManifest | None = None
-    plasticity_in_place = True  # plain torch layers: the weight tensors are what every step reads
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        hf = vllm_config.model_config.hf_config
-        if vllm_config.parallel_config.tensor_parallel_size > 1:
-            raise UnsupportedConfig("CausalBankForCausalLM runs on one device (tensor_parallel_size 1)")
-        self.build_causal_bank(CausalBankShape.from_fields(hf.causal_bank, hf.vocab_size))
-        # vLLM binds state to layers by the one integer in the name: this is layer 0.
-        self.recurrent = RecurrentStateLayer(self, prefix=f"{prefix}layers.0.recurrent", vllm_config=vllm_config)
-        config = PlasticityConfig.from_env()
-        self.tapped = config.vectors_dir is not None
-        if self.tapped:
-            install_buffers_for(vllm_config, 1, self.causal_bank.hidden_size, config.readout_capacity,
-                                config.steer_slots)
-
-    def recurrent_state_shapes(self) -> list[tuple[int, ...]]:
-        return self.causal_bank.state_shapes()
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None, **_) -> torch.Tensor:
-        dtype = next(self.parameters()).dtype
-        stream = torch.empty(input_ids.shape[0], self.causal_bank.hidden_size, dtype=dtype, device=input_ids.device)
-        self.recurrent(input_ids, stream)
-        if self.tapped:  # the tap's stream is hidden + residual: all of it is the residual here
-            torch.ops.plasticity.residual_tap(torch.zeros_like(stream), stream, 0)
-        return stream
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits(hidden_states)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("the causal bank takes token ids, not embeddings")
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith(SKIPPED_WEIGHTS) or name.startswith(SKIPPED_WEIGHTS):
-                continue
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r} for this causal-bank configuration")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)}, the configuration needs "
-                                 f"{tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} weights the configuration needs: {missing[:5]}")
-        if PlasticityConfig.from_env().share_weights and current_platform.is_cpu():
-            self.plasticity_manifest = share_cpu_parameters(self)
-        return loaded
+class CausalBankForCausalLM(CausalBankModules, RecurrentForCausalLM):
+    field = "causal_bank"
+    shape_class = CausalBankShape
+    # In the reference's state dicts but not needed: the T x T kernel (the recurrence replaces it), its
+    # index buffer, and the tied readout's alias of the embedding.
+    skipped_weights = ("linear_kernel", "_kernel_time_idx", "._embedding_weight")

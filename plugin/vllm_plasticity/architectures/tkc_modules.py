@@ -1,0 +1,138 @@
+"""Transformer Killer Core's `mamba_dualmem` controller, written from the seed's description (not its code):
+
+    ids -> embedding + sinusoidal position -> backbone layers (residual: h + GRU(LayerNorm(h)))
+        -> DualTierMiras read (query = the backbone output) -> gated fusion -> LayerNorm -> head -> logits
+        -> DualTierMiras write (key, value from the backbone output), for the next tokens
+
+DualTierMiras, per request and fixed-size: a fast tier and a deep tier, each `mem_slots` key/value slots
+with strengths. A read is a softmax over the used slots of cosine(query, key) / temperature, per tier;
+the tiers blend with w_fast = sigmoid(mix_logit + context_gate(h)). Every token writes the fast tier at its
+ring pointer (value scaled by lr_fast); the deep tier is written (value scaled by lr_deep, its own ring
+pointer) only when the token is surprising: surprise = 1 - cosine(what the memory read, the token's value),
+a deep write iff surprise > surprise_threshold. With use_ema a write into a used slot blends
+(ema_decay * old + (1 - ema_decay) * new) instead of overwriting. Writes are tensor ops on every row
+(masked by the surprise gate): no per-request Python branch. Running surprise mean and variance and the
+deep-write count are kept per request (diagnostics).
+
+Both forms call `stream` (per token: the fused vector the head reads, and the new state) and `logits`.
+The memory is sequential by design (each token reads what earlier tokens wrote), so `stream` loops over
+the tokens of a chunk; the backbone runs the chunk at once (nn.GRU from the saved hidden state). Decode
+is one step: its cost does not grow with the context. Torch only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_plasticity.architectures.tkc_config import TKCShape
+
+_UNUSED = -1e9  # the similarity of an empty slot: no weight once any slot is used (empty slots hold zeros)
+
+
+class GRUBlock(nn.Module):
+    """One backbone layer: h + GRU(LayerNorm(h)), the GRU carrying its hidden state across tokens."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.gru = nn.GRU(d, d, batch_first=True)
+
+
+def sinusoid(positions: torch.Tensor, d: int) -> torch.Tensor:
+    """(R, T) absolute positions -> (R, T, d): sines of d/2 frequencies, then their cosines."""
+    freqs = torch.exp(torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    angles = positions.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class TKCModules:
+    """Mixed into an nn.Module: `build(shape)` adds the modules; `stream` and `logits` run them."""
+
+    tkc: TKCShape
+    frozen_parameters: frozenset[str] = frozenset()
+
+    def build(self, shape: TKCShape) -> None:
+        d, V = shape.d_model, shape.vocab_size
+        self.tkc = shape
+        self.embed = nn.Embedding(V, d)
+        self.backbone = nn.ModuleList(GRUBlock(d) for _ in range(shape.n_layers))
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.mix_logit = nn.Parameter(torch.zeros(1))
+        self.context_gate = nn.Linear(d, 1)
+        self.fusion_gate, self.fusion_out = nn.Linear(2 * d, d), nn.Linear(d, d)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, V)
+
+    def zero_states(self, rows: int, device: torch.device) -> list[torch.Tensor]:
+        return [torch.zeros(rows, *s, device=device) for s in self.tkc.state_shapes()]
+
+    # ---- per token, with state ------------------------------------------------------------------------
+    def stream(self, ids: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """ids (R, T) continuing from `states` (fp32, as state_shapes) -> the fused stream (R, T, d) in the
+        weights' dtype and the states after the last token. Inputs are never modified in place."""
+        hidden, memory = states[0], list(states[1:])
+        R, T = ids.shape
+        positions = memory[-1][:, 2:3] + torch.arange(T, device=ids.device)[None]  # (R, T): tokens seen before
+        x = self.embed(ids)
+        x = x + sinusoid(positions, self.tkc.d_model).to(x.dtype)
+        last = []
+        for layer, block in enumerate(self.backbone):
+            y, h_n = block.gru(block.norm(x), hidden[:, layer][None].to(x.dtype).contiguous())
+            x = x + y
+            last.append(h_n[0].float())
+        fused = []
+        for t in range(T):
+            out, memory = self.memory_step(x[:, t], memory)
+            fused.append(out)
+        return torch.stack(fused, dim=1), [torch.stack(last, dim=1), *memory]
+
+    def memory_step(self, h: torch.Tensor, memory: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One token: read both tiers with the backbone output h (R, d), fuse, then write."""
+        f = self.tkc.fields
+        fast_k, fast_v, deep_k, deep_v, strength, stats = memory
+        q = F.normalize(self.query(h).float(), dim=-1)  # (R, d)
+
+        def read(keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+            sim = torch.einsum("rd,rmd->rm", q, F.normalize(keys, dim=-1)) / float(f["temperature"])
+            weights = torch.softmax(sim.masked_fill(~used, _UNUSED), dim=-1)  # (R, M)
+            return torch.einsum("rm,rmd->rd", weights, values)
+
+        v_fast = read(fast_k, fast_v, strength[:, 0] > 0)
+        v_deep = read(deep_k, deep_v, strength[:, 1] > 0)
+        w_fast = torch.sigmoid(self.mix_logit + self.context_gate(h)).float()  # (R, 1)
+        v = w_fast * v_fast + (1 - w_fast) * v_deep  # (R, d)
+        vh = v.to(h.dtype)
+        fused = h + torch.sigmoid(self.fusion_gate(torch.cat([h, vh], dim=-1))) * self.fusion_out(vh)
+
+        key, value = self.key(h).float(), self.value(h).float()
+        surprise = 1.0 - F.cosine_similarity(v, value, dim=-1, eps=1e-8)  # (R,): 1 when the memory is empty
+        deep = (surprise > float(f["surprise_threshold"])).float()  # (R,): the write gate, no branch
+        M = self.tkc.mem_slots
+        ema = float(f["ema_decay"]) if f["use_ema"] else 0.0
+
+        def write(keys, values, tier, gate, scale):
+            pointer = stats[:, tier]
+            slot = F.one_hot(pointer.long(), M).float() * gate[:, None]  # (R, M): the slot written, or none
+            used = strength[:, tier]
+            step = (slot * (1 - ema * (used > 0).float()))[..., None]  # overwrite, or blend into a used slot
+            keys = keys + step * (key[:, None] - keys)
+            values = values + step * (scale * value[:, None] - values)
+            return keys, values, torch.maximum(used, slot), torch.remainder(pointer + gate, M)
+
+        ones = torch.ones_like(deep)
+        fast_k, fast_v, fast_used, fast_ptr = write(fast_k, fast_v, 0, ones, float(f["lr_fast"]))
+        deep_k, deep_v, deep_used, deep_ptr = write(deep_k, deep_v, 1, deep, float(f["lr_deep"]))
+        seen = stats[:, 2] + 1
+        s = surprise.detach()
+        delta = s - stats[:, 3]
+        mean = stats[:, 3] + delta / seen
+        var = stats[:, 4] + (delta * (s - mean) - stats[:, 4]) / seen
+        stats = torch.stack([fast_ptr, deep_ptr, seen, mean, var, stats[:, 5] + deep], dim=1)
+        return fused, [fast_k, fast_v, deep_k, deep_v, torch.stack([fast_used, deep_used], dim=1), stats]
+
+    # ---- per token, stateless --------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
