@@ -276,7 +276,7 @@ function buildSliders(concepts) {
     row.className = "slider"; row.dataset.concept = c;
     const name = document.createElement("span"); name.className = "name"; name.textContent = c; name.title = c;
     const input = Object.assign(document.createElement("input"),
-      { type: "range", min: -20, max: 20, step: 0.5, value: 0, name: c });
+      { type: "range", min: -40, max: 40, step: 0.5, value: 0, name: c });
     const out = document.createElement("output"); out.textContent = "0";
     input.addEventListener("input", () => { out.textContent = input.value; });
     row.append(name, input, out);
@@ -309,7 +309,10 @@ async function steerGenerate() {
   const prompt = $("prompt").value, n = Number($("max-tokens").value);
   try {
     setStatus("generating plain and steered ...");
-    const [plain, steered] = await Promise.all([completeText(prompt, n), completeText(prompt, n, xargs)]);
+    // One after the other, not together: each then runs alone, as the same request sent to the API would,
+    // so the texts shown are exactly what the API answers (a shared batch can flip a near-tied greedy token).
+    const plain = await completeText(prompt, n);
+    const steered = await completeText(prompt, n, xargs);
     $("plain-out").textContent = plain;
     $("steered-out").textContent = steered;
     setStatus(`steered with ${terms.length / 2} concept(s)`);
