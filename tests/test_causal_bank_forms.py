@@ -137,3 +137,29 @@ def test_the_built_in_causal_bank_builds_deterministically(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     decays = a["linear_decays"]
     assert 0 < decays.min() and decays.max() < 1 and torch.all(decays[1:] > decays[:-1])  # half-lives grow
+
+
+def test_a_sentencepiece_vocabulary_gets_a_tokenizer_equal_to_sentencepiece(tmp_path):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from plasticity_training.causal_bank_export import export_causal_bank
+    from tests.conftest import REPO
+
+    text = "\n".join(p.read_text() for p in sorted((REPO / "amygdala_stories" / "stories").glob("*.txt"))[:40])
+    (tmp_path / "corpus.txt").write_text(text)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=300, model_type="unigram", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    out = export_causal_bank(reference_model({}, vocab=300, seed=1, max_seq_len=64), tmp_path / "served",
+                             sentencepiece=str(tmp_path / "sp.model"))
+    tok = AutoTokenizer.from_pretrained(out)
+    for s in ["The lanterns swung in the lemon trees.", "Rosa's  grandmother,\tlaughing: 'Okay, sweetheart!'"]:
+        assert tok(s)["input_ids"] == sp.encode(s)  # extra spaces, a tab, a character it has no piece for
+    text = "The lanterns swung in the lemon trees."
+    assert tok.decode(tok(text)["input_ids"]) == sp.decode(sp.encode(text)) == text
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "bpe"),
+                                   vocab_size=300, model_type="bpe", minloglevel=2)
+    with pytest.raises(ValueError, match="only unigram models convert here"):
+        export_causal_bank(reference_model({}, vocab=300, seed=1, max_seq_len=64), tmp_path / "bpe-served",
+                           sentencepiece=str(tmp_path / "bpe.model"))

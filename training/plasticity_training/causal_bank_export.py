@@ -72,13 +72,36 @@ def _byte_of(char: str) -> int:
 
 
 def sentencepiece_tokenizer(model_file: str | os.PathLike, max_length: int):
-    """A transformers tokenizer from a sentencepiece model file (as the package's loader takes)."""
-    from transformers import LlamaTokenizer
+    """A transformers fast tokenizer equal to a sentencepiece unigram model (the kind the package's
+    tokenizer/build_vocab.py trains): its pieces and scores, its normalisation rules (precompiled charsmap,
+    extra spaces removed) and the "▁" word-boundary convention, as the tokenizers library's own
+    converter builds it. A BPE sentencepiece model is refused with what to do instead."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    tok = LlamaTokenizer(vocab_file=str(model_file), add_bos_token=False, add_eos_token=False, legacy=False)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.model_max_length = max_length
-    return tok
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
+        raise ValueError(f"{model_file}: a sentencepiece {proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)} "
+                         "model; only unigram models convert here (convert it to a transformers tokenizer.json first)")
+    spec = proto.trainer_spec
+    tok = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces], spec.unk_id, spec.byte_fallback))
+    rules = []
+    if proto.normalizer_spec.precompiled_charsmap:
+        rules.append(normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
+    if proto.normalizer_spec.remove_extra_whitespaces:
+        rules += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    tok.normalizer = normalizers.Sequence(rules)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    piece = lambda i: proto.pieces[i].piece if 0 <= i < len(proto.pieces) else None
+    eos = piece(spec.eos_id) or piece(spec.unk_id)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=piece(spec.pad_id) or eos,
+                                   unk_token=piece(spec.unk_id))
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = max_length
+    return fast
 
 
 def export_causal_bank(model, out_dir: str | os.PathLike, tokenizer=None, sentencepiece: str | None = None,
