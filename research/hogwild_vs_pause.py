@@ -104,11 +104,14 @@ Deviation of a response = max over tokens of |log p - log p_v| for the nearest v
 ![deviation per response](hogwild_vs_pause.png)
 
 Reading: {'; '.join(f"{m}: {r['torn']} of {r['responses']} responses torn, largest deviation {r['max']:.2e}" for m, r in results.items())};
-one optimizer step moves the probe's log-probs by {median_step:.2e} (median). A torn response's deviation
-below that change is a mix of two neighbouring versions, not a different model. Whether a torn read changes an
-output depends on how close the top tokens are; this run measures the log-prob deviation, the quantity the
-question is about. On CPU the step's writes are fast relative to a forward, so torn reads are rare; on a GPU the
-proportion will differ.
+one optimizer step moves the probe's log-probs by {median_step:.2e} (median over the {steps} steps). Torn responses whose
+deviation exceeds that median step: {'; '.join(f"{m}: {sum(d > median_step for d in r['deviations'])}" for m, r in results.items())}; such a
+response is farther from every version the trainer passed through than one step is from the next: a
+different model for that request, not a blend of two neighbours. With pause, the count of torn responses is
+the check that the method works (the same steps, replayed, pass the same versions). The learning rate here is
+large (one step changes the probe by nats) so that tearing is visible; at a small rate the same tearing
+moves log-probs proportionally less. On CPU a step's writes take little time next to a forward, so torn
+reads are a few percent of the responses; on a GPU the proportion will differ.
 """
     print(write_report("hogwild_vs_pause", out_dir, "HOGWILD vs pause", body).read_text())
 

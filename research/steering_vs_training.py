@@ -29,6 +29,8 @@ from lab import RESULTS, Lab, plot_lines, table, write_report
 PROMPTS = ["The morning after the meeting, she", "He opened the envelope and", "On the train home they",
            "The kitchen was quiet when", "At the end of the week the team", "My neighbour knocked and",
            "The letter from the bank said", "When the rain stopped, the children"]
+HELD_OUT = ["After the long drive, my father", "The shop on the corner was", "Before the guests arrived, we",
+            "The phone rang twice and"]  # never trained on: where the trained model is compared
 CONCEPT = "joyful"
 
 
@@ -63,7 +65,7 @@ def main() -> None:
     from plasticity_training.default_model import REPO_ROOT
     from vllm_plasticity.contract.bank import save_bank
 
-    prompts = PROMPTS[:2] if args.quick else PROMPTS
+    prompts, held_out = (PROMPTS[:1], HELD_OUT[:1]) if args.quick else (PROMPTS, HELD_OUT)
     steps, n_tok = (2, 4) if args.quick else (args.steps, args.tokens)
     corpus = load_corpus(REPO_ROOT / "amygdala_stories")
     rng = random.Random(0)
@@ -77,15 +79,17 @@ def main() -> None:
         unit = vector / vector.norm()
         save_bank(lab.vectors_dir / "concept", [CONCEPT], {args.layer: vector[None]}, model=lab.model, method="diff-of-means")
         lab.post("/readout/load", {"name": "concept", "path": "concept"})
-        prompt_ids = [lab.ids(p) for p in prompts]
-        before = raw_streams(lab, prompt_ids, args.layer, hidden)
-        plain = [lab.completion(p, max_tokens=n_tok)["token_ids"] for p in prompt_ids]
-        steered = [lab.completion(p, max_tokens=n_tok, vllm_xargs={"steer": ["concept/" + CONCEPT, args.coef]})["token_ids"]
-                   for p in prompt_ids]
-        job = lab.train(list(zip(prompt_ids, steered)), steps=steps, lr=3e-3)
+        prompt_ids, test_ids = [lab.ids(p) for p in prompts], [lab.ids(p) for p in held_out]
+        steer = {"steer": ["concept/" + CONCEPT, args.coef]}
+        before = raw_streams(lab, test_ids, args.layer, hidden)
+        train_steered = [lab.completion(p, max_tokens=n_tok, vllm_xargs=steer)["token_ids"] for p in prompt_ids]
+        plain = [lab.completion(p, max_tokens=n_tok)["token_ids"] for p in test_ids]
+        steered = [lab.completion(p, max_tokens=n_tok, vllm_xargs=steer)["token_ids"] for p in test_ids]
+        job = lab.train(list(zip(prompt_ids, train_steered)), steps=steps, lr=3e-3)
         lab.post("/readout/load", {"name": "concept", "path": "concept"})
-        after = raw_streams(lab, prompt_ids, args.layer, hidden)
-        trained = [lab.completion(p, max_tokens=n_tok)["token_ids"] for p in prompt_ids]
+        after = raw_streams(lab, test_ids, args.layer, hidden)
+        trained = [lab.completion(p, max_tokens=n_tok)["token_ids"] for p in test_ids]
+        memorised = sum(lab.completion(p, max_tokens=n_tok)["token_ids"] == c for p, c in zip(prompt_ids, train_steered))
         delta = torch.cat([a - b for a, b in zip(after, before)]).mean(0)
         cosine = float(delta @ unit / delta.norm())
         g = torch.Generator().manual_seed(0)
@@ -93,31 +97,35 @@ def main() -> None:
         if not args.quick:
             lab.restart()  # score every set of continuations with the original weights
         lab.post("/readout/load", {"name": "concept", "path": "concept"})
-        proj = {name: sum(projection(lab, p, c) for p, c in zip(prompt_ids, conts)) / len(prompts)
+        proj = {name: sum(projection(lab, p, c) for p, c in zip(test_ids, conts)) / len(test_ids)
                 for name, conts in (("plain", plain), ("steered", steered), ("trained, unsteered", trained))}
-        same = sum(t == s for t, s in zip(trained, steered))
+        same = sum(t == c for t, c in zip(trained, steered))
         decode = lambda ids: lab.tok.decode(ids)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_lines(out_dir / "steering_vs_training.png", {"mean projection": ([0, 1, 2], list(proj.values()))},
                "0 plain, 1 steered, 2 trained (unsteered)", f"projection on {CONCEPT}, layer {args.layer}")
     spread = sorted(abs(c) for c in random_cos)[int(0.95 * len(random_cos))]
+    span = proj["steered"] - proj["plain"]
+    gap = f"{(proj['trained, unsteered'] - proj['plain']) / span:.0%}" if abs(span) > 1e-6 else "none (steering moved nothing)"
     examples = "\n".join(f"| {p} | {decode(a)!r} | {decode(b)!r} | {decode(c)!r} |"
-                         for p, a, b, c in list(zip(prompts, plain, steered, trained))[:4])
+                         for p, a, b, c in zip(held_out, plain, steered, trained))
     body = f"""
 Hypothesis (stated before the run): the activation change from training on steered text has a clearly positive
 cosine with the steering vector (far above a random direction's), and the trained model, unsteered, projects
 onto the concept more than the original plain model.
 
 Setup: model {lab.model}; concept "{CONCEPT}" at layer {args.layer}: difference of mean streams, {len(positives)} positive texts
-vs {len(negatives)} others, read from the server; steering coef {args.coef}; {len(prompts)} neutral prompts, {n_tok} greedy tokens;
-/train on (prompt, steered continuation): {steps} APOLLO steps, lr 3e-3 (losses {job['losses'][0]:.3f} -> {job['losses'][-1]:.3f}).
+vs {len(negatives)} others, read from the server; steering coef {args.coef}; {n_tok} greedy tokens per continuation;
+/train on (prompt, steered continuation) for {len(prompts)} neutral prompts: {steps} APOLLO steps, lr 3e-3 (losses
+{job['losses'][0]:.3f} -> {job['losses'][-1]:.3f}); afterwards the model reproduces {memorised} of those {len(prompts)} steered
+continuations verbatim. Everything below is measured on {len(held_out)} held-out prompts never trained on.
 {'Quick mode: scored with the trained weights (no fresh server).' if args.quick else 'Projections scored by a fresh server with the original weights.'}
 
 {table(["measure", "value"], [["cosine(mean stream change after training, vector)", cosine],
                               ["95th percentile |cosine| with a random direction", spread],
                               *[[f"mean projection of {k} continuations", v] for k, v in proj.items()],
-                              ["trained continuations equal to the steered ones", f"{same} of {len(prompts)}"]])}
+                              ["held-out: trained continuations equal to the steered ones", f"{same} of {len(held_out)}"]])}
 
 | prompt | plain | steered | trained, unsteered |
 | --- | --- | --- | --- |
@@ -125,10 +133,11 @@ vs {len(negatives)} others, read from the server; steering coef {args.coef}; {le
 
 ![projections](steering_vs_training.png)
 
-Reading: the stream change points along the vector with cosine {cosine:.3f}, against {spread:.3f} for random directions
-(95th percentile); {'above' if cosine > spread else 'not above'} chance. The trained model's own continuations project at
-{proj['trained, unsteered']:.3f}, between the plain {proj['plain']:.3f} and the steered {proj['steered']:.3f} if training carried part of the
-steering into the weights. A 1.3M-parameter model and one concept: a first measurement, not a general law.
+Reading: on held-out prompts the stream change points along the vector with cosine {cosine:.3f}, against {spread:.3f}
+for random directions (95th percentile): {'above' if cosine > spread else 'not above'} chance. The trained model's own continuations
+project at {proj['trained, unsteered']:.3f}, against plain {proj['plain']:.3f} and steered {proj['steered']:.3f}: {gap} of the steered-minus-plain
+gap carried into the unsteered weights.
+A 1.3M-parameter model and one concept: a first measurement, not a general law.
 """
     print(write_report("steering_vs_training", out_dir, "Steering vector as the prototype of training", body).read_text())
 

@@ -71,6 +71,21 @@ def test_masked_and_no_grad_give_same_loss_different_gradients(core):
     assert not torch.allclose(masked_grad, nograd_grad)
 
 
+def test_no_grad_context_learns_the_continuations_first_token(core):
+    """The first continuation token is predicted from the context's last position: in no_grad mode that position
+    still runs with a graph, so the first token's loss falls as fast as the others' (it did not, before)."""
+    context, continuation = [5, 6, 7, 8], [9, 10, 11]
+    ids = context + continuation
+    first_before = -token_logprobs(core.model, ids)[len(context) - 1]
+    core.begin_job([{"context_ids": context, "continuation_ids": continuation}], optimizer={"lr": 1e-2},
+                   context_mode="no_grad")
+    for _ in range(5):
+        core.step()
+    core.end_job()
+    first_after = -token_logprobs(core.model, ids)[len(context) - 1]
+    assert first_after < 0.5 * first_before
+
+
 def test_non_finite_loss_is_rejected_and_changes_nothing(core):
     core.weights["model.norm.weight"][0] = float("nan")  # poisons the forward, not a trained weight
     before = {k: v.clone() for k, v in core.weights.items()}

@@ -219,16 +219,18 @@ class TrainerCore:
         counts = torch.tensor([float(len(s["continuation_ids"])) for s in samples])  # (N,)
         if context_mode == "no_grad":
             sums = []
-            for s in samples:  # the context's keys/values computed without a graph (truncated gradient)
-                ctx = torch.tensor([s["context_ids"]])  # (1, C)
-                cont = torch.tensor([s["continuation_ids"]])  # (1, K)
-                with torch.no_grad():
-                    out = self.model(input_ids=ctx, use_cache=True)
-                logits = self.model(input_ids=cont, past_key_values=out.past_key_values).logits  # (1, K, V)
-                # The first continuation token is predicted by the context's last position.
-                first = out.logits[:, -1:].detach()
-                all_logits = torch.cat([first, logits[:, :-1]], dim=1)  # (1, K, V)
-                sums.append(-F.cross_entropy(all_logits[0].float(), cont[0], reduction="sum"))
+            for s in samples:
+                # The context but its last token: keys/values (or recurrent state) computed without a graph
+                # (truncated gradient). The last context token runs with the continuation, with a graph:
+                # its position predicts the continuation's first token, which could not be learned otherwise.
+                prefix, tail = s["context_ids"][:-1], s["context_ids"][-1:] + s["continuation_ids"]
+                past = None
+                if prefix:
+                    with torch.no_grad():
+                        past = self.model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+                logits = self.model(input_ids=torch.tensor([tail]), past_key_values=past).logits[:, :-1]  # (1, K, V)
+                cont = torch.tensor(s["continuation_ids"])  # (K,)
+                sums.append(-F.cross_entropy(logits[0].float(), cont, reduction="sum"))
             return sft_loss(torch.stack(sums), counts, weights).loss
         # masked: one padded batch, the gradient flows through the context's keys and values (exact).
         sums, _ = continuation_logprobs(self.model, self.pad_id, [s["context_ids"] for s in samples],
