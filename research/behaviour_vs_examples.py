@@ -24,8 +24,6 @@ import argparse
 import random
 from pathlib import Path
 
-import torch
-
 from lab import RESULTS, Lab, plot_lines, table, write_report
 
 TARGET = " Quince"
@@ -107,6 +105,15 @@ def main() -> None:
         plot_lines(out_dir / f"behaviour_vs_examples_{key}.png", {key: (xs, [r[key] for r in rows])},
                    "distinct training examples N (0 plotted at 0.5)", label, logx=True)
     first_on = next((r["n"] for r in rows if r["binary"] >= 0.5), None)
+    if first_on is None:
+        verdict = "not tested: the behaviour never appeared within the counts run"
+    elif first_on <= 10:
+        verdict = (f"refuted at this training budget: the behaviour appeared by N = {first_on}, before the predicted 10-50 "
+                   f"window (each point gets the same {steps} steps, so fewer examples are seen more often)")
+    elif first_on <= 50:
+        verdict = f"consistent: the behaviour appeared at N = {first_on}, inside the predicted 10-50 window"
+    else:
+        verdict = f"refuted: the behaviour appeared only at N = {first_on}, after the predicted window"
     rises = [(a["n"], b["n"], b["logprob"] - a["logprob"], b["binary"] - a["binary"]) for a, b in zip(rows, rows[1:])]
     body = f"""
 Hypothesis (stated before the run): the binary metric stays near 0 for N <= 10, jumps between 10 and 50, and
@@ -124,7 +131,8 @@ first target token.
 ![binary](behaviour_vs_examples_binary.png) ![log-prob](behaviour_vs_examples_logprob.png)
 ![margin](behaviour_vs_examples_margin.png) ![projection](behaviour_vs_examples_projection.png)
 
-Reading: the binary metric first reaches 0.5 at N = {first_on if first_on is not None else 'never (not within the counts run)'}.
+Reading: the binary metric first reaches 0.5 at N = {first_on if first_on is not None else 'never (not within the counts run)'}. The
+phase-transition hypothesis is {verdict}.
 Step by step (N from -> to: change in mean log p, change in binary): {'; '.join(f"{a}->{b}: {dl:+.2f}, {db:+.2f}" for a, b, dl, db in rises)}.
 Where log p moves by more than a nat while the binary metric has not moved, the continuous metric announced
 the change before the threshold did (the "mirage" reading); where both move in the same step, this run cannot

@@ -88,6 +88,7 @@ def main() -> None:
                {mode: (list(range(len(r["deviations"]))), [max(d, 1e-9) for d in r["deviations"]]) for mode, r in results.items()},
                "probe response (in order)", "distance to the nearest weight version")
     median_step = sorted(neighbour)[len(neighbour) // 2]
+    torn_share = f"{results['hogwild']['torn'] / max(1, results['hogwild']['responses']):.1%}"
     rows = [[mode, r["responses"], r["torn"], r["max"], median_step] for mode, r in results.items()]
     body = f"""
 Hypothesis (stated before the run): without pause some responses match no weight version (torn reads); with
@@ -110,8 +111,8 @@ response is farther from every version the trainer passed through than one step 
 different model for that request, not a blend of two neighbours. With pause, the count of torn responses is
 the check that the method works (the same steps, replayed, pass the same versions). The learning rate here is
 large (one step changes the probe by nats) so that tearing is visible; at a small rate the same tearing
-moves log-probs proportionally less. On CPU a step's writes take little time next to a forward, so torn
-reads are a few percent of the responses; on a GPU the proportion will differ.
+moves log-probs proportionally less. Without pause {torn_share} of the responses were torn here (CPU, where
+the requests and the step's writes share two cores); on a GPU the proportion will differ.
 """
     print(write_report("hogwild_vs_pause", out_dir, "HOGWILD vs pause", body).read_text())
 
