@@ -13,7 +13,6 @@ the machine and the command that produced them. Seeds are fixed; figures are wha
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_checkpoint import machine  # noqa: E402  (the benchmarks' shared report header)
+from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
 
 from vllm_plasticity.launcher import ServerProcess  # noqa: E402
 
@@ -120,15 +119,6 @@ class Lab:
 
 
 # ---- reports --------------------------------------------------------------------------------------------------
-
-def command() -> str:
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return " ".join(shlex.quote(a) for a in [".venv/bin/python", str(script), *sys.argv[1:]])
-
 
 def write_report(name: str, out_dir: Path, title: str, body: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,19 @@ def prompt_logprobs(url: str, model: str, token_ids: list[int], api_key: str | N
     return [entries[i][str(t)]["logprob"] for i, t in enumerate(token_ids) if i > 0]
 
 
+def live_view(server, api_key: str | None = None):
+    """The Hugging Face form on views of the weights `server` is serving (whatever training did to them)."""
+    import json
+
+    from plasticity_training.hf_view import build_hf_view
+    from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    info = requests.get(server.url + "/plasticity/info", headers=headers, timeout=10).json()
+    manifest = WeightManifest.from_dict(json.load(open(info["weight_manifest"])))
+    return build_hf_view(info["model"], map_shared_weights(manifest))
+
+
 PROBE_PROMPTS = ["The story begins at the door of the old house", "She read the paper twice and"]
 
 

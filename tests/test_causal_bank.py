@@ -18,6 +18,7 @@ import requests
 import torch
 
 from tests import recurrent_parity as parity
+from tests.conftest import live_view
 from tests.causal_bank_models import VARIANTS, export_variant, reference_logprobs
 from vllm_plasticity.contract.bank import save_bank
 from vllm_plasticity.launcher import ServerError, ServerProcess
@@ -50,16 +51,6 @@ def bank_server(servers_restart, bank_model, tmp_path_factory):
                                                                                           log_path=log_path))
     server.model, server.state_dir, server.vectors_dir = str(model_dir), state_dir, vectors_dir
     return server
-
-
-def live_view(server):
-    """The project's Hugging Face form on views of the weights being served."""
-    from plasticity_training.hf_view import build_hf_view
-    from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
-
-    info = requests.get(server.url + "/plasticity/info", timeout=10).json()
-    manifest = WeightManifest.from_dict(json.load(open(info["weight_manifest"])))
-    return build_hf_view(info["model"], map_shared_weights(manifest))
 
 
 def stream_and_logprobs(view, ids, steer=None):

@@ -6,7 +6,6 @@ hooks on the decoder layers: the stream after layer L (+ coef * unit vector when
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from openai import OpenAI
 
 from vllm_plasticity.contract.bank import save_bank
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, live_view
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPTS = ["The story begins at the door of the old house", "She read the paper twice and"]
@@ -53,12 +52,7 @@ def load(server, name, path=None, **extra):
 
 def live_hf(server):
     """A Hugging Face model on views of the served weights (whatever training did to them)."""
-    from plasticity_training.hf_view import build_hf_view
-    from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
-
-    info = requests.get(server.url + "/plasticity/info", headers=AUTH, timeout=10).json()
-    manifest = WeightManifest.from_dict(json.load(open(info["weight_manifest"])))
-    return build_hf_view(info["model"], map_shared_weights(manifest))
+    return live_view(server, API_KEY)
 
 
 def hf_forward(model, ids, steer: dict[int, torch.Tensor] | None = None):

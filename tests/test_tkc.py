@@ -9,7 +9,6 @@ the saved memory). The test model has 8 memory slots per tier, so the rings wrap
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import requests
 import torch
 
 from tests import recurrent_parity as parity
+from tests.conftest import live_view
 from vllm_plasticity.contract.bank import save_bank
 from vllm_plasticity.launcher import ServerProcess
 
@@ -64,15 +64,6 @@ def tkc_server(servers_restart, tkc_model, tmp_path_factory):
                                                                                   log_path=log_path))
     server.model, server.state_dir, server.vectors_dir = str(tkc_model), state_dir, vectors_dir
     return server
-
-
-def live_view(server):
-    from plasticity_training.hf_view import build_hf_view
-    from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
-
-    info = requests.get(server.url + "/plasticity/info", timeout=10).json()
-    manifest = WeightManifest.from_dict(json.load(open(info["weight_manifest"])))
-    return build_hf_view(info["model"], map_shared_weights(manifest))
 
 
 def test_served_tkc_equals_its_full_sequence_form(tkc_server, tkc_model):

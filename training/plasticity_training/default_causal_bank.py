@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from plasticity_training.default_model import default_cache_dir, read_project_text
+from plasticity_training.default_model import default_cache_dir, deterministic_build, read_project_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +75,7 @@ def build_causal_bank(spec: CausalBankSpec, out_dir: str | os.PathLike, text: st
 
     text = read_project_text() if text is None else text
     t0 = time.monotonic()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_build():
         torch.manual_seed(spec.seed)
         model = CausalBankForCausalLM(CausalBankConfig(vocab_size=BYTE_VOCAB, causal_bank=spec.fields()))
         _init_substrate(model, spec)
@@ -91,9 +88,6 @@ def build_causal_bank(spec: CausalBankSpec, out_dir: str | os.PathLike, text: st
         out = write_model_dir(CausalBankConfig, ARCHITECTURE, spec.fields(), BYTE_VOCAB, model.state_dict(),
                               byte_tokenizer(spec.max_seq_len), out_dir,
                               extra={"plasticity_spec.json": json.dumps(record, indent=1) + "\n"})
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.set_num_threads(threads_before)
     log(f"[default-model] built {out} in {time.monotonic() - t0:.0f}s"
         + (f", final loss {final_loss:.3f}" if final_loss is not None else ""))
     return out

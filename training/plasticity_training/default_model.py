@@ -15,6 +15,7 @@ a hash of the spec and the text, so a changed corpus gives a new model rather th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -155,6 +156,22 @@ def hf_config(spec: ModelSpec, vocab_size: int, eos_id: int):
     return cfg
 
 
+@contextlib.contextmanager
+def deterministic_build(threads: int = 2):
+    """Fixed thread count and deterministic kernels while a built-in model is built (same spec, same text,
+    same machine: same bytes); the caller's settings come back afterwards."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads_before)
+
+
 def build_model(spec: ModelSpec, out_dir: str | os.PathLike, text: str | None = None, log=print) -> Path:
     """Build tokenizer + model for `spec` into `out_dir` (written atomically) and return the path."""
     import torch
@@ -164,11 +181,7 @@ def build_model(spec: ModelSpec, out_dir: str | os.PathLike, text: str | None = 
     text = read_project_text() if text is None else text
     t0 = time.monotonic()
     torch.manual_seed(spec.seed)
-    # Fixed thread count and deterministic kernels: the same spec gives the same bytes on one machine.
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_build():
         tokenizer = train_tokenizer(text, spec.vocab_size)
         eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         config = hf_config(spec, len(tokenizer), eos_id)
@@ -188,9 +201,6 @@ def build_model(spec: ModelSpec, out_dir: str | os.PathLike, text: str | None = 
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)  # a half-built model is never visible under out_dir
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.set_num_threads(threads_before)
     log(f"[default-model] built {out_dir} in {time.monotonic() - t0:.0f}s"
         + (f", final loss {final_loss:.3f}" if final_loss is not None else ""))
     return out_dir

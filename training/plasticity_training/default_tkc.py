@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from plasticity_training.default_causal_bank import train_next_byte
-from plasticity_training.default_model import default_cache_dir, read_project_text
+from plasticity_training.default_model import default_cache_dir, deterministic_build, read_project_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +60,7 @@ def build_tkc(spec: TKCSpec, out_dir: str | os.PathLike, text: str | None = None
 
     text = read_project_text() if text is None else text
     t0 = time.monotonic()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_build():
         torch.manual_seed(spec.seed)
         model = TKCForCausalLM(TKCConfig(vocab_size=BYTE_VOCAB, tkc=spec.fields()))
         n_params = sum(p.numel() for p in model.parameters())
@@ -75,9 +72,6 @@ def build_tkc(spec: TKCSpec, out_dir: str | os.PathLike, text: str | None = None
         out = write_model_dir(TKCConfig, ARCHITECTURE, spec.fields(), BYTE_VOCAB, model.state_dict(),
                               byte_tokenizer(spec.max_seq_len), out_dir,
                               extra={"plasticity_spec.json": json.dumps(record, indent=1) + "\n"})
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.set_num_threads(threads_before)
     log(f"[default-model] built {out} in {time.monotonic() - t0:.0f}s"
         + (f", final loss {final_loss:.3f}" if final_loss is not None else ""))
     return out
