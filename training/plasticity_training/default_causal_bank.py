@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from plasticity_training.default_model import default_cache_dir, deterministic_build, read_project_text
+from plasticity_training.default_model import default_cache_dir, deterministic_build, read_project_text, train_next_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,32 +105,8 @@ def _init_substrate(model, spec: CausalBankSpec) -> None:
 
 
 def train_next_byte(model, data: bytes, spec, log) -> float:
-    """Next-byte training of a project architecture's HF form on random windows of `data` (AdamW, warmup
-    then cosine; its frozen parameters left alone); the last smoothed loss. `spec` gives train_steps,
-    seq_len, batch_size, lr and seed."""
+    """Next-byte training of a project architecture's HF form on random windows of `data` (the built-in
+    models' one training loop, default_model.train_next_token); the last smoothed loss."""
     import torch
 
-    ids = torch.tensor(list(data), dtype=torch.long)
-    gen = torch.Generator().manual_seed(spec.seed)
-    trainable = [p for n, p in model.named_parameters() if n not in model.frozen_parameters]
-    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, spec.train_steps // 20)
-    smoothed = None
-    model.train()
-    for step in range(spec.train_steps):
-        frac = step / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (spec.train_steps - warmup)))
-        for group in opt.param_groups:
-            group["lr"] = spec.lr * frac
-        starts = torch.randint(0, len(ids) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
-        batch = torch.stack([ids[s : s + spec.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
-        logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-        if step % 100 == 0 or step == spec.train_steps - 1:
-            log(f"[default-model] step {step + 1}/{spec.train_steps} loss {smoothed:.3f}")
-    model.eval()
-    return round(smoothed, 4)
+    return train_next_token(model, torch.tensor(list(data), dtype=torch.long), spec, log)

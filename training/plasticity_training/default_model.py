@@ -189,7 +189,8 @@ def build_model(spec: ModelSpec, out_dir: str | os.PathLike, text: str | None = 
         n_params = sum(p.numel() for p in model.parameters())
         log(f"[default-model] {spec.arch}: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
             f"{len(text) / 1e3:.0f}k characters of project text")
-        final_loss = _train(model, tokenizer, text, spec, log) if spec.train_steps else None
+        ids = torch.tensor(tokenizer.backend_tokenizer.encode(text).ids, dtype=torch.long)  # (N,)
+        final_loss = train_next_token(model, ids, spec, log) if spec.train_steps else None
 
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=_ensure_dir(out_dir.parent)))
         model.generation_config.do_sample = False
@@ -206,13 +207,16 @@ def build_model(spec: ModelSpec, out_dir: str | os.PathLike, text: str | None = 
     return out_dir
 
 
-def _train(model, tokenizer, text: str, spec: ModelSpec, log) -> float:
-    """Next-token training on random windows of the tokenized text; returns the last smoothed loss."""
+def train_next_token(model, ids, spec, log) -> float:
+    """Next-token training on random windows of `ids` (a 1-D LongTensor): AdamW, linear warmup then cosine
+    decay to 10%; a model's `frozen_parameters` (if it has any) are left alone. Returns the last smoothed
+    loss. `spec` gives train_steps, seq_len, batch_size, lr and seed. Every built-in model trains with it."""
     import torch
 
-    ids = torch.tensor(tokenizer.backend_tokenizer.encode(text).ids, dtype=torch.long)  # (N,)
     gen = torch.Generator().manual_seed(spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    frozen = set(getattr(model, "frozen_parameters", ()))
+    trainable = [p for n, p in model.named_parameters() if n not in frozen]
+    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, spec.train_steps // 20)
     model.train()
     smoothed = None
@@ -227,7 +231,7 @@ def _train(model, tokenizer, text: str, spec: ModelSpec, log) -> float:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
         if step % 100 == 0 or step == spec.train_steps - 1:
