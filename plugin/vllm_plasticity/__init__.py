@@ -28,6 +28,7 @@ ARCHITECTURES: dict[str, str] = {
 CUSTOM_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "CausalBankForCausalLM": ("vllm_plasticity.architectures.causal_bank_vllm:CausalBankForCausalLM", "causal_bank"),
     "TKCForCausalLM": ("vllm_plasticity.architectures.tkc_vllm:TKCForCausalLM", "tkc"),
+    "SyntheForCausalLM": ("vllm_plasticity.architectures.synthe_vllm:SyntheForCausalLM", "synthe"),
 }
 # Every architecture the plugin serves with training, readout and steering.
 SERVED_ARCHITECTURES = frozenset(ARCHITECTURES.values()) | frozenset(CUSTOM_ARCHITECTURES)

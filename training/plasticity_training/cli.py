@@ -183,9 +183,10 @@ def serve(argv: list[str]) -> None:
 def default_model(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="plasticity default-model",
                                      description="Print the built-in model's path, building it first if absent.")
-    parser.add_argument("--arch", choices=("llama", "causal-bank", "tkc"), default="llama",
+    parser.add_argument("--arch", choices=("llama", "causal-bank", "tkc", "synthe"), default="llama",
                         help="llama (default): a 4-layer Llama; causal-bank: a byte-level decepticons causal bank; "
-                             "tkc: a byte-level Transformer Killer Core (GRU backbone + DualTierMiras memory)")
+                             "tkc: a byte-level Transformer Killer Core (GRU backbone + DualTierMiras memory); "
+                             "synthe: a byte-level SYNTHE (2 blocks, attention probe gated causally)")
     parser.add_argument("--rebuild", action="store_true", help="build again even if a cached build exists")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr)
@@ -197,6 +198,10 @@ def default_model(argv: list[str]) -> None:
         from plasticity_training.default_tkc import TKCSpec, build_tkc, default_tkc_path
 
         path, build = default_tkc_path(build=False), lambda p: build_tkc(TKCSpec(), p, log=log)
+    elif args.arch == "synthe":
+        from plasticity_training.default_synthe import SyntheSpec, build_synthe, default_synthe_path
+
+        path, build = default_synthe_path(build=False), lambda p: build_synthe(SyntheSpec(), p, log=log)
     else:
         from plasticity_training.default_model import ModelSpec, build_model, default_model_path
 
@@ -243,7 +248,7 @@ commands:
         [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [--no-ui] [vllm serve args ...]
                   start vLLM's OpenAI-compatible server with the plugin enabled
                   (MODEL defaults to the built-in model)
-  default-model [--arch llama|causal-bank|tkc]
+  default-model [--arch llama|causal-bank|tkc|synthe]
                   print the built-in model's path, building it if absent
   import causal-bank CHECKPOINT [--result JSON] [--tokenizer SPM_MODEL] --out DIR
                   a decepticons causal-bank checkpoint as a model directory to serve

@@ -32,7 +32,7 @@ FUSED = {
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # The project's own architectures (vllm_plasticity.architectures): served under the same parameter names
 # as their Hugging Face form, unfused, so each HF parameter is the whole vLLM tensor of the same name.
-PROJECT_MODEL_TYPES = ("causal_bank", "tkc")
+PROJECT_MODEL_TYPES = ("causal_bank", "tkc", "synthe")
 
 
 class ViewError(RuntimeError):

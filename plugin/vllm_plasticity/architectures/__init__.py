@@ -11,7 +11,9 @@ from __future__ import annotations
 def register_with_transformers() -> None:
     """Make transformers' Auto classes know every project model type (idempotent, cheap)."""
     from vllm_plasticity.architectures.causal_bank_hf import register_with_transformers as causal_bank
+    from vllm_plasticity.architectures.synthe_hf import register_with_transformers as synthe
     from vllm_plasticity.architectures.tkc_hf import register_with_transformers as tkc
 
     causal_bank()
+    synthe()
     tkc()

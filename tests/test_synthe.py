@@ -1,0 +1,191 @@
+"""SYNTHE served by a real `plasticity serve`: the served model equals its full-sequence form through the
+OpenAI API with the probe gated causally (firing for some tokens, not others); decode = prefill, batch and
+chunked-prefill invariance, causality, per-request isolation (tests/recurrent_parity.py); readout and
+steering equal the HF form; /train lowers the loss and a fresh server from the checkpoint agrees. The slow
+sweep serves the `never` and `always` modes too.
+
+One server (--max-num-batched-tokens 64: prompts over 64 tokens are prefilled in chunks that continue from
+the saved state). The test model's probe window is 8 tokens and its hub tiers update every 16 and 128, so
+long prompts cross every boundary, within and across chunks.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from tests import recurrent_parity as parity
+from tests.conftest import live_view
+from vllm_plasticity.contract.bank import save_bank
+from vllm_plasticity.launcher import ServerProcess
+
+TOL = 1e-4
+ARGS = ["--dtype", "float32", "--max-num-seqs", "16", "--max-num-batched-tokens", "64"]
+MAX_SEQ_LEN = 256
+WIDTH = 32
+
+
+def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(n)] for n in lengths]
+
+
+def build(out_dir: Path, gate: str) -> Path:
+    from plasticity_training.default_synthe import SyntheSpec, build_synthe
+
+    # PyTorch's initial weights, larger than the reference's N(0, 0.02): every part's effect on the
+    # log-probs is far above the tolerance. probe_threshold 0.31: about the median Kalman confidence of this
+    # random model, so the causal gate fires for some tokens and not for others (checked below).
+    spec = SyntheSpec(d_model=WIDTH, n_blocks=3, n_heads=4, wiener_state_dim=8, tier_dims=(16, 8, 4), probe_window=8,
+                      probe_gate=gate, probe_threshold=0.31, max_seq_len=MAX_SEQ_LEN, reference_init=False,
+                      train_steps=0, seed=3)
+    return build_synthe(spec, out_dir, text="unused", log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def synthe_model(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("synthe") / "model", "causal")
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    from vllm_plasticity.architectures import register_with_transformers
+
+    register_with_transformers()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def reference(model):
+    def run(ids: list[int]) -> list[float]:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+    return run
+
+
+def firing_rate(model, ids: list[int]) -> float:
+    gates = []
+    original = model.probe_gate
+
+    def record(ior, running):
+        gate, new = original(ior, running)
+        gates.append(gate)
+        return gate, new
+    model.probe_gate = record
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        del model.probe_gate
+    return torch.cat([g.flatten() for g in gates]).mean().item()
+
+
+@pytest.fixture(scope="module")
+def synthe_server(servers_restart, synthe_model, tmp_path_factory):
+    state_dir, vectors_dir = tmp_path_factory.mktemp("synthe-state"), tmp_path_factory.mktemp("synthe-vectors")
+    args = [*ARGS, "--training", "--state-dir", str(state_dir), "--vectors-dir", str(vectors_dir)]
+    server = servers_restart.start("synthe", lambda log_path: ServerProcess.plasticity(synthe_model, extra_args=args,
+                                                                                     log_path=log_path))
+    server.model, server.state_dir, server.vectors_dir = str(synthe_model), state_dir, vectors_dir
+    return server
+
+
+def test_served_synthe_equals_its_full_sequence_form(synthe_server, synthe_model):
+    info = requests.get(synthe_server.url + "/plasticity/info", timeout=10).json()
+    assert info["architecture"] == "SyntheForCausalLM" and info["weights_shareable"]
+    assert info["readout"]["hidden_size"] == WIDTH
+    hf = hf_model(synthe_model)
+    assert 0.1 < firing_rate(hf, prompts(0)[-1]) < 0.9  # the causal gate is exercised both ways
+    parity.logits_match(synthe_server, synthe_server.model, reference(hf), prompts(0), TOL)
+
+
+def test_decode_equals_prefill(synthe_server):
+    parity.decode_equals_prefill(synthe_server, synthe_server.model, prompts(1, (30,))[0], 40, TOL)
+
+
+def test_batch_and_chunked_prefill_invariance(synthe_server):
+    parity.batch_invariant(synthe_server, synthe_server.model, prompts(2, (3, 17, 64, 65, 100, 129, 200, 255)), TOL)
+
+
+def test_causality_through_the_server(synthe_server):
+    for t in (0, 31, 130):
+        parity.causal(synthe_server, synthe_server.model, prompts(3, (160,))[0], t, 256, TOL)
+
+
+def test_one_requests_state_never_affects_another(synthe_server):
+    parity.isolated(synthe_server, synthe_server.model, prompts(4, (7, 50, 90, 120)), 12, TOL)
+
+
+def test_readout_and_steering_equal_the_hugging_face_form(synthe_server):
+    g = torch.Generator().manual_seed(5)
+    vectors = torch.randn(2, WIDTH, generator=g)
+    save_bank(Path(synthe_server.vectors_dir) / "m", ["a", "b"], {0: vectors}, model="test", method="random")
+    assert requests.post(synthe_server.url + "/readout/load", json={"name": "m", "path": "m"}, timeout=60).status_code == 200
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    ids, view = prompts(6, (20,))[0], live_view(synthe_server)
+    out = parity._post(synthe_server, {"model": synthe_server.model, "prompt": ids, "max_tokens": 4,
+                                       "return_token_ids": True, "logprobs": 0,
+                                       "vllm_xargs": {"readout": "m", "steer": ["m/a", 2.0]}})["choices"][0]
+    seq = ids + out["token_ids"]
+    captured = {}
+
+    def steer(module, args, output):
+        hidden, states = output
+        captured["h"] = (hidden + 2.0 * unit[0])[0]
+        return hidden + 2.0 * unit[0], states
+    handle = view.layers[0].register_forward_hook(steer)
+    try:
+        with torch.no_grad():
+            logp = torch.log_softmax(view(input_ids=torch.tensor([seq])).logits[0], -1)
+    finally:
+        handle.remove()
+    scores = torch.tensor(out["readout"]["scores"])[:, 0, :]
+    assert (scores - captured["h"][: len(seq) - 1] @ unit.T).abs().max().item() <= TOL
+    want = [logp[i - 1, t].item() for i, t in enumerate(seq) if i >= len(ids)]
+    assert parity.max_gap(out["logprobs"]["token_logprobs"], want) <= TOL
+
+
+def test_train_lowers_the_loss_and_a_fresh_server_from_the_checkpoint_agrees(synthe_server, servers_restart, tmp_path):
+    from plasticity_training.memory_tasks import copy_memory
+
+    rng = random.Random(0)
+    samples = [copy_memory(rng, delay=6, n=4) for _ in range(8)]
+    body = {"samples": [{"context_ids": s.context, "continuation_ids": s.continuation} for s in samples],
+            "steps": 30, "optimizer": {"lr": 1e-2}}
+    r = requests.post(synthe_server.url + "/train", json=body, timeout=900)
+    assert r.status_code == 200, r.text
+    losses = r.json()["losses"]
+    assert losses[-1] < 0.5 * losses[0]
+    probe = prompts(7, (60,))[0]
+    served = parity.served_logprobs(synthe_server, synthe_server.model, probe)
+    with torch.no_grad():
+        logp = torch.log_softmax(live_view(synthe_server)(input_ids=torch.tensor([probe])).logits[0], -1)
+    assert parity.max_gap(served, [logp[i - 1, t].item() for i, t in enumerate(probe) if i > 0]) <= TOL
+
+    assert requests.post(synthe_server.url + "/checkpoint", json={}, timeout=600).status_code == 200
+    ckpt = synthe_server.state_dir / "checkpoints" / "main"
+    servers_restart.stop()
+    fresh = servers_restart.start("synthe-restored", lambda log_path: ServerProcess.plasticity(
+        ckpt, extra_args=[*ARGS, "--state-dir", str(tmp_path / "state")], log_path=log_path))
+    name = requests.get(fresh.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    assert parity.max_gap(parity.served_logprobs(fresh, name, probe), served) <= 1e-6
+    servers_restart.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gate", ["never", "always"])
+def test_the_other_probe_modes_served(gate, servers_restart, tmp_path):
+    path = build(tmp_path / "model", gate)
+    server = servers_restart.start(f"synthe-{gate}", lambda log_path: ServerProcess.plasticity(
+        path, extra_args=[*ARGS, "--state-dir", str(tmp_path / "state")], log_path=log_path))
+    try:
+        parity.logits_match(server, str(path), reference(hf_model(path)), prompts(10, (40, 200)), TOL)
+        parity.decode_equals_prefill(server, str(path), prompts(11, (30,))[0], 20, TOL)
+        parity.batch_invariant(server, str(path), prompts(12, (3, 65, 129, 255)), TOL)
+    finally:
+        servers_restart.stop()
