@@ -1,7 +1,8 @@
 """Benchmark: the four memory tasks (training/plasticity_training/memory_tasks.py) across the architectures
 the project serves, scored through `plasticity serve`, and learned online through /train.
 
-For each architecture (a Llama of the built-in layout, the decepticons causal bank, Transformer Killer Core;
+For each architecture (a Llama of the built-in layout, the decepticons causal bank, Transformer Killer Core,
+SYNTHE with its probe gated causally;
 parameter counts printed, matched to within about 1.5x):
   1. train a small model offline (next-token loss on the scored positions) on copy_memory, selective_copy and
      induction with memory spans drawn from [4, --train-span];
@@ -61,6 +62,11 @@ def build(arch: str, out: Path) -> Path:
         from plasticity_training.default_causal_bank import CausalBankSpec, build_causal_bank
 
         return build_causal_bank(CausalBankSpec(train_steps=0, linear_hidden=(128,)), out, text="", log=lambda m: None)
+    if arch == "synthe":
+        from plasticity_training.default_synthe import SyntheSpec, build_synthe
+
+        return build_synthe(SyntheSpec(d_model=48, wiener_state_dim=12, tier_dims=(32, 16, 8), train_steps=0), out,
+                            text="", log=lambda m: None)
     from plasticity_training.default_tkc import TKCSpec, build_tkc
 
     return build_tkc(TKCSpec(d_model=80, mem_slots=32, train_steps=0), out, text="", log=lambda m: None)
@@ -246,7 +252,7 @@ learned in that budget, not the architectures' ceilings. The same script takes l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI): tiny training, two spans")
-    parser.add_argument("--archs", default="llama,causal-bank,tkc")
+    parser.add_argument("--archs", default="llama,causal-bank,tkc,synthe")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
     args = parser.parse_args()

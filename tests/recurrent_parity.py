@@ -9,6 +9,10 @@ for i = 1..n-1 (the reference implementation's full-sequence forward, fp32).
     batch_invariant(server, model, prompts, tol)          a batch of different prompts = each alone
     causal(server, model, prompt, t, vocab, tol)          tokens after t never change log-probs at <= t
     isolated(server, model, prompts, tol)                 concurrent generations = each one alone
+    readout_and_steering(server, width, ids, tol)         scores and steered log-probs = the HF form's
+    train_then_restart(server, servers_restart, ...)      /train halves the loss; the checkpoint serves the same
+The last two need a server started with --training and --vectors-dir (attributes model, state_dir,
+vectors_dir on the server object).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
+import torch
+
+from tests.conftest import live_view
 
 
 def _post(server, body: dict, headers: dict | None = None) -> dict:
@@ -83,3 +90,62 @@ def isolated(server, model: str, prompts: list[list[int]], n: int, tol: float) -
     for (ta, la), (tb, lb) in zip(alone, together):
         assert ta == tb, "a request's generation changed when other requests ran beside it"
         assert max_gap(la, lb) <= tol
+
+
+def readout_and_steering(server, width: int, ids: list[int], tol: float) -> None:
+    """Readout of a random two-concept bank at layer 0 (the stream) while steering by 2.0 x concept a:
+    the scores and the generated tokens' log-probs equal the HF form on the live weights with the same
+    vector added to its stream by a forward hook."""
+    from pathlib import Path
+
+    from vllm_plasticity.contract.bank import save_bank
+
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(5))
+    save_bank(Path(server.vectors_dir) / "m", ["a", "b"], {0: vectors}, model="test", method="random")
+    assert requests.post(server.url + "/readout/load", json={"name": "m", "path": "m"}, timeout=60).status_code == 200
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    out = _post(server, {"model": server.model, "prompt": ids, "max_tokens": 4, "return_token_ids": True, "logprobs": 0,
+                         "vllm_xargs": {"readout": "m", "steer": ["m/a", 2.0]}})["choices"][0]
+    seq, view, captured = ids + out["token_ids"], live_view(server), {}
+
+    def steer(module, args, output):
+        hidden, states = output
+        captured["h"] = (hidden + 2.0 * unit[0])[0]
+        return hidden + 2.0 * unit[0], states
+    handle = view.layers[0].register_forward_hook(steer)
+    try:
+        with torch.no_grad():
+            logp = torch.log_softmax(view(input_ids=torch.tensor([seq])).logits[0], -1)
+    finally:
+        handle.remove()
+    scores = torch.tensor(out["readout"]["scores"])[:, 0, :]
+    assert (scores - captured["h"][: len(seq) - 1] @ unit.T).abs().max().item() <= tol
+    want = [logp[i - 1, t].item() for i, t in enumerate(seq) if i >= len(ids)]
+    assert max_gap(out["logprobs"]["token_logprobs"], want) <= tol
+
+
+def train_then_restart(server, servers_restart, samples, steps: int, probe: list[int], args: list[str], state_dir,
+                       tol: float) -> None:
+    """/train on `samples` at lr 1e-2 at least halves the loss; the served log-probs of `probe` equal the HF
+    form on the live weights; a fresh server from the /checkpoint agrees to 1e-6. Stops the server."""
+    from vllm_plasticity.launcher import ServerProcess
+
+    body = {"samples": [{"context_ids": s.context, "continuation_ids": s.continuation} for s in samples],
+            "steps": steps, "optimizer": {"lr": 1e-2}}
+    r = requests.post(server.url + "/train", json=body, timeout=900)
+    assert r.status_code == 200, r.text
+    losses = r.json()["losses"]
+    assert losses[-1] < 0.5 * losses[0]
+    served = served_logprobs(server, server.model, probe)
+    with torch.no_grad():
+        logp = torch.log_softmax(live_view(server)(input_ids=torch.tensor([probe])).logits[0], -1)
+    assert max_gap(served, [logp[i - 1, t].item() for i, t in enumerate(probe) if i > 0]) <= tol
+
+    assert requests.post(server.url + "/checkpoint", json={}, timeout=600).status_code == 200
+    ckpt = server.state_dir / "checkpoints" / "main"
+    servers_restart.stop()
+    fresh = servers_restart.start("restored", lambda log_path: ServerProcess.plasticity(
+        ckpt, extra_args=[*args, "--state-dir", str(state_dir)], log_path=log_path))
+    name = requests.get(fresh.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    assert max_gap(served_logprobs(fresh, name, probe), served) <= 1e-6
+    servers_restart.stop()

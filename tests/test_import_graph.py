@@ -14,12 +14,16 @@ REPO = Path(__file__).resolve().parent.parent
 PLUGIN, TRAINING = REPO / "plugin" / "vllm_plasticity", REPO / "training" / "plasticity_training"
 TRAINER_PROCESS = ("trainer", "trainer_core", "hf_view", "checkpoint", "checkpoint_io", "checkpoint_layout", "apollo")
 ARCHITECTURES = PLUGIN / "architectures"
-VLLM_SIDE = ("causal_bank_vllm", "recurrent_layer", "recurrent_config", "recurrent_vllm", "tkc_vllm")  # the architectures' vLLM forms
+VLLM_PLUMBING = ("recurrent_layer", "recurrent_config")  # the architectures' vLLM side, beside every <arch>_vllm.py
+
+
+def vllm_side(stem: str) -> bool:
+    return stem.endswith("_vllm") or stem in VLLM_PLUMBING
 
 
 def torch_form(name: str) -> bool:
     """An architecture module the trainer may import: under vllm_plasticity.architectures, not a vLLM form."""
-    return name.startswith("vllm_plasticity.architectures") and name.rsplit(".", 1)[-1] not in VLLM_SIDE
+    return name.startswith("vllm_plasticity.architectures") and not vllm_side(name.rsplit(".", 1)[-1])
 
 
 def imports(path: Path) -> set[str]:
@@ -63,7 +67,7 @@ def test_the_trainer_process_sees_the_plugin_only_through_the_contract():
 
 
 def test_the_architectures_torch_forms_import_no_vllm():
-    graph = {m: names for m, names in modules(ARCHITECTURES).items() if Path(m).stem not in VLLM_SIDE}
+    graph = {m: names for m, names in modules(ARCHITECTURES).items() if not vllm_side(Path(m).stem)}
     assert {"architectures/causal_bank_hf.py", "architectures/causal_bank_modules.py"} <= set(graph)
     bad = lambda n: n.split(".")[0] in ("vllm", "plasticity_training") or (
         n.startswith("vllm_plasticity") and not (n.startswith("vllm_plasticity.contract") or torch_form(n)))

@@ -151,3 +151,42 @@ def test_a_runner_with_another_batch_layout_is_refused_at_install_with_what_to_d
         ReadoutEngine(buffers, runner)
     assert "input_batch.req_ids" in str(err.value)
     assert runner._model_forward.__func__ is V2LikeRunner._model_forward  # nothing was wrapped
+
+
+def test_signals_land_at_each_tokens_position_with_or_without_a_bank():
+    buffers = TapBuffers(num_layers=1, hidden_size=HIDDEN, max_tokens=16, capacity=2, steer_rows=2,
+                         device=torch.device("cpu"), signal_names=("conf", "gate"))
+    batch = Batch()
+    batch.buffers = buffers
+    forward, steps = batch.forward, []
+
+    def with_signals() -> None:  # the model writes each row's signals: (100 * step + row, row)
+        forward()
+        n = int(batch.query_start_loc.np[-1])
+        steps.append(n)
+        rows = torch.arange(n).float()
+        buffers.signals[:n] = torch.stack([100 * (len(steps) - 1) + rows, rows], dim=1)
+    batch._model_forward = with_signals
+    eng = ReadoutEngine(buffers, batch)
+    eng.load("b", ["x"], {0: torch.eye(HIDDEN)[:1]}, source="test")
+    batch.add("only", {"signals": True, "plasticity_key": "k1"})
+    batch.add("both", {"signals": True, "readout": "b", "plasticity_key": "k2"})
+    batch.add("scores", {"readout": "b", "plasticity_key": "k3"})
+    batch.step({"scores": (0, 1), "only": (0, 2), "both": (0, 2)})  # rows: scores 0, only 1-2, both 3-4
+    batch.step({"both": (2, 1), "only": (2, 1)})  # decode: both row 0, only row 1
+    only, both = eng.fetch("k1", final=True)["only"], eng.fetch("k2", final=True)["both"]
+    # Each row as its own step wrote it (a later step reuses the buffer's rows: the copies must not change).
+    for out, rows in ((only, [(0, 1), (0, 2), (1, 1)]), (both, [(0, 3), (0, 4), (1, 0)])):
+        assert out["positions"] == [0, 1, 2] and out["signal_names"] == ["conf", "gate"]
+        signals = np.frombuffer(out["signals"], dtype="<f4").reshape(3, 2)
+        assert signals.tolist() == [[100 * step + r, r] for step, r in rows]
+    assert np.frombuffer(both["scores"], dtype="<f4").reshape(both["shape"])[:, 0, 0].tolist() == [3, 4, 0]
+    assert only["shape"] == [3, 0, 0]
+    assert "signals" not in eng.fetch("k3", final=True)["scores"]
+
+
+def test_signals_asked_of_an_architecture_without_them_carry_an_error(engine):
+    eng, batch = engine
+    batch.add("a", {"signals": True, "plasticity_key": "k"})
+    batch.step({"a": (0, 2)})
+    assert "reports no per-token signals" in eng.fetch("k", final=True)["a"]["error"]

@@ -19,14 +19,13 @@ import requests
 import torch
 
 from tests import recurrent_parity as parity
-from tests.conftest import live_view
-from vllm_plasticity.contract.bank import save_bank
 from vllm_plasticity.launcher import ServerProcess
 
 TOL = 1e-4
 ARGS = ["--dtype", "float32", "--max-num-seqs", "16", "--max-num-batched-tokens", "64"]
 MAX_SEQ_LEN = 256
 WIDTH = 32
+STEPS = 30  # /train steps on the memory task
 
 
 def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]:
@@ -69,20 +68,8 @@ def reference(model):
 
 
 def firing_rate(model, ids: list[int]) -> float:
-    gates = []
-    original = model.probe_gate
-
-    def record(ior, running):
-        gate, new = original(ior, running)
-        gates.append(gate)
-        return gate, new
-    model.probe_gate = record
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids]))
-    finally:
-        del model.probe_gate
-    return torch.cat([g.flatten() for g in gates]).mean().item()
+    with torch.no_grad():
+        return model.probe_gates(torch.tensor([ids])).mean().item()
 
 
 @pytest.fixture(scope="module")
@@ -121,33 +108,50 @@ def test_one_requests_state_never_affects_another(synthe_server):
     parity.isolated(synthe_server, synthe_server.model, prompts(4, (7, 50, 90, 120)), 12, TOL)
 
 
-def test_readout_and_steering_equal_the_hugging_face_form(synthe_server):
-    g = torch.Generator().manual_seed(5)
-    vectors = torch.randn(2, WIDTH, generator=g)
-    save_bank(Path(synthe_server.vectors_dir) / "m", ["a", "b"], {0: vectors}, model="test", method="random")
-    assert requests.post(synthe_server.url + "/readout/load", json={"name": "m", "path": "m"}, timeout=60).status_code == 200
-    unit = vectors / vectors.norm(dim=1, keepdim=True)
-    ids, view = prompts(6, (20,))[0], live_view(synthe_server)
-    out = parity._post(synthe_server, {"model": synthe_server.model, "prompt": ids, "max_tokens": 4,
-                                       "return_token_ids": True, "logprobs": 0,
-                                       "vllm_xargs": {"readout": "m", "steer": ["m/a", 2.0]}})["choices"][0]
-    seq = ids + out["token_ids"]
-    captured = {}
+def test_signals_through_the_server_equal_the_full_sequence_form(synthe_server, synthe_model):
+    """`signals: true` returns the Kalman confidences, probe gates, router budgets and surprises of every
+    token as the full-sequence form computes them, whole or streamed, on a server where no bank was ever
+    loaded (runs before the readout test)."""
+    import json
 
-    def steer(module, args, output):
-        hidden, states = output
-        captured["h"] = (hidden + 2.0 * unit[0])[0]
-        return hidden + 2.0 * unit[0], states
-    handle = view.layers[0].register_forward_hook(steer)
-    try:
-        with torch.no_grad():
-            logp = torch.log_softmax(view(input_ids=torch.tensor([seq])).logits[0], -1)
-    finally:
-        handle.remove()
-    scores = torch.tensor(out["readout"]["scores"])[:, 0, :]
-    assert (scores - captured["h"][: len(seq) - 1] @ unit.T).abs().max().item() <= TOL
-    want = [logp[i - 1, t].item() for i, t in enumerate(seq) if i >= len(ids)]
-    assert parity.max_gap(out["logprobs"]["token_logprobs"], want) <= TOL
+    hf = hf_model(synthe_model)
+    names = hf.signal_names()
+    info = requests.get(synthe_server.url + "/plasticity/info", timeout=10).json()
+    assert info["readout"]["signals"] == names
+    ids = prompts(8, (50,))[0]
+    body = {"model": synthe_server.model, "prompt": ids, "max_tokens": 5, "return_token_ids": True,
+            "vllm_xargs": {"signals": True}}
+    out = parity._post(synthe_server, body)["choices"][0]
+    seq = ids + out["token_ids"]
+    with torch.no_grad():
+        full, _ = hf.stream(torch.tensor([seq]), hf.zero_states(1, torch.device("cpu")), signals=True)
+    want = full[0, :, WIDTH:]
+    readout = out["readout"]
+    assert readout["signal_names"] == names and readout["positions"] == list(range(len(seq) - 1))
+    got = torch.tensor(readout["signals"])
+    assert (got - want[: len(seq) - 1]).abs().max().item() <= TOL
+    fired = got[:, [names.index(f"probe/{b}") for b in range(3)]]
+    assert 0 < fired.mean().item() < 1  # the gate's on and off both reported
+
+    streamed, positions = [], []
+    with requests.post(synthe_server.url + "/v1/completions", json={**body, "stream": True, "temperature": 0},
+                       stream=True, timeout=300) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    if "readout" in choice:
+                        positions += choice["readout"]["positions"]
+                        streamed += choice["readout"]["signals"]
+    assert positions == list(range(len(seq) - 1))
+    assert (torch.tensor(streamed) - got).abs().max().item() <= 1e-6
+
+    bad = requests.post(synthe_server.url + "/v1/completions", json={**body, "vllm_xargs": {"signals": "yes"}}, timeout=60)
+    assert bad.status_code == 400 and "signals must be true or false" in bad.text
+
+
+def test_readout_and_steering_equal_the_hugging_face_form(synthe_server):
+    parity.readout_and_steering(synthe_server, WIDTH, prompts(6, (20,))[0], TOL)
 
 
 def test_train_lowers_the_loss_and_a_fresh_server_from_the_checkpoint_agrees(synthe_server, servers_restart, tmp_path):
@@ -155,26 +159,7 @@ def test_train_lowers_the_loss_and_a_fresh_server_from_the_checkpoint_agrees(syn
 
     rng = random.Random(0)
     samples = [copy_memory(rng, delay=6, n=4) for _ in range(8)]
-    body = {"samples": [{"context_ids": s.context, "continuation_ids": s.continuation} for s in samples],
-            "steps": 30, "optimizer": {"lr": 1e-2}}
-    r = requests.post(synthe_server.url + "/train", json=body, timeout=900)
-    assert r.status_code == 200, r.text
-    losses = r.json()["losses"]
-    assert losses[-1] < 0.5 * losses[0]
-    probe = prompts(7, (60,))[0]
-    served = parity.served_logprobs(synthe_server, synthe_server.model, probe)
-    with torch.no_grad():
-        logp = torch.log_softmax(live_view(synthe_server)(input_ids=torch.tensor([probe])).logits[0], -1)
-    assert parity.max_gap(served, [logp[i - 1, t].item() for i, t in enumerate(probe) if i > 0]) <= TOL
-
-    assert requests.post(synthe_server.url + "/checkpoint", json={}, timeout=600).status_code == 200
-    ckpt = synthe_server.state_dir / "checkpoints" / "main"
-    servers_restart.stop()
-    fresh = servers_restart.start("synthe-restored", lambda log_path: ServerProcess.plasticity(
-        ckpt, extra_args=[*ARGS, "--state-dir", str(tmp_path / "state")], log_path=log_path))
-    name = requests.get(fresh.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-    assert parity.max_gap(parity.served_logprobs(fresh, name, probe), served) <= 1e-6
-    servers_restart.stop()
+    parity.train_then_restart(synthe_server, servers_restart, samples, STEPS, prompts(7, (60,))[0], ARGS, tmp_path / "state", TOL)
 
 
 @pytest.mark.slow

@@ -62,18 +62,38 @@ def test_the_causal_gate_fires_where_the_running_confidence_is_below_the_thresho
     of this token's IOR and the earlier ones': surprising tokens fire it, predictable ones after them do not."""
     m = model(probe_gate="causal")
     ior = torch.tensor([[2.0, 2.0, 0.0, 0.0, 0.0, 3.0]])
-    running = torch.zeros(1, 2)
-    gate, new = m.probe_gate(ior, running)
-    rho = FIELDS.get("probe_confidence_decay", 0.9375)
+    confidence, new = m.running_confidence(ior, torch.zeros(1, 2))
+    gate = m.probe_gate(confidence)
+    rho = 0.9375  # synthe_config's default decay
     weights = torch.tensor([rho ** k for k in range(6)]).flip(0)  # token t's weight at the end
     assert torch.allclose(new[0], torch.tensor([float((weights * ior[0]).sum()), float(weights.sum())]))
-    confidence = []
+    expected = []
     total = weight = 0.0
     for x in ior[0].tolist():
         total, weight = rho * total + x, rho * weight + 1
-        confidence.append(torch.exp(torch.tensor(-total / weight)).item())
-    assert gate[0].tolist() == [float(c < 0.35) for c in confidence]
+        expected.append(torch.exp(torch.tensor(-total / weight)).item())
+    assert torch.allclose(confidence[0], torch.tensor(expected))
+    assert gate[0].tolist() == [float(c < 0.35) for c in expected]
     assert gate[0].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # fires, the average falls, a surprise
+
+
+def test_signals_follow_the_stream_and_say_what_the_model_did():
+    m = model(probe_gate="causal", probe_threshold=0.4)
+    ids = inputs()
+    with torch.no_grad():
+        plain, _ = m.stream(ids, m.zero_states(2, ids.device))
+        both, _ = m.stream(ids, m.zero_states(2, ids.device), signals=True)
+    names, d = m.signal_names(), FIELDS["d_model"]
+    assert both.shape == (2, 40, d + 5 * FIELDS["n_blocks"]) and len(names) == both.shape[-1] - d
+    assert torch.equal(both[..., :d], plain)
+    signal = {name: both[..., d + k] for k, name in enumerate(names)}
+    assert torch.equal(signal["router_budget/0"], torch.ones(2, 40))  # before min_depth 2: not scaled
+    assert 0 < signal["router_budget/2"].min() and signal["router_budget/2"].max() < 1
+    for b in range(FIELDS["n_blocks"]):
+        assert torch.equal(signal[f"probe/{b}"], (signal[f"running_confidence/{b}"] < 0.4).float())
+    assert torch.equal(m.probe_gates(ids), torch.stack([signal[f"probe/{b}"] for b in range(FIELDS["n_blocks"])]))
+    fired = m.probe_gates(ids).mean().item()
+    assert 0 < fired < 1, fired  # the gate is exercised both ways in this check
 
 
 def test_unsupported_settings_are_refused_naming_the_field():

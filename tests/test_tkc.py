@@ -10,20 +10,19 @@ the saved memory). The test model has 8 memory slots per tier, so the rings wrap
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
 from tests import recurrent_parity as parity
-from tests.conftest import live_view
-from vllm_plasticity.contract.bank import save_bank
 from vllm_plasticity.launcher import ServerProcess
 
 TOL = 1e-4
 ARGS = ["--dtype", "float32", "--max-num-seqs", "16", "--max-num-batched-tokens", "64"]
 MAX_SEQ_LEN = 256
+WIDTH = 48
+STEPS = 40  # /train steps on the memory task
 
 
 def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]:
@@ -35,7 +34,7 @@ def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]
 def tkc_model(tmp_path_factory):
     from plasticity_training.default_tkc import TKCSpec, build_tkc
 
-    spec = TKCSpec(d_model=48, n_layers=2, mem_slots=8, max_seq_len=MAX_SEQ_LEN, train_steps=0, seed=3)
+    spec = TKCSpec(d_model=WIDTH, n_layers=2, mem_slots=8, max_seq_len=MAX_SEQ_LEN, train_steps=0, seed=3)
     return build_tkc(spec, tmp_path_factory.mktemp("tkc") / "model", text="unused", log=lambda m: None)
 
 
@@ -69,7 +68,7 @@ def tkc_server(servers_restart, tkc_model, tmp_path_factory):
 def test_served_tkc_equals_its_full_sequence_form(tkc_server, tkc_model):
     info = requests.get(tkc_server.url + "/plasticity/info", timeout=10).json()
     assert info["architecture"] == "TKCForCausalLM" and info["weights_shareable"]
-    assert info["readout"]["hidden_size"] == 48
+    assert info["readout"]["hidden_size"] == WIDTH
     parity.logits_match(tkc_server, tkc_server.model, reference(hf_model(tkc_model)), prompts(0), TOL)
 
 
@@ -91,31 +90,13 @@ def test_one_requests_memory_never_affects_another(tkc_server):
 
 
 def test_readout_and_steering_equal_the_hugging_face_form(tkc_server):
-    g = torch.Generator().manual_seed(5)
-    vectors = torch.randn(2, 48, generator=g)
-    save_bank(Path(tkc_server.vectors_dir) / "m", ["a", "b"], {0: vectors}, model="test", method="random")
-    assert requests.post(tkc_server.url + "/readout/load", json={"name": "m", "path": "m"}, timeout=60).status_code == 200
-    unit = vectors / vectors.norm(dim=1, keepdim=True)
-    ids, view = prompts(6, (20,))[0], live_view(tkc_server)
-    out = parity._post(tkc_server, {"model": tkc_server.model, "prompt": ids, "max_tokens": 4, "return_token_ids": True,
-                                    "vllm_xargs": {"readout": "m", "steer": ["m/a", 2.0]}, "logprobs": 0})["choices"][0]
-    seq = ids + out["token_ids"]
-    captured = {}
+    parity.readout_and_steering(tkc_server, WIDTH, prompts(6, (20,))[0], TOL)
 
-    def steer(module, args, output):
-        hidden, states = output
-        captured["h"] = (hidden + 2.0 * unit[0])[0]
-        return hidden + 2.0 * unit[0], states
-    handle = view.layers[0].register_forward_hook(steer)
-    try:
-        with torch.no_grad():
-            logp = torch.log_softmax(view(input_ids=torch.tensor([seq])).logits[0], -1)
-    finally:
-        handle.remove()
-    scores = torch.tensor(out["readout"]["scores"])[:, 0, :]
-    assert (scores - captured["h"][: len(seq) - 1] @ unit.T).abs().max().item() <= TOL
-    want = [logp[i - 1, t].item() for i, t in enumerate(seq) if i >= len(ids)]
-    assert parity.max_gap(out["logprobs"]["token_logprobs"], want) <= TOL
+
+def test_signals_are_refused_where_the_architecture_reports_none(tkc_server):
+    r = requests.post(tkc_server.url + "/v1/completions", timeout=60, json={
+        "model": tkc_server.model, "prompt": [1, 2, 3], "max_tokens": 1, "vllm_xargs": {"signals": True}})
+    assert r.status_code == 400 and "reports no per-token signals" in r.text
 
 
 def test_train_learns_a_memory_task_and_a_fresh_server_from_the_checkpoint_agrees(tkc_server, servers_restart, tmp_path):
@@ -123,24 +104,4 @@ def test_train_learns_a_memory_task_and_a_fresh_server_from_the_checkpoint_agree
 
     rng = random.Random(0)
     samples = [copy_memory(rng, delay=6, n=4) for _ in range(8)]
-    body = {"samples": [{"context_ids": s.context, "continuation_ids": s.continuation} for s in samples],
-            "steps": 40, "optimizer": {"lr": 1e-2}}
-    r = requests.post(tkc_server.url + "/train", json=body, timeout=900)
-    assert r.status_code == 200, r.text
-    losses = r.json()["losses"]
-    assert losses[-1] < 0.5 * losses[0]
-    probe = prompts(7, (60,))[0]
-    served = parity.served_logprobs(tkc_server, tkc_server.model, probe)
-    with torch.no_grad():
-        view = live_view(tkc_server)
-        logp = torch.log_softmax(view(input_ids=torch.tensor([probe])).logits[0], -1)
-    assert parity.max_gap(served, [logp[i - 1, t].item() for i, t in enumerate(probe) if i > 0]) <= TOL
-
-    assert requests.post(tkc_server.url + "/checkpoint", json={}, timeout=600).status_code == 200
-    ckpt = tkc_server.state_dir / "checkpoints" / "main"
-    servers_restart.stop()
-    fresh = servers_restart.start("tkc-restored", lambda log_path: ServerProcess.plasticity(
-        ckpt, extra_args=[*ARGS, "--state-dir", str(tmp_path / "state")], log_path=log_path))
-    name = requests.get(fresh.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-    assert parity.max_gap(parity.served_logprobs(fresh, name, probe), served) <= 1e-6
-    servers_restart.stop()
+    parity.train_then_restart(tkc_server, servers_restart, samples, STEPS, prompts(7, (60,))[0], ARGS, tmp_path / "state", TOL)

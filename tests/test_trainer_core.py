@@ -42,6 +42,14 @@ def test_param_kinds_and_filters(core):
     assert err.value.kind == "invalid"
 
 
+def test_project_architectures_token_tables_count_as_embeddings():
+    """/train's `embeddings: false` must leave the token tables of every project architecture alone."""
+    embeddings = ["embed.weight", "embedding.weight", "pos_embedding.weight", "linear_embedding.weight"]
+    others = ["embed_norm.weight", "blocks.0.jordan.W_k.weight", "memory_hub.tier1_read.bias", "backbone.0.gru.weight_ih_l0"]
+    assert [param_kind(n) for n in embeddings] == ["embeddings"] * 4
+    assert [param_kind(n) for n in others] == ["mlp"] * 4
+
+
 def test_step_writes_through_views_only_selected_params(core):
     before = {k: v.clone() for k, v in core.weights.items()}
     core.begin_job([{"context_ids": [5, 6, 7], "continuation_ids": [8, 9]}], optimizer={"lr": 1e-2},

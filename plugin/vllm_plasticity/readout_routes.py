@@ -19,7 +19,10 @@ the worker by that tag: `choice["readout"] = {"bank", "layers", "concepts", "pos
 generated ones; the last generated token is never fed back, so it has no state). Streaming responses
 carry, in each chunk, the scores computed since the previous chunk. `readout_encoding: "base64"` returns
 `scores` as base64 of little-endian float32 with `scores_shape` instead of nested lists (much smaller
-and faster for wide banks; `plasticity extract --server` uses it).
+and faster for wide banks; `plasticity extract --server` uses it). `signals: true` (architectures that
+report per-token signals, e.g. SYNTHE's Kalman confidence and probe gate) adds `signal_names` and
+`signals[i][k]` = signal k for the token at `positions[i]` to the same object (with or without a bank;
+base64 likewise, with `signals_shape`).
 
 The banks and each request's plan (checks, tag, prefix-cache salt) are readout_service.py's.
 """
@@ -62,17 +65,30 @@ def scores_array(result: dict) -> np.ndarray:
     return np.frombuffer(result["scores"], dtype="<f4").reshape(result["shape"])
 
 
-def readout_field(result: dict | None, encoding: str, scores: np.ndarray | None = None) -> dict:
-    """The `readout` object of one choice: scores as nested lists, or base64 of float32 when asked."""
+def signals_array(result: dict) -> np.ndarray | None:
+    if "signal_names" not in result:
+        return None
+    return np.frombuffer(result["signals"], dtype="<f4").reshape(len(result["positions"]), len(result["signal_names"]))
+
+
+def readout_field(result: dict | None, encoding: str, scores: np.ndarray | None = None,
+                  signals: np.ndarray | None = None) -> dict:
+    """The `readout` object of one choice: scores (and signals, when asked for) as nested lists, or base64
+    of float32 when asked."""
     if result is None:
         return {"error": "no scores were collected for this choice"}
     scores = scores_array(result) if scores is None else scores
+    signals = signals_array(result) if signals is None else signals
     out = {k: result[k] for k in ("bank", "layers", "concepts", "positions")}
-    if encoding == "base64":
-        out.update(scores=base64.b64encode(scores.astype("<f4").tobytes()).decode(), scores_shape=list(scores.shape),
-                   scores_dtype="float32")
-    else:
-        out["scores"] = scores.tolist()
+    arrays = {"scores": scores, **({"signals": signals} if signals is not None else {})}
+    if signals is not None:
+        out["signal_names"] = result["signal_names"]
+    for name, array in arrays.items():
+        if encoding == "base64":
+            out.update({name: base64.b64encode(array.astype("<f4").tobytes()).decode(),
+                        f"{name}_shape": list(array.shape), f"{name}_dtype": "float32"})
+        else:
+            out[name] = array.tolist()
     if "error" in result:
         out["error"] = result["error"]
     return out
@@ -107,7 +123,8 @@ async def stream_with_readout(service: ReadoutService, plan: dict, events: Any, 
                     if data.get("choices"):
                         for rid, result in (await service.fetch(plan["key"], False)).items():
                             index = choice_index(rid, plan["n"], completions)
-                            held = pending.setdefault(index, {**result, "positions": [], "arrays": []})
+                            held = pending.setdefault(index, {**result, "positions": [], "arrays": [], "signal_rows": []})
+                            held["signal_rows"].append(signals_array(result))
                             held["positions"] += result["positions"]
                             held["arrays"].append(scores_array(result))
                             if "error" in result:
@@ -115,8 +132,10 @@ async def stream_with_readout(service: ReadoutService, plan: dict, events: Any, 
                         for choice in data["choices"]:
                             held = pending.pop(choice.get("index", 0), None)
                             if held is not None and (held["positions"] or "error" in held):
-                                choice["readout"] = readout_field(held, plan["encoding"],
-                                                                  np.concatenate(held["arrays"]))
+                                rows = held["signal_rows"]
+                                choice["readout"] = readout_field(
+                                    held, plan["encoding"], np.concatenate(held["arrays"]),
+                                    None if rows[0] is None else np.concatenate(rows))
                         event = "data: " + json.dumps(data)
                 parts.append(event)
             yield "\n\n".join(parts)
@@ -208,7 +227,9 @@ async def call_with_readout(handler: Any, request: Any, raw_request: Request, co
             body = await raw_request.json()
             raw_xargs = body.get("vllm_xargs") if isinstance(body, dict) else None
         plan = service.plan(request, raw_xargs)
+        if plan is not None and plan["signals"]:
+            await service.enable()
     response = await handler(request, raw_request)
-    if plan is None or plan["readout"] is None:
+    if plan is None or (plan["readout"] is None and not plan["signals"]):
         return response
     return await with_readout(service, plan, response, completions=completions)

@@ -27,7 +27,7 @@ from vllm_plasticity.contract.bank import BANK_FILES, capacity_message, free_col
 from vllm_plasticity.contract.files import is_inside
 from vllm_plasticity.steer_spec import SteeringError, check_steer
 
-READOUT_FIELDS = ("readout", "steer", "steer_layers")
+READOUT_FIELDS = ("readout", "signals", "steer", "steer_layers")
 BANK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -61,6 +61,7 @@ class ReadoutService:
         self.limits: dict | None = state.worker_info.get("readout")
         self.banks: dict[str, dict] = {}
         self.default_steer: dict | None = None
+        self.enabled = False  # the worker's bookkeeping is installed (by a bank load, or by enable())
 
     # ---- banks -------------------------------------------------------------------------------------
 
@@ -114,6 +115,7 @@ class ReadoutService:
         except Exception as exc:  # the worker's ValueError (capacity, shapes) arrives wrapped
             raise HTTPException(400, f"bank {req.name!r} not loaded: {exc}") from None
         self.banks[req.name] = info
+        self.enabled = True
         return info
 
     def check_bank_files(self, bank_dir: Path, layers: list[int] | None, name: str) -> None:
@@ -226,10 +228,18 @@ class ReadoutService:
         if fields.get("steer") == []:  # an explicit "no steering", also against a default
             fields.pop("steer")
             fields.pop("steer_layers", None)
-        if not fields:
+        signals = fields.pop("signals", False)
+        if not isinstance(signals, bool):
+            raise HTTPException(400, f"signals must be true or false, got {signals!r}")
+        if not fields and not signals:
             request.vllm_xargs = xargs or None
             return None
         self.require_enabled()
+        if signals and not self.limits.get("signals"):
+            raise HTTPException(400, "signals: the served architecture reports no per-token signals "
+                                     "(SYNTHE does; see GET /plasticity/info readout.signals)")
+        if signals:
+            fields["signals"] = True
         readout = fields.get("readout")
         if readout is not None and (not isinstance(readout, str) or readout not in self.banks):
             raise HTTPException(400, f"readout: no bank {readout!r} is loaded (loaded: {sorted(self.banks)})")
@@ -237,7 +247,7 @@ class ReadoutService:
         key = uuid.uuid4().hex
         xargs.update(fields, plasticity_key=key)
         request.vllm_xargs = xargs
-        if readout is not None:
+        if readout is not None or signals:
             salt = f"plasticity-readout-{key}"  # every prompt token must be computed to be scored
         else:
             spec = [[b, c, coef, list(layers), self.banks[b]["digest"]] for b, c, coef, layers in terms]
@@ -245,7 +255,13 @@ class ReadoutService:
         if request.cache_salt:
             salt += "-" + hashlib.sha256(request.cache_salt.encode()).hexdigest()[:16]
         request.cache_salt = salt
-        return {"key": key, "readout": readout, "n": request.n or 1, "encoding": encoding}
+        return {"key": key, "readout": readout, "signals": signals, "n": request.n or 1, "encoding": encoding}
+
+    async def enable(self) -> None:
+        """Make sure the worker keeps per-step bookkeeping (loading a bank does it; signals alone need it)."""
+        if not self.enabled:
+            await self.state.rpc("plasticity_readout_enable")
+            self.enabled = True
 
     async def fetch(self, key: str, final: bool) -> dict[str, dict]:
         return await self.state.rpc("plasticity_readout_fetch", key, final)

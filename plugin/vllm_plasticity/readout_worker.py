@@ -5,10 +5,11 @@ wrapper around the model runner's `_model_forward` (vLLM documents that method a
 model execution; the worker extension installs the wrapper on its own runner when the first bank loads).
 
 Per step, before the forward: each request in the batch is planned once from its `extra_args`
-(`vllm_xargs` over HTTP): `readout` (a bank name), `steer` ([bank/concept, coef, ...]), `steer_layers`,
-and `plasticity_key` (set by the API server, to find the scores again). Its tokens' rows of `steer_index`
-point at the steering row for its settings. After the forward: the score rows of requests that asked for
-readout are copied out, keyed by the internal request id and the token's position in the sequence.
+(`vllm_xargs` over HTTP): `readout` (a bank name), `signals` (true: the architecture's per-token signals),
+`steer` ([bank/concept, coef, ...]), `steer_layers`, and `plasticity_key` (set by the API server, to find
+the scores again). Its tokens' rows of `steer_index` point at the steering row for its settings. After the
+forward: the score rows (and signal rows) of requests that asked for them are copied out, keyed by the
+internal request id and the token's position in the sequence.
 
 The V1 model runner (CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0) lays a step out as contiguous rows per
 request in `input_batch.req_ids` order with bounds in `query_start_loc`; the V2 runner (GPU default in
@@ -58,6 +59,7 @@ class RequestPlan:
     steer_row: int  # 0: not steered
     readout: LoadedBank | None
     wants_readout: bool = False  # asked for readout (even if the bank is gone: the error is reported)
+    wants_signals: bool = False  # asked for the architecture's per-token signals
     error: str | None = None
 
 
@@ -67,21 +69,26 @@ class RequestScores:
     bank: str
     layers: list[int]
     concepts: list[str]
-    blocks: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)  # (first position, (n, layers, concepts))
+    signals: list[str] = dataclasses.field(default_factory=list)  # signal names, when asked for
+    # (first position, scores (n, layers, concepts), signals (n, signals)), a step's rows of this request
+    blocks: list[tuple[int, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
     error: str | None = None
     digest: str = ""  # the bank version every score here was read with
 
-    def take(self) -> tuple[list[int], np.ndarray]:
-        """Positions and their scores (positions, layers, concepts) collected since the last take; a
-        position computed twice (a preempted request recomputes its tokens) keeps its latest scores."""
-        rows: dict[int, np.ndarray] = {}
-        for first, block in self.blocks:
-            for offset, row in enumerate(block):
-                rows[first + offset] = row
+    def take(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Positions, their scores (positions, layers, concepts) and signals (positions, signals) collected
+        since the last take; a position computed twice (a preempted request recomputes its tokens) keeps its
+        latest rows."""
+        rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for first, scores, signals in self.blocks:
+            for offset in range(len(scores)):
+                rows[first + offset] = (scores[offset], signals[offset])
         self.blocks.clear()
         positions = sorted(rows)
-        shape = (len(positions), len(self.layers), len(self.concepts))
-        return positions, np.stack([rows[p] for p in positions]) if positions else np.zeros(shape, np.float32)
+        if not positions:
+            return (positions, np.zeros((0, len(self.layers), len(self.concepts)), np.float32),
+                    np.zeros((0, len(self.signals)), np.float32))
+        return positions, np.stack([rows[p][0] for p in positions]), np.stack([rows[p][1] for p in positions])
 
 
 def check_batch_layout(runner) -> None:
@@ -220,10 +227,13 @@ class ReadoutEngine:
         state = self.runner.requests.get(req_id)
         extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
         plan = None
-        if extra.get("readout") is not None or extra.get("steer"):
+        if extra.get("readout") is not None or extra.get("steer") or extra.get("signals"):
             plan = RequestPlan(key=extra.get("plasticity_key"), steer_row=0, readout=None,
-                               wants_readout=extra.get("readout") is not None)
+                               wants_readout=extra.get("readout") is not None,
+                               wants_signals=bool(extra.get("signals")))
             try:
+                if plan.wants_signals and not self.buffers.signal_names:
+                    raise SteeringError("signals: the served architecture reports no per-token signals")
                 if plan.wants_readout:
                     plan.readout = self.banks.get(str(extra["readout"]))
                     if plan.readout is None:
@@ -284,7 +294,7 @@ class ReadoutEngine:
                 self._rows_this_step.add(plan.steer_row)  # before later requests may evict rows
         self._step_readouts = [(req_id, int(bounds[i]), int(bounds[i + 1]), int(computed[i]), plan)
                                for i, (req_id, plan) in enumerate(zip(req_ids, plans))
-                               if plan is not None and plan.wants_readout]
+                               if plan is not None and (plan.wants_readout or plan.wants_signals)]
         # Only the layers some request in this step reads: loaded banks cost nothing until asked for.
         b.read_layers = frozenset(L for *_, plan in self._step_readouts if plan.readout for L in plan.readout.layers)
         b.steer_layers = frozenset(L for row in self._rows_this_step for L in self._row_layers.get(row, ()))
@@ -307,6 +317,8 @@ class ReadoutEngine:
         layers = sorted(b.read_layers)
         at = {L: i for i, L in enumerate(layers)}
         host = b.scores[layers, :tokens, : b.read_width].cpu().numpy()  # advanced index: a copy
+        signals = b.signals[:tokens].to("cpu", copy=True).numpy()  # a copy: the next step overwrites the buffer
+        none = np.zeros((tokens, 0), np.float32)
         by_bank: dict[str, list] = {}
         for item in self._step_readouts:
             by_bank.setdefault(item[4].readout.name if item[4].readout else "", []).append(item)
@@ -321,14 +333,18 @@ class ReadoutEngine:
                 entry = self.store.get(req_id)
                 if entry is None:
                     entry = RequestScores(plan.key, bank.name if bank else "", bank.layers if bank else [],
-                                          bank.concepts if bank else [], digest=bank.digest if bank else "")
+                                          bank.concepts if bank else [], digest=bank.digest if bank else "",
+                                          signals=list(b.signal_names) if plan.wants_signals else [])
                     self.store[req_id] = entry
                     while len(self.store) > MAX_STORED_REQUESTS:
                         self.store.popitem(last=False)
                 if plan.error:
                     entry.error = plan.error
-                elif bank is not None:
-                    entry.blocks.append((first_position, block[offset: offset + stop - start]))  # (tokens, layers, concepts)
+                elif bank is not None or plan.wants_signals:
+                    n = stop - start
+                    scores = (block[offset: offset + n] if bank is not None
+                              else np.zeros((n, 0, 0), np.float32))  # (tokens, layers, concepts)
+                    entry.blocks.append((first_position, scores, (signals if plan.wants_signals else none)[start:stop]))
                 offset += stop - start
 
     # ---- results -----------------------------------------------------------------------------------
@@ -336,19 +352,23 @@ class ReadoutEngine:
     def fetch(self, key: str, final: bool) -> dict[str, dict]:
         """Scores collected for the requests tagged `key`, by internal request id, and forget them.
 
-        {req_id: {"bank", "layers", "concepts", "positions", "scores", "shape", "error"?}}, scores as raw
-        little-endian float32 bytes of `shape` (positions, layers, concepts): msgpack carries bytes
-        cheaply, lists of floats slowly. `final` also drops the entries (the response is complete),
-        otherwise only the positions returned (streaming).
+        {req_id: {"bank", "layers", "concepts", "positions", "scores", "shape", "signals"?, "signal_names"?,
+        "error"?}}, scores as raw little-endian float32 bytes of `shape` (positions, layers, concepts) and
+        signals (when asked for) as the same bytes of (positions, signals): msgpack carries bytes cheaply,
+        lists of floats slowly. `final` also drops the entries (the response is complete), otherwise only
+        the positions returned (streaming).
         """
         out = {}
         for req_id in [r for r, e in self.store.items() if e.key == key]:
             entry = self.store[req_id]
-            positions, scores = entry.take()
+            positions, scores, signals = entry.take()
             scores = np.ascontiguousarray(scores, dtype="<f4")
             out[req_id] = {"bank": entry.bank, "layers": entry.layers, "concepts": entry.concepts,
                            "positions": positions, "scores": scores.tobytes(), "shape": list(scores.shape),
                            **({"error": entry.error} if entry.error else {})}
+            if entry.signals:
+                out[req_id].update(signal_names=entry.signals,
+                                   signals=np.ascontiguousarray(signals, dtype="<f4").tobytes())
             if final:
                 del self.store[req_id]
         return out

@@ -14,6 +14,9 @@ opaque, and it touches only tensors allocated once, before compilation and CUDA-
     scores[L]      (max_tokens, capacity)  fp32  this step's scores, row = token in the batch
     steer[L]       (steer_rows, hidden)    fp32  steering vectors; row 0 is zero ("not steered")
     steer_index    (max_tokens,)           int64 each token's steering row
+    signals        (max_tokens, signals)   fp32  per-token signals an architecture reports (SYNTHE's Kalman
+                                                 confidence, probe gate, ...), written by its forward; none
+                                                 for the transformers
 
 The worker (readout_worker.py) fills `steer_index`, `read` and `steer` between steps and copies scores
 out after each forward. When the op runs eagerly (CPU, --enforce-eager, torch.compile without CUDA
@@ -41,8 +44,10 @@ class TapBuffers:
     """The fixed tensors the op reads and writes, plus which layers have work this step (eager only)."""
 
     def __init__(self, *, num_layers: int, hidden_size: int, max_tokens: int, capacity: int, steer_rows: int,
-                 device: torch.device) -> None:
+                 device: torch.device, signal_names: tuple[str, ...] = ()) -> None:
         f32 = dict(dtype=torch.float32, device=device)
+        self.signal_names = tuple(signal_names)
+        self.signals = torch.zeros(max_tokens, len(self.signal_names), **f32)
         self.num_layers, self.hidden_size, self.max_tokens = num_layers, hidden_size, max_tokens
         self.capacity, self.steer_rows = capacity, steer_rows
         self.read = torch.zeros(num_layers, capacity, hidden_size, **f32)
@@ -95,18 +100,22 @@ def current_buffers() -> TapBuffers | None:
     return _buffers
 
 
-def install_buffers_for(vllm_config, num_layers: int, hidden_size: int, capacity: int, steer_slots: int) -> None:
-    """Size and install this process's buffers for a model of `num_layers` tapped streams of `hidden_size`,
-    from vLLM's scheduler limits (every model class that taps calls this from its __init__)."""
+def install_buffers_for(vllm_config, num_layers: int, hidden_size: int, capacity: int, steer_slots: int,
+                        signal_names: tuple[str, ...] = ()) -> TapBuffers:
+    """Size and install this process's buffers for a model of `num_layers` tapped streams of `hidden_size`
+    (and the per-token `signal_names` it reports), from vLLM's scheduler limits (every model class that
+    taps calls this from its __init__)."""
     # vLLM keys its on-disk compile cache by the config's hash, not by the layer classes: mark the config
     # so a graph compiled without the tap is never loaded for a tapped model (or the reverse).
     if isinstance(vllm_config.additional_config, dict):
         vllm_config.additional_config["plasticity_residual_tap"] = 1
     scheduler = vllm_config.scheduler_config
-    install_buffers(TapBuffers(
+    buffers = TapBuffers(
         num_layers=num_layers, hidden_size=hidden_size, max_tokens=scheduler.max_num_batched_tokens,
         capacity=capacity, steer_rows=min(steer_slots, scheduler.max_num_seqs) + 1,
-        device=torch.device(vllm_config.device_config.device)))
+        device=torch.device(vllm_config.device_config.device), signal_names=signal_names)
+    install_buffers(buffers)
+    return buffers
 
 
 def _residual_tap(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

@@ -62,7 +62,7 @@ class PlasticityWorkerExtension:
         if b is None:
             return None
         return {"num_layers": b.num_layers, "hidden_size": b.hidden_size, "capacity": b.capacity,
-                "steer_slots": b.steer_rows - 1}
+                "steer_slots": b.steer_rows - 1, "signals": list(b.signal_names)}
 
     def _plasticity_readout(self) -> ReadoutEngine:
         engine = getattr(self, "_plasticity_readout_engine", None)
@@ -86,6 +86,10 @@ class PlasticityWorkerExtension:
         if layers:
             vectors = {L: v for L, v in vectors.items() if L in set(layers)}
         return engine.load(name, concepts, vectors, source=str(path), **meta)
+
+    def plasticity_readout_enable(self) -> bool:
+        """Install the per-step bookkeeping without loading a bank (a request asking only for signals)."""
+        return self._plasticity_readout() is not None
 
     def plasticity_readout_unload(self, name: str) -> bool:
         return self._plasticity_readout().unload(name)

@@ -5,6 +5,10 @@ Runs in vLLM's worker process. An architecture (the model module itself) provide
 
     recurrent_state_shapes() -> list[tuple[int, ...]]       fp32 state per request, fixed-size
     stream(ids (R, L), states [(R, *shape)]) -> (hidden (R, L, H), new states)
+    signal_names() -> list[str]                             optional: per-token signals; when the layer is
+                                                            built with signals=True it calls
+                                                            stream(..., signals=True), whose output rows
+                                                            are the hidden state followed by the signals
 
 and puts a `RecurrentStateLayer` in its model. The layer is a `MambaBase` (vLLM allocates one state slot
 per running request from `get_state_shape`/`get_state_dtype`, like Mamba's conv/ssm state) using the
@@ -37,10 +41,11 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 class RecurrentStateLayer(MambaBase, nn.Module):
     """Per-request state for `architecture` (see the module docstring for what it provides)."""
 
-    def __init__(self, architecture: nn.Module, prefix: str, vllm_config: VllmConfig) -> None:
+    def __init__(self, architecture: nn.Module, prefix: str, vllm_config: VllmConfig, signals: bool = False) -> None:
         super().__init__()
         self.__dict__["architecture"] = architecture  # not a submodule: its parameters keep their names
         self.prefix = prefix
+        self.options = {"signals": True} if signals else {}
         self.shapes = [tuple(s) for s in architecture.recurrent_state_shapes()]
         context = vllm_config.compilation_config.static_forward_context
         if prefix in context:
@@ -68,7 +73,7 @@ class RecurrentStateLayer(MambaBase, nn.Module):
         if isinstance(metadata, dict):
             metadata = metadata.get(self.prefix)
         if metadata is None:  # a profiling / dummy run: no requests, no slots
-            hidden, _ = arch.stream(input_ids[None], arch.zero_states(1, input_ids.device))
+            hidden, _ = arch.stream(input_ids[None], arch.zero_states(1, input_ids.device), **self.options)
             output.copy_(hidden[0].to(output.dtype))
             return
         states = self.kv_cache  # one tensor per state shape, (slots, *shape)
@@ -77,7 +82,7 @@ class RecurrentStateLayer(MambaBase, nn.Module):
         output[tokens:].zero_()  # padding rows, if any
         if decodes:
             index = slots[:decodes].long()
-            hidden, new = arch.stream(input_ids[:decodes, None], [s[index] for s in states])
+            hidden, new = arch.stream(input_ids[:decodes, None], [s[index] for s in states], **self.options)
             output[:decodes] = hidden[:, 0].to(output.dtype)
             for s, n in zip(states, new):
                 s[index] = n
@@ -88,7 +93,7 @@ class RecurrentStateLayer(MambaBase, nn.Module):
             slot = slots[r:r + 1].long()
             fresh = seq_lens[r] == end - start  # no earlier tokens: the slot may hold a finished request's state
             initial = arch.zero_states(1, input_ids.device) if fresh else [s[slot] for s in states]
-            hidden, new = arch.stream(input_ids[None, start:end], initial)
+            hidden, new = arch.stream(input_ids[None, start:end], initial, **self.options)
             output[start:end] = hidden[0].to(output.dtype)
             for s, n in zip(states, new):
                 s[slot] = n

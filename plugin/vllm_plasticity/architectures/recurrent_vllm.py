@@ -45,12 +45,17 @@ class RecurrentForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         shape = self.shape_class.from_fields(getattr(hf, self.field), hf.vocab_size)
         self.build(shape)
         self.hidden_width = shape.hidden_size
-        # vLLM binds state to layers by the one integer in the name: this is layer 0.
-        self.recurrent = RecurrentStateLayer(self, prefix=f"{prefix}layers.0.recurrent", vllm_config=vllm_config)
         config = PlasticityConfig.from_env()
         self.tapped = config.vectors_dir is not None
+        # Per-token signals (readout's `signals`) only where they can be asked for: with the tap.
+        names = tuple(self.signal_names()) if self.tapped and hasattr(self, "signal_names") else ()
+        self.signal_count = len(names)
+        # vLLM binds state to layers by the one integer in the name: this is layer 0.
+        self.recurrent = RecurrentStateLayer(self, prefix=f"{prefix}layers.0.recurrent", vllm_config=vllm_config,
+                                             signals=bool(names))
         if self.tapped:
-            install_buffers_for(vllm_config, 1, self.hidden_width, config.readout_capacity, config.steer_slots)
+            self.buffers = install_buffers_for(vllm_config, 1, self.hidden_width, config.readout_capacity,
+                                               config.steer_slots, signal_names=names)
 
     def recurrent_state_shapes(self) -> list[tuple[int, ...]]:
         return [tuple(z.shape[1:]) for z in self.zero_states(1, torch.device("meta"))]
@@ -58,8 +63,12 @@ class RecurrentForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **_) -> torch.Tensor:
         dtype = next(self.parameters()).dtype
-        stream = torch.empty(input_ids.shape[0], self.hidden_width, dtype=dtype, device=input_ids.device)
+        stream = torch.empty(input_ids.shape[0], self.hidden_width + self.signal_count, dtype=dtype,
+                             device=input_ids.device)
         self.recurrent(input_ids, stream)
+        if self.signal_count:  # the rows are [hidden | signals]: the signals go to the tap's buffer
+            self.buffers.signals[: stream.shape[0]] = stream[:, self.hidden_width:].float()
+            stream = stream[:, : self.hidden_width].contiguous()
         if self.tapped:  # the tap's stream is hidden + residual: all of it is the residual here
             torch.ops.plasticity.residual_tap(torch.zeros_like(stream), stream, 0)
         return stream

@@ -88,25 +88,28 @@ class SyntheModules:
         return states
 
     # ---- per token, with state ------------------------------------------------------------------------
-    def stream(self, ids: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def stream(self, ids: torch.Tensor, states: list[torch.Tensor], signals: bool = False
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """ids (R, T) continuing from `states` (fp32, as state_shapes) -> the stream (R, T, d) in the weights'
-        dtype and the states after the last token. Inputs are never modified in place."""
+        dtype and the states after the last token. Inputs are never modified in place. With `signals`, the
+        stream is followed by the per-token signals (R, T, d + len(signal_names())) in the same dtype."""
         shape, f = self.synthe, self.synthe.fields
         jordan, hopfield, wiener, probe, confidence, tiers, ring, seen = states
         start = seen[:, 0].long()  # (R,) tokens before this chunk = the first one's position
         positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
         x = self.embed_norm(self.embedding(ids) + self.pos_embedding(torch.remainder(positions, shape.max_seq_len)))
-        new = [[], [], [], [], []]
+        new, reported = [[], [], [], [], []], []
         for i, block in enumerate(self.blocks):
             budget = self.router(x) if i >= int(f["min_depth"]) else None  # from the block's input
             out, Sj = block.jordan.scan(x, jordan[:, i])
             x = x + out
-            out, Sh, _surprise = block.hopfield.scan(x, hopfield[:, i])
+            out, Sh, surprise = block.hopfield.scan(x, hopfield[:, i])
             x = x + out
             out, Sw, ior = block.wiener.scan(x, wiener[:, i])
             x = x + out
             x = x + block.ffn(block.ffn_norm(x))
-            gate, running = self.probe_gate(ior, confidence[:, i])
+            running_confidence, running = self.running_confidence(ior, confidence[:, i])
+            gate = self.probe_gate(running_confidence)
             if gate is None:
                 kv = probe[:, i]
             else:
@@ -116,26 +119,49 @@ class SyntheModules:
                 x = x * budget
             for bucket, value in zip(new, (Sj, Sh, Sw, kv, running)):
                 bucket.append(value)
+            if signals:
+                reported += [torch.exp(-ior), running_confidence, torch.zeros_like(ior) if gate is None else gate,
+                             torch.ones_like(ior) if budget is None else budget[..., 0].float(), surprise]
         hub, tiers, ring = self.memory_hub.scan(x, tiers, ring, seen[:, 0])
-        return x + hub, [*(torch.stack(b, 1) for b in new), tiers, ring, seen + ids.shape[1]]
+        x = x + hub
+        if signals:
+            x = torch.cat([x, torch.stack(reported, dim=-1).to(x.dtype)], dim=-1)
+        return x, [*(torch.stack(b, 1) for b in new), tiers, ring, seen + ids.shape[1]]
 
-    def probe_gate(self, ior: torch.Tensor, running: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Per token, whether the probe's output is added (None: never), and the running IOR state after the
-        chunk ([weighted sum, weight] of a bias-corrected moving average, updated in every mode)."""
-        f = self.synthe.fields
-        rho = float(f["probe_confidence_decay"])
+    def signal_names(self) -> list[str]:
+        """The per-token signals, per block b: the Kalman confidence exp(-IOR) of this token, the running
+        confidence the causal gate reads, the probe gate (1 on, 0 off), the router's budget (1 before
+        min_depth), the Hopfield surprise (mean over heads of |v - S k| before the update)."""
+        kinds = ("kalman_confidence", "running_confidence", "probe", "router_budget", "hopfield_surprise")
+        return [f"{kind}/{b}" for b in range(self.synthe.n_blocks) for kind in kinds]
+
+    def running_confidence(self, ior: torch.Tensor, running: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token, exp(-running IOR), the running IOR a bias-corrected moving average (decay
+        probe_confidence_decay) of this token's IOR and the earlier ones'; and the state after the chunk
+        ([weighted sum, weight], kept in every mode)."""
+        rho = float(self.synthe.fields["probe_confidence_decay"])
         total, weight = running[:, 0], running[:, 1]
         confidence = []
         for t in range(ior.shape[1]):
             total, weight = rho * total + ior[:, t].detach(), rho * weight + 1.0
             confidence.append(torch.exp(-total / weight))
-        new = torch.stack([total, weight], dim=1)
-        mode = f["probe_gate"]
+        return torch.stack(confidence, 1), torch.stack([total, weight], dim=1)
+
+    def probe_gate(self, running_confidence: torch.Tensor) -> torch.Tensor | None:
+        """Per token, 1 where the probe's output is added, 0 where not (None: mode never, nothing added)."""
+        mode = self.synthe.fields["probe_gate"]
         if mode == "never":
-            return None, new
+            return None
         if mode == "always":
-            return torch.ones_like(ior), new
-        return (torch.stack(confidence, 1) < float(f["probe_threshold"])).float(), new
+            return torch.ones_like(running_confidence)
+        return (running_confidence < float(self.synthe.fields["probe_threshold"])).float()
+
+    def probe_gates(self, ids: torch.Tensor) -> torch.Tensor:
+        """(blocks, R, T): each token's probe gate from a fresh state (diagnostics: how often it fires)."""
+        out, _ = self.stream(ids, self.zero_states(ids.shape[0], ids.device), signals=True)
+        names = self.signal_names()
+        columns = [self.synthe.d_model + names.index(f"probe/{b}") for b in range(self.synthe.n_blocks)]
+        return out[..., columns].permute(2, 0, 1).float()
 
     # ---- per token, stateless --------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

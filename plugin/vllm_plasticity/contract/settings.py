@@ -133,7 +133,8 @@ def param_kind(name: str) -> str:
     if "embed_tokens" in name or name.startswith("lm_head"):
         return "embeddings"
     if not name.startswith("model."):
-        return "embeddings" if name.split(".")[0].endswith("_embedding") else "mlp"
+        table = name.split(".")[0]  # causal bank: linear_embedding; TKC: embed; SYNTHE: embedding, pos_embedding
+        return "embeddings" if table in ("embed", "embedding") or table.endswith("_embedding") else "mlp"
     if "norm" in name:  # input/post-attention norms, q_norm/k_norm, the final norm
         return "norms"
     if ".self_attn." in name:
