@@ -161,9 +161,9 @@ amygdala_stories/ vs as many random byte strings:
 
 Reading: the "vs {first} tokens" columns are each server's per-token time relative to the shortest context;
 flat (1.0) means decode does not grow with the context. SYNTHE's decode is a fixed amount of work per
-token, but its state (Jordan and Hopfield matrices, the probe's ring of keys and values, the hub) is
-gathered from and scattered back to vLLM's state slots every step, and its recurrences run as per-token
-torch operations: on this CPU at this size, per-step overheads dominate both servers. In this run SYNTHE's
+token (the probe reads a window of vLLM's paged KV cache), but its state (Jordan and Hopfield matrices,
+Kalman filter, the hub) is gathered from and scattered back to vLLM's state slots every step, and its
+recurrences run as per-token torch operations: on this CPU at this size, per-step overheads dominate both servers. In this run SYNTHE's
 time per token at {lengths[-1]} tokens is {synthe[lengths[-1]] / synthe[first]:.2f}x its time at {first} (the Llama's
 {llama[lengths[-1]] / llama[first]:.2f}x), and its throughput {synthe_tps / llama_tps:.2f}x the Llama's.
 The causal gate fires on {sum(fire_text) / len(fire_text):.0%} of story tokens and {sum(fire_noise) / len(fire_noise):.0%} of

@@ -3,7 +3,7 @@ the project serves, scored through `plasticity serve`, and learned online throug
 
 For each architecture (a Llama of the built-in layout, the decepticons causal bank, Transformer Killer Core,
 SYNTHE with its probe gated causally;
-parameter counts printed, matched to within about 1.5x):
+parameter counts printed, matched to within about 1.7x: SYNTHE's probe needs head size 32):
   1. train a small model offline (next-token loss on the scored positions) on copy_memory, selective_copy and
      induction with memory spans drawn from [4, --train-span];
   2. serve it (`plasticity serve --training`) and score top-1 accuracy through the server (prompt_logprobs)
@@ -65,7 +65,7 @@ def build(arch: str, out: Path) -> Path:
     if arch == "synthe":
         from plasticity_training.default_synthe import SyntheSpec, build_synthe
 
-        return build_synthe(SyntheSpec(d_model=48, wiener_state_dim=12, tier_dims=(32, 16, 8), train_steps=0), out,
+        return build_synthe(SyntheSpec(d_model=64, wiener_state_dim=8, tier_dims=(32, 16, 8), train_steps=0), out,
                             text="", log=lambda m: None)
     from plasticity_training.default_tkc import TKCSpec, build_tkc
 

@@ -5,8 +5,9 @@ steering equal the HF form; /train lowers the loss and a fresh server from the c
 sweep serves the `never` and `always` modes too.
 
 One server (--max-num-batched-tokens 64: prompts over 64 tokens are prefilled in chunks that continue from
-the saved state). The test model's probe window is 8 tokens and its hub tiers update every 16 and 128, so
-long prompts cross every boundary, within and across chunks.
+the saved state and the paged KV cache). The test model's probe window is 8 tokens (vLLM's sliding-window
+attention; head size 32, the smallest vLLM's CPU attention takes) and its hub tiers update every 16 and
+128, so long prompts cross every boundary, within and across chunks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vllm_plasticity.launcher import ServerProcess
 TOL = 1e-4
 ARGS = ["--dtype", "float32", "--max-num-seqs", "16", "--max-num-batched-tokens", "64"]
 MAX_SEQ_LEN = 256
-WIDTH = 32
+WIDTH = 64
 STEPS = 30  # /train steps on the memory task
 
 
@@ -39,7 +40,7 @@ def build(out_dir: Path, gate: str) -> Path:
     # PyTorch's initial weights, larger than the reference's N(0, 0.02): every part's effect on the
     # log-probs is far above the tolerance. probe_threshold 0.31: about the median Kalman confidence of this
     # random model, so the causal gate fires for some tokens and not for others (checked below).
-    spec = SyntheSpec(d_model=WIDTH, n_blocks=3, n_heads=4, wiener_state_dim=8, tier_dims=(16, 8, 4), probe_window=8,
+    spec = SyntheSpec(d_model=WIDTH, n_blocks=3, n_heads=2, wiener_state_dim=8, tier_dims=(16, 8, 4), probe_window=8,
                       probe_gate=gate, probe_threshold=0.31, max_seq_len=MAX_SEQ_LEN, reference_init=False,
                       train_steps=0, seed=3)
     return build_synthe(spec, out_dir, text="unused", log=lambda m: None)
@@ -152,6 +153,17 @@ def test_signals_through_the_server_equal_the_full_sequence_form(synthe_server, 
 
 def test_readout_and_steering_equal_the_hugging_face_form(synthe_server):
     parity.readout_and_steering(synthe_server, WIDTH, prompts(6, (20,))[0], TOL)
+
+
+def test_extract_reads_the_same_stream_from_the_model_and_the_server(synthe_server):
+    from plasticity_training.activations import HFSource, ServerSource
+
+    texts = ["The lamp flickered twice.", "A letter arrived on Tuesday, unopened."]
+    hf = HFSource.load(synthe_server.model).collect(texts, [0], progress=False)
+    served = ServerSource(synthe_server.url).collect(texts, [0], progress=False)
+    assert hf.hidden_size == served.hidden_size == WIDTH
+    for pooling in ("last", "mean"):
+        assert (hf.pooled[pooling][0] - served.pooled[pooling][0]).abs().max().item() <= TOL
 
 
 def test_train_lowers_the_loss_and_a_fresh_server_from_the_checkpoint_agrees(synthe_server, servers_restart, tmp_path):

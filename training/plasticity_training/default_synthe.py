@@ -27,7 +27,7 @@ class SyntheSpec:
 
     d_model: int = 64
     n_blocks: int = 2
-    n_heads: int = 4
+    n_heads: int = 2  # head size 32: the probe's attention runs on vLLM's kernels (CPU: 32 and up)
     wiener_state_dim: int = 16
     tier_dims: tuple[int, int, int] = (64, 32, 16)
     probe_window: int = 32

@@ -6,12 +6,14 @@ vLLM side (state slots, readout tap, weight loading and sharing) is recurrent_vl
 
 from __future__ import annotations
 
+from vllm.model_executor.models.interfaces import IsAttentionFree
+
 from vllm_plasticity.architectures.causal_bank_config import CausalBankShape
 from vllm_plasticity.architectures.causal_bank_modules import CausalBankModules
 from vllm_plasticity.architectures.recurrent_vllm import RecurrentForCausalLM
 
 
-class CausalBankForCausalLM(CausalBankModules, RecurrentForCausalLM):
+class CausalBankForCausalLM(CausalBankModules, RecurrentForCausalLM, IsAttentionFree):
     field = "causal_bank"
     shape_class = CausalBankShape
     # In the reference's state dicts but not needed: the T x T kernel (the recurrence replaces it), its

@@ -1,16 +1,19 @@
 """The one way in for recurrent architectures: per-request, fixed-size state in vLLM's own state-space
 machinery, so an architecture supplies only its maths.
 
-Runs in vLLM's worker process. An architecture (the model module itself) provides
+Runs in vLLM's worker process. An architecture (the model module, or a part of it with its own state) provides
 
     recurrent_state_shapes() -> list[tuple[int, ...]]       fp32 state per request, fixed-size
-    stream(ids (R, L), states [(R, *shape)]) -> (hidden (R, L, H), new states)
+    zero_states(rows, device) -> [(rows, *shape)]           a fresh request's state
+    stream(inputs (R, L, ...), states [(R, *shape)]) -> (outputs (R, L, W), new states)
     signal_names() -> list[str]                             optional: per-token signals; when the layer is
                                                             built with signals=True it calls
                                                             stream(..., signals=True), whose output rows
                                                             are the hidden state followed by the signals
 
-and puts a `RecurrentStateLayer` in its model. The layer is a `MambaBase` (vLLM allocates one state slot
+and puts a `RecurrentStateLayer` in its model. The inputs are whatever the model feeds the layer per token
+(token ids for a whole-model stream; hidden states for one block of a model that runs vLLM attention
+layers between its recurrent ones, as SYNTHE does), the outputs `W` columns per token. The layer is a `MambaBase` (vLLM allocates one state slot
 per running request from `get_state_shape`/`get_state_dtype`, like Mamba's conv/ssm state) using the
 LINEAR attention backend's metadata (`state_indices_tensor`, `query_start_loc`, `seq_lens`, decodes
 first). Each step it:
@@ -64,16 +67,16 @@ class RecurrentStateLayer(MambaBase, nn.Module):
         return MambaAttentionBackendEnum.LINEAR
 
     # ---- one step --------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, output: torch.Tensor) -> None:
-        torch.ops.plasticity.recurrent_stream(input_ids, output, self.prefix)
+    def forward(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        torch.ops.plasticity.recurrent_stream(inputs, output, self.prefix)
 
-    def run(self, input_ids: torch.Tensor, output: torch.Tensor) -> None:
+    def run(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
         arch = self.architecture
         metadata = get_forward_context().attn_metadata
         if isinstance(metadata, dict):
             metadata = metadata.get(self.prefix)
         if metadata is None:  # a profiling / dummy run: no requests, no slots
-            hidden, _ = arch.stream(input_ids[None], arch.zero_states(1, input_ids.device), **self.options)
+            hidden, _ = arch.stream(inputs[None], arch.zero_states(1, inputs.device), **self.options)
             output.copy_(hidden[0].to(output.dtype))
             return
         states = self.kv_cache  # one tensor per state shape, (slots, *shape)
@@ -82,7 +85,7 @@ class RecurrentStateLayer(MambaBase, nn.Module):
         output[tokens:].zero_()  # padding rows, if any
         if decodes:
             index = slots[:decodes].long()
-            hidden, new = arch.stream(input_ids[:decodes, None], [s[index] for s in states], **self.options)
+            hidden, new = arch.stream(inputs[:decodes, None], [s[index] for s in states], **self.options)
             output[:decodes] = hidden[:, 0].to(output.dtype)
             for s, n in zip(states, new):
                 s[index] = n
@@ -92,19 +95,19 @@ class RecurrentStateLayer(MambaBase, nn.Module):
             start, end = starts[r], starts[r + 1]
             slot = slots[r:r + 1].long()
             fresh = seq_lens[r] == end - start  # no earlier tokens: the slot may hold a finished request's state
-            initial = arch.zero_states(1, input_ids.device) if fresh else [s[slot] for s in states]
-            hidden, new = arch.stream(input_ids[None, start:end], initial, **self.options)
+            initial = arch.zero_states(1, inputs.device) if fresh else [s[slot] for s in states]
+            hidden, new = arch.stream(inputs[None, start:end], initial, **self.options)
             output[start:end] = hidden[0].to(output.dtype)
             for s, n in zip(states, new):
                 s[slot] = n
 
 
 @eager_break_during_capture
-def _recurrent_stream(input_ids: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
-    get_forward_context().no_compile_layers[layer_name].run(input_ids, output)
+def _recurrent_stream(inputs: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    get_forward_context().no_compile_layers[layer_name].run(inputs, output)
 
 
-def _recurrent_stream_fake(input_ids: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+def _recurrent_stream_fake(inputs: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
     return None
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.model_executor.models.interfaces import HasInnerState
 from vllm.platforms import current_platform
 
 from vllm_plasticity.architectures.recurrent_layer import RecurrentStateLayer
@@ -30,7 +30,11 @@ from vllm_plasticity.contract.weights import WeightManifest, share_cpu_parameter
 from vllm_plasticity.residual_tap import install_buffers_for
 
 
-class RecurrentForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+class RecurrentForCausalLM(nn.Module, HasInnerState):
+    """An architecture subclasses it with its modules mixin and vLLM's IsAttentionFree (one state layer:
+    the whole model is a stream) or IsHybrid (it also runs vLLM attention layers, and overrides
+    `build_state_layers` and `served_stream`)."""
+
     field: str  # the config.json field holding the architecture's own settings
     shape_class: type  # from_fields(fields, vocab_size) -> the architecture's shape
     skipped_weights: tuple[str, ...] = ()  # names (prefixes or suffixes) in checkpoints the model does not use
@@ -50,22 +54,30 @@ class RecurrentForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         # Per-token signals (readout's `signals`) only where they can be asked for: with the tap.
         names = tuple(self.signal_names()) if self.tapped and hasattr(self, "signal_names") else ()
         self.signal_count = len(names)
-        # vLLM binds state to layers by the one integer in the name: this is layer 0.
-        self.recurrent = RecurrentStateLayer(self, prefix=f"{prefix}layers.0.recurrent", vllm_config=vllm_config,
-                                             signals=bool(names))
+        self.build_state_layers(prefix, vllm_config, signals=bool(names))
         if self.tapped:
             self.buffers = install_buffers_for(vllm_config, 1, self.hidden_width, config.readout_capacity,
                                                config.steer_slots, signal_names=names)
 
+    def build_state_layers(self, prefix: str, vllm_config: VllmConfig, signals: bool) -> None:
+        # vLLM binds state to layers by the one integer in the name: this is layer 0.
+        self.recurrent = RecurrentStateLayer(self, prefix=f"{prefix}layers.0.recurrent", vllm_config=vllm_config,
+                                             signals=signals)
+
     def recurrent_state_shapes(self) -> list[tuple[int, ...]]:
         return [tuple(z.shape[1:]) for z in self.zero_states(1, torch.device("meta"))]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None, **_) -> torch.Tensor:
+    def served_stream(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(tokens, hidden_width + signal_count): each token's stream, then its signals."""
         dtype = next(self.parameters()).dtype
         stream = torch.empty(input_ids.shape[0], self.hidden_width + self.signal_count, dtype=dtype,
                              device=input_ids.device)
         self.recurrent(input_ids, stream)
+        return stream
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None, **_) -> torch.Tensor:
+        stream = self.served_stream(input_ids, positions)
         if self.signal_count:  # the rows are [hidden | signals]: the signals go to the tap's buffer
             self.buffers.signals[: stream.shape[0]] = stream[:, self.hidden_width:].float()
             stream = stream[:, : self.hidden_width].contiguous()

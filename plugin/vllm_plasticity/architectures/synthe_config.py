@@ -93,11 +93,22 @@ class SyntheShape:
         f = self.fields
         return int(f["tier1_dim"]) + int(f["tier2_dim"]) + 2 * int(f["tier3_dim"])
 
+    def block_state_shapes(self) -> list[tuple[int, ...]]:
+        """One block's recurrent state: the Jordan and Hopfield matrices, the Kalman mean and variance, the
+        running IOR (weighted sum, weight)."""
+        h, hd = self.n_heads, self.head_dim
+        return [(h, hd, hd), (h, hd, hd), (h, self.wiener_dim, 2), (2,)]
+
+    def hub_state_shapes(self) -> list[tuple[int, ...]]:
+        """The hub's tiers [tier1 | tier2 | tier3 | tier3 variance] and its consolidation ring."""
+        return [(self.hub_width,), (int(self.fields["hub_buffer"]), self.d_model)]
+
     def state_shapes(self) -> list[tuple[int, ...]]:
-        """Per request, fixed-size, in this order: per block the Jordan and Hopfield matrices, the Kalman mean
-        and variance, the probe's window of keys and values (ring, slot = position % window), the running
-        IOR (weighted sum, weight); the hub's tiers [tier1 | tier2 | tier3 | tier3 variance], its
-        consolidation ring; tokens seen."""
-        n, h, hd, d = self.n_blocks, self.n_heads, self.head_dim, self.d_model
-        return [(n, h, hd, hd), (n, h, hd, hd), (n, h, self.wiener_dim, 2), (n, self.window, 2, d), (n, 2),
-                (self.hub_width,), (int(self.fields["hub_buffer"]), d), (1,)]
+        """The full-sequence form's state, per request, fixed-size, in this order: each block's state stacked
+        (block_state_shapes), the probes' windows of keys and values (ring, slot = position % window), the
+        hub's (hub_state_shapes), tokens seen. The served form keeps the same per block and for the hub in
+        vLLM's state slots, and the probes' keys and values in vLLM's paged KV cache."""
+        n = self.n_blocks
+        jordan, hopfield, wiener, running = self.block_state_shapes()
+        return [(n, *jordan), (n, *hopfield), (n, *wiener), (n, self.window, 2, self.d_model), (n, *running),
+                *self.hub_state_shapes(), (1,)]

@@ -20,6 +20,10 @@ class SyntheConfig(RecurrentConfig):
 
     def __init__(self, vocab_size: int = 256, **kwargs) -> None:  # transformers needs each config class's own
         super().__init__(vocab_size, **kwargs)
+        # The probe's attention shape, read by vLLM to size its paged KV cache (one head size, no GQA).
+        shape = self.shape
+        self.num_attention_heads = self.num_key_value_heads = shape.n_heads
+        self.head_dim = shape.head_dim
 
 
 class SyntheForCausalLM(SyntheModules, RecurrentForCausalLM):

@@ -6,14 +6,16 @@
         -> x += hub(x)                         (the stream: readout and steering read and write it here)
         -> out_norm -> lm_head (tied to the embedding unless tie_embeddings is false) -> logits
 
-The depth router never exits early (neither does the reference at inference): it scales each token's block
-output by its budget, one shared estimator for all blocks. The reference's exploration noise in its training
+The depth router never exits early (neither does the reference at inference): it scales each token's
+stream after the block by its budget, one shared estimator for all blocks. The reference's exploration noise in its training
 mode is not applied: the trainer's forward is the served model's. The probe's gate is `probe_gate`
 (synthe_config.py): never, always, or causal (per token, from the block's running Kalman confidence).
 
-Both forms call `stream` (per token: the stream and the new state) and `logits`. Per-request state is
-fixed-size (synthe_config.SyntheShape.state_shapes); decode is one step per token: its cost is bounded by
-the probe's window, never the context. Torch only.
+The Hugging Face form runs `stream` (per token: the stream and the new state, the probes' windows kept in
+the state); the served form (synthe_vllm.py) runs the same parts (`embed`, `block_recurrence`,
+`probe_gate`, the probe's projections, `memory_hub.scan`) around vLLM's attention for the probes. Both end
+with `logits`. Per-request state is fixed-size (synthe_config.SyntheShape); decode is one step per token: its
+cost is bounded by the probe's window, never the context. Torch only.
 """
 
 from __future__ import annotations
@@ -80,35 +82,42 @@ class SyntheModules:
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def zero_states(self, rows: int, device: torch.device) -> list[torch.Tensor]:
-        """A fresh request's state: zeros, except the Kalman variances (5) and the hub's tier-3 variance (1)."""
-        states = [torch.zeros(rows, *s, device=device) for s in self.synthe.state_shapes()]
+    def block_zero_states(self, rows: int, device: torch.device) -> list[torch.Tensor]:
+        """A fresh request's block state: zeros, except the Kalman variances (WienerCore.INITIAL_VARIANCE)."""
+        states = [torch.zeros(rows, *s, device=device) for s in self.synthe.block_state_shapes()]
         states[2][..., 1] = WienerCore.INITIAL_VARIANCE
-        states[5] = self.memory_hub.initial_tiers(rows, device)
         return states
+
+    def hub_zero_states(self, rows: int, device: torch.device) -> list[torch.Tensor]:
+        """A fresh request's hub: the initial tiers (tier-3 variance 1) and an empty ring."""
+        return [self.memory_hub.initial_tiers(rows, device), torch.zeros(rows, *self.synthe.hub_state_shapes()[1],
+                                                                          device=device)]
+
+    def zero_states(self, rows: int, device: torch.device) -> list[torch.Tensor]:
+        """A fresh request's state in the full-sequence form's layout (SyntheShape.state_shapes)."""
+        n, window = self.synthe.n_blocks, torch.zeros(rows, self.synthe.n_blocks, self.synthe.window, 2,
+                                                      self.synthe.d_model, device=device)
+        jordan, hopfield, wiener, running = (s[:, None].expand(rows, n, *s.shape[1:]).clone()
+                                             for s in self.block_zero_states(rows, device))
+        return [jordan, hopfield, wiener, window, running, *self.hub_zero_states(rows, device),
+                torch.zeros(rows, 1, device=device)]
 
     # ---- per token, with state ------------------------------------------------------------------------
     def stream(self, ids: torch.Tensor, states: list[torch.Tensor], signals: bool = False
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """ids (R, T) continuing from `states` (fp32, as state_shapes) -> the stream (R, T, d) in the weights'
         dtype and the states after the last token. Inputs are never modified in place. With `signals`, the
-        stream is followed by the per-token signals (R, T, d + len(signal_names())) in the same dtype."""
-        shape, f = self.synthe, self.synthe.fields
+        stream is followed by the per-token signals (R, T, d + len(signal_names())) in the same dtype.
+        The probes read their window from the state's ring; the served form reads vLLM's paged KV cache."""
+        f = self.synthe.fields
         jordan, hopfield, wiener, probe, confidence, tiers, ring, seen = states
         start = seen[:, 0].long()  # (R,) tokens before this chunk = the first one's position
-        positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
-        x = self.embed_norm(self.embedding(ids) + self.pos_embedding(torch.remainder(positions, shape.max_seq_len)))
+        x = self.embed(ids, start[:, None] + torch.arange(ids.shape[1], device=ids.device))
         new, reported = [[], [], [], [], []], []
         for i, block in enumerate(self.blocks):
             budget = self.router(x) if i >= int(f["min_depth"]) else None  # from the block's input
-            out, Sj = block.jordan.scan(x, jordan[:, i])
-            x = x + out
-            out, Sh, surprise = block.hopfield.scan(x, hopfield[:, i])
-            x = x + out
-            out, Sw, ior = block.wiener.scan(x, wiener[:, i])
-            x = x + out
-            x = x + block.ffn(block.ffn_norm(x))
-            running_confidence, running = self.running_confidence(ior, confidence[:, i])
+            x, ior, running_confidence, surprise, (Sj, Sh, Sw, running) = self.block_recurrence(
+                i, x, [jordan[:, i], hopfield[:, i], wiener[:, i], confidence[:, i]])
             gate = self.probe_gate(running_confidence)
             if gate is None:
                 kv = probe[:, i]
@@ -120,13 +129,38 @@ class SyntheModules:
             for bucket, value in zip(new, (Sj, Sh, Sw, kv, running)):
                 bucket.append(value)
             if signals:
-                reported += [torch.exp(-ior), running_confidence, torch.zeros_like(ior) if gate is None else gate,
-                             torch.ones_like(ior) if budget is None else budget[..., 0].float(), surprise]
+                reported += self.block_signals(ior, running_confidence, gate, budget, surprise)
         hub, tiers, ring = self.memory_hub.scan(x, tiers, ring, seen[:, 0])
         x = x + hub
         if signals:
             x = torch.cat([x, torch.stack(reported, dim=-1).to(x.dtype)], dim=-1)
         return x, [*(torch.stack(b, 1) for b in new), tiers, ring, seen + ids.shape[1]]
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The blocks' input: token + learned position embedding (position % max_seq_len), LayerNorm."""
+        where = torch.remainder(positions, self.synthe.max_seq_len)
+        return self.embed_norm(self.embedding(ids) + self.pos_embedding(where))
+
+    def block_recurrence(self, i: int, x: torch.Tensor, state: list[torch.Tensor]):
+        """Block i up to its probe: x += Jordan, Hopfield, Wiener, FFN. state = block_state_shapes ->
+        (x, IOR, running confidence, Hopfield surprise (each (R, T)), the block's new state)."""
+        block = self.blocks[i]
+        Sj, Sh, Sw, running = state
+        out, Sj = block.jordan.scan(x, Sj)
+        x = x + out
+        out, Sh, surprise = block.hopfield.scan(x, Sh)
+        x = x + out
+        out, Sw, ior = block.wiener.scan(x, Sw)
+        x = x + out
+        x = x + block.ffn(block.ffn_norm(x))
+        running_confidence, running = self.running_confidence(ior, running)
+        return x, ior, running_confidence, surprise, [Sj, Sh, Sw, running]
+
+    @staticmethod
+    def block_signals(ior, running_confidence, gate, budget, surprise) -> list[torch.Tensor]:
+        """One block's signals per token, in signal_names' order."""
+        return [torch.exp(-ior), running_confidence, torch.zeros_like(ior) if gate is None else gate.float(),
+                torch.ones_like(ior) if budget is None else budget[..., 0].float(), surprise]
 
     def signal_names(self) -> list[str]:
         """The per-token signals, per block b: the Kalman confidence exp(-IOR) of this token, the running

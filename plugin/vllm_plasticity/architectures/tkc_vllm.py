@@ -7,11 +7,13 @@ loading and sharing) is recurrent_vllm.py.
 
 from __future__ import annotations
 
+from vllm.model_executor.models.interfaces import IsAttentionFree
+
 from vllm_plasticity.architectures.recurrent_vllm import RecurrentForCausalLM
 from vllm_plasticity.architectures.tkc_config import TKCShape
 from vllm_plasticity.architectures.tkc_modules import TKCModules
 
 
-class TKCForCausalLM(TKCModules, RecurrentForCausalLM):
+class TKCForCausalLM(TKCModules, RecurrentForCausalLM, IsAttentionFree):
     field = "tkc"
     shape_class = TKCShape
