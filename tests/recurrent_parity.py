@@ -10,6 +10,7 @@ for i = 1..n-1 (the reference implementation's full-sequence forward, fp32).
     causal(server, model, prompt, t, vocab, tol)          tokens after t never change log-probs at <= t
     isolated(server, model, prompts, tol)                 concurrent generations = each one alone
     readout_and_steering(server, width, ids, tol)         scores and steered log-probs = the HF form's
+    extraction_matches(server, width, tol)                extract's HF and --server paths read one stream
     train_then_restart(server, servers_restart, ...)      /train halves the loss; the checkpoint serves the same
 The last two need a server started with --training and --vectors-dir (attributes model, state_dir,
 vectors_dir on the server object).
@@ -30,6 +31,25 @@ def _post(server, body: dict, headers: dict | None = None) -> dict:
     r = requests.post(server.url + "/v1/completions", json={"temperature": 0, **body}, headers=headers or {}, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def hf_model(path):
+    """The architecture's Hugging Face form from a model directory, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_plasticity.architectures import register_with_transformers
+
+    register_with_transformers()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def reference(model):
+    """`reference(ids)` for the checks below: log p(ids[i] | ids[<i]) from `model`'s full-sequence forward."""
+    def run(ids: list[int]) -> list[float]:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+    return run
 
 
 def served_logprobs(server, model: str, ids: list[int]) -> list[float]:
@@ -122,6 +142,19 @@ def readout_and_steering(server, width: int, ids: list[int], tol: float) -> None
     assert (scores - captured["h"][: len(seq) - 1] @ unit.T).abs().max().item() <= tol
     want = [logp[i - 1, t].item() for i, t in enumerate(seq) if i >= len(ids)]
     assert max_gap(out["logprobs"]["token_logprobs"], want) <= tol
+
+
+def extraction_matches(server, width: int, tol: float) -> None:
+    """`plasticity extract`'s two sources (the HF form in-process, and the server's readout of raw
+    coordinates) read the same stream, last-token and mean pooled."""
+    from plasticity_training.activations import HFSource, ServerSource
+
+    texts = ["The lamp flickered twice.", "A letter arrived on Tuesday, unopened."]
+    hf = HFSource.load(server.model).collect(texts, [0], progress=False)
+    served = ServerSource(server.url).collect(texts, [0], progress=False)
+    assert hf.hidden_size == served.hidden_size == width
+    for pooling in ("last", "mean"):
+        assert (hf.pooled[pooling][0] - served.pooled[pooling][0]).abs().max().item() <= tol
 
 
 def train_then_restart(server, servers_restart, samples, steps: int, probe: list[int], args: list[str], state_dir,

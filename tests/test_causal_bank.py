@@ -155,14 +155,7 @@ def test_readout_and_steering_equal_the_hugging_face_form(bank_server):
 
 
 def test_extract_reads_the_same_stream_from_the_model_and_the_server(bank_server):
-    from plasticity_training.activations import HFSource, ServerSource
-
-    texts = ["The lamp flickered twice.", "A letter arrived on Tuesday, unopened."]
-    hf = HFSource.load(bank_server.model).collect(texts, [0], progress=False)
-    served = ServerSource(bank_server.url).collect(texts, [0], progress=False)
-    assert hf.hidden_size == served.hidden_size == 544
-    for pooling in ("last", "mean"):
-        assert (hf.pooled[pooling][0] - served.pooled[pooling][0]).abs().max().item() <= TOL
+    parity.extraction_matches(bank_server, 544, TOL)
 
 
 # ---- training -------------------------------------------------------------------------------------------

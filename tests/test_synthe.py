@@ -51,23 +51,6 @@ def synthe_model(tmp_path_factory):
     return build(tmp_path_factory.mktemp("synthe") / "model", "causal")
 
 
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-
-    from vllm_plasticity.architectures import register_with_transformers
-
-    register_with_transformers()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def reference(model):
-    def run(ids: list[int]) -> list[float]:
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-        return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
-    return run
-
-
 def firing_rate(model, ids: list[int]) -> float:
     with torch.no_grad():
         return model.probe_gates(torch.tensor([ids])).mean().item()
@@ -87,9 +70,9 @@ def test_served_synthe_equals_its_full_sequence_form(synthe_server, synthe_model
     info = requests.get(synthe_server.url + "/plasticity/info", timeout=10).json()
     assert info["architecture"] == "SyntheForCausalLM" and info["weights_shareable"]
     assert info["readout"]["hidden_size"] == WIDTH
-    hf = hf_model(synthe_model)
+    hf = parity.hf_model(synthe_model)
     assert 0.1 < firing_rate(hf, prompts(0)[-1]) < 0.9  # the causal gate is exercised both ways
-    parity.logits_match(synthe_server, synthe_server.model, reference(hf), prompts(0), TOL)
+    parity.logits_match(synthe_server, synthe_server.model, parity.reference(hf), prompts(0), TOL)
 
 
 def test_decode_equals_prefill(synthe_server):
@@ -115,7 +98,7 @@ def test_signals_through_the_server_equal_the_full_sequence_form(synthe_server, 
     loaded (runs before the readout test)."""
     import json
 
-    hf = hf_model(synthe_model)
+    hf = parity.hf_model(synthe_model)
     names = hf.signal_names()
     info = requests.get(synthe_server.url + "/plasticity/info", timeout=10).json()
     assert info["readout"]["signals"] == names
@@ -156,14 +139,7 @@ def test_readout_and_steering_equal_the_hugging_face_form(synthe_server):
 
 
 def test_extract_reads_the_same_stream_from_the_model_and_the_server(synthe_server):
-    from plasticity_training.activations import HFSource, ServerSource
-
-    texts = ["The lamp flickered twice.", "A letter arrived on Tuesday, unopened."]
-    hf = HFSource.load(synthe_server.model).collect(texts, [0], progress=False)
-    served = ServerSource(synthe_server.url).collect(texts, [0], progress=False)
-    assert hf.hidden_size == served.hidden_size == WIDTH
-    for pooling in ("last", "mean"):
-        assert (hf.pooled[pooling][0] - served.pooled[pooling][0]).abs().max().item() <= TOL
+    parity.extraction_matches(synthe_server, WIDTH, TOL)
 
 
 def test_train_lowers_the_loss_and_a_fresh_server_from_the_checkpoint_agrees(synthe_server, servers_restart, tmp_path):
@@ -181,7 +157,7 @@ def test_the_other_probe_modes_served(gate, servers_restart, tmp_path):
     server = servers_restart.start(f"synthe-{gate}", lambda log_path: ServerProcess.plasticity(
         path, extra_args=[*ARGS, "--state-dir", str(tmp_path / "state")], log_path=log_path))
     try:
-        parity.logits_match(server, str(path), reference(hf_model(path)), prompts(10, (40, 200)), TOL)
+        parity.logits_match(server, str(path), parity.reference(parity.hf_model(path)), prompts(10, (40, 200)), TOL)
         parity.decode_equals_prefill(server, str(path), prompts(11, (30,))[0], 20, TOL)
         parity.batch_invariant(server, str(path), prompts(12, (3, 65, 129, 255)), TOL)
     finally:

@@ -13,7 +13,6 @@ import random
 
 import pytest
 import requests
-import torch
 
 from tests import recurrent_parity as parity
 from vllm_plasticity.launcher import ServerProcess
@@ -38,23 +37,6 @@ def tkc_model(tmp_path_factory):
     return build_tkc(spec, tmp_path_factory.mktemp("tkc") / "model", text="unused", log=lambda m: None)
 
 
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-
-    from vllm_plasticity.architectures import register_with_transformers
-
-    register_with_transformers()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def reference(model):
-    def run(ids: list[int]) -> list[float]:
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-        return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
-    return run
-
-
 @pytest.fixture(scope="module")
 def tkc_server(servers_restart, tkc_model, tmp_path_factory):
     state_dir, vectors_dir = tmp_path_factory.mktemp("tkc-state"), tmp_path_factory.mktemp("tkc-vectors")
@@ -69,7 +51,7 @@ def test_served_tkc_equals_its_full_sequence_form(tkc_server, tkc_model):
     info = requests.get(tkc_server.url + "/plasticity/info", timeout=10).json()
     assert info["architecture"] == "TKCForCausalLM" and info["weights_shareable"]
     assert info["readout"]["hidden_size"] == WIDTH
-    parity.logits_match(tkc_server, tkc_server.model, reference(hf_model(tkc_model)), prompts(0), TOL)
+    parity.logits_match(tkc_server, tkc_server.model, parity.reference(parity.hf_model(tkc_model)), prompts(0), TOL)
 
 
 def test_decode_equals_prefill(tkc_server):
