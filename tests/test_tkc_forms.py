@@ -28,7 +28,8 @@ def test_split_anywhere_equals_the_whole_sequence_and_later_tokens_change_nothin
         changed = ids.clone()
         changed[:, 20:] = (changed[:, 20:] + 1) % 32
         later = m(input_ids=changed).logits
-    assert torch.equal(torch.cat(parts, dim=1), full)
+    # Equal up to float32 rounding: the GRU's matrix products see other shapes when the chunks differ.
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
     assert torch.equal(later[:, :20], full[:, :20]) and not torch.equal(later[:, 20:], full[:, 20:])
     assert state[-1][0, 2].item() == 40  # tokens seen
 
