@@ -1,8 +1,9 @@
 """Benchmark: the four memory tasks (training/plasticity_training/memory_tasks.py) across the architectures
 the project serves, scored through `plasticity serve`, and learned online through /train.
 
-For each architecture (a Llama of the built-in layout, the decepticons causal bank, Transformer Killer Core,
-SYNTHE with its probe gated causally;
+For each architecture (a Llama of the built-in layout, the decepticons causal bank, Transformer Killer Core
+with its GRU backbone and with its Mamba2 backbone (vLLM's MambaMixer2 when served), SYNTHE with its probe
+gated causally;
 parameter counts printed, matched to within about 1.7x: SYNTHE's probe needs head size 32):
   1. train a small model offline (next-token loss on the scored positions) on copy_memory, selective_copy and
      induction with memory spans drawn from [4, --train-span];
@@ -13,7 +14,7 @@ parameter counts printed, matched to within about 1.7x: SYNTHE's probe needs hea
      the task's accuracy on held-out samples after each round, through the same server.
 Writes research/memory_tasks_results.md and memory_tasks_accuracy.png, memory_tasks_online.png.
 
-    python research/memory_tasks.py [--quick] [--out-dir research]
+    python research/memory_tasks.py [--quick] [--out-dir research] [--archs A,B --keep-others]
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def build(arch: str, out: Path) -> Path:
                             text="", log=lambda m: None)
     from plasticity_training.default_tkc import TKCSpec, build_tkc
 
-    return build_tkc(TKCSpec(d_model=80, mem_slots=32, train_steps=0), out, text="", log=lambda m: None)
+    backbone = "mamba2" if arch == "tkc-mamba2" else "gru"
+    return build_tkc(TKCSpec(d_model=80, mem_slots=32, train_steps=0, backbone=backbone, mamba_d_state=32,
+                             mamba_headdim=32), out, text="", log=lambda m: None)
 
 
 def load(model_dir: Path):
@@ -252,7 +255,9 @@ learned in that budget, not the architectures' ceilings. The same script takes l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI): tiny training, two spans")
-    parser.add_argument("--archs", default="llama,causal-bank,tkc,synthe")
+    parser.add_argument("--archs", default="llama,causal-bank,tkc,tkc-mamba2,synthe")
+    parser.add_argument("--keep-others", action="store_true",
+                        help="merge this run's architectures into the saved results instead of replacing them")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
     args = parser.parse_args()
@@ -269,8 +274,16 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             results = {arch: run_arch(arch, cfg, Path(tmp), log) for arch in args.archs.split(",")}
-    plots = plot(results, cfg, out_dir)
     run_command = saved.get("command", "python research/memory_tasks.py") if args.report_only else command()
+    if args.keep_others and not args.report_only:
+        saved = json.loads((out_dir / "memory_tasks_results.json").read_text())
+        if saved["settings"] != cfg:
+            raise SystemExit("--keep-others: the saved results were run with other settings; run them all again")
+        for res in saved["results"].values():
+            res["table"] = {t: {int(k): v for k, v in row.items()} for t, row in res["table"].items()}
+        results = {**saved["results"], **results}
+        run_command = f"{saved['command']}; then {run_command}"
+    plots = plot(results, cfg, out_dir)
     text = report(results, cfg, plots, args.quick, run_command)
     (out_dir / "memory_tasks_results.md").write_text(text)
     if not args.report_only:

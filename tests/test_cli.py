@@ -116,3 +116,13 @@ def test_readout_on_a_gpu_selects_the_v1_model_runner(tmp_path, capsys):
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "1"  # the operator's choice stands (the bank load then says why not)
     _, env = build_serve_command([model], {}, cuda=True)
     assert "VLLM_USE_V2_MODEL_RUNNER" not in env  # without readout vLLM's default runner serves
+
+
+def test_default_model_backbone_is_a_tkc_setting(capsys):
+    import pytest
+
+    from plasticity_training.cli import default_model
+
+    with pytest.raises(SystemExit) as exc:
+        default_model(["--arch", "llama", "--backbone", "mamba2"])
+    assert exc.value.code == 2 and "--backbone is a setting of --arch tkc" in capsys.readouterr().err

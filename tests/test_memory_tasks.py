@@ -42,7 +42,7 @@ def test_the_benchmark_writes_its_table_and_plots(servers_restart, tmp_path):
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     text = (tmp_path / "memory_tasks_results.md").read_text()
-    for arch in ("llama", "causal-bank", "tkc", "synthe"):
+    for arch in ("llama", "causal-bank", "tkc", "tkc-mamba2", "synthe"):
         assert f"| {arch} |" in text
     for name in ("memory_tasks_accuracy.png", "memory_tasks_online.png"):
         assert (tmp_path / name).stat().st_size > 10_000

@@ -3,8 +3,10 @@
 invariance, causality, per-request memory isolation (tests/recurrent_parity.py); /train lowers the loss on a
 memory task and a fresh server from the checkpoint agrees; readout and steering equal the HF form.
 
-One server (--max-num-batched-tokens 64: prompts over 64 tokens are prefilled in chunks that continue from
-the saved memory). The test model has 8 memory slots per tier, so the rings wrap within every long prompt.
+One server per backbone (--max-num-batched-tokens 64: prompts over 64 tokens are prefilled in chunks that
+continue from the saved state): "gru" (the whole model in one state layer) and "mamba2" (vLLM's own
+MambaMixer2 layers, then the memory in a state layer of its own). The test models have 8 memory slots per
+tier, so the rings wrap within every long prompt.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]
     return [[rng.randrange(256) for _ in range(n)] for n in lengths]
 
 
-@pytest.fixture(scope="module")
-def tkc_model(tmp_path_factory):
+@pytest.fixture(scope="module", params=["gru", "mamba2"])
+def tkc_model(request, tmp_path_factory):
     from plasticity_training.default_tkc import TKCSpec, build_tkc
 
-    spec = TKCSpec(d_model=WIDTH, n_layers=2, mem_slots=8, max_seq_len=MAX_SEQ_LEN, train_steps=0, seed=3)
+    # Mamba2: 6 heads of 16 channels, SSM state 16 per channel.
+    spec = TKCSpec(d_model=WIDTH, n_layers=2, mem_slots=8, max_seq_len=MAX_SEQ_LEN, train_steps=0, seed=3,
+                   backbone=request.param, mamba_d_state=16, mamba_headdim=16)
     return build_tkc(spec, tmp_path_factory.mktemp("tkc") / "model", text="unused", log=lambda m: None)
 
 

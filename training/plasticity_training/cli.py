@@ -187,9 +187,13 @@ def default_model(argv: list[str]) -> None:
                         help="llama (default): a 4-layer Llama; causal-bank: a byte-level decepticons causal bank; "
                              "tkc: a byte-level Transformer Killer Core (GRU backbone + DualTierMiras memory); "
                              "synthe: a byte-level SYNTHE (2 blocks, attention probe gated causally)")
+    parser.add_argument("--backbone", choices=("gru", "mamba2"), default=None,
+                        help="tkc only: the backbone (default gru; mamba2 is served by vLLM's MambaMixer2)")
     parser.add_argument("--rebuild", action="store_true", help="build again even if a cached build exists")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr)
+    if args.backbone is not None and args.arch != "tkc":
+        parser.error("--backbone is a setting of --arch tkc")
     if args.arch == "causal-bank":
         from plasticity_training.default_causal_bank import CausalBankSpec, build_causal_bank, default_causal_bank_path
 
@@ -197,7 +201,8 @@ def default_model(argv: list[str]) -> None:
     elif args.arch == "tkc":
         from plasticity_training.default_tkc import TKCSpec, build_tkc, default_tkc_path
 
-        path, build = default_tkc_path(build=False), lambda p: build_tkc(TKCSpec(), p, log=log)
+        spec = TKCSpec(backbone=args.backbone or "gru")
+        path, build = default_tkc_path(spec, build=False), lambda p: build_tkc(spec, p, log=log)
     elif args.arch == "synthe":
         from plasticity_training.default_synthe import SyntheSpec, build_synthe, default_synthe_path
 
@@ -248,7 +253,7 @@ commands:
         [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [--no-ui] [vllm serve args ...]
                   start vLLM's OpenAI-compatible server with the plugin enabled
                   (MODEL defaults to the built-in model)
-  default-model [--arch llama|causal-bank|tkc|synthe]
+  default-model [--arch llama|causal-bank|tkc|synthe] [--backbone gru|mamba2]
                   print the built-in model's path, building it if absent
   import causal-bank CHECKPOINT [--result JSON] [--tokenizer SPM_MODEL] --out DIR
                   a decepticons causal-bank checkpoint as a model directory to serve

@@ -1,5 +1,5 @@
-"""The built-in Transformer Killer Core model: a byte-level TKC (GRU backbone + DualTierMiras memory)
-trained here on the project's own text. `plasticity default-model --arch tkc`.
+"""The built-in Transformer Killer Core model: a byte-level TKC (GRU or Mamba2 backbone + DualTierMiras
+memory) trained here on the project's own text. `plasticity default-model --arch tkc [--backbone mamba2]`.
 
     >>> path = default_tkc_path()                              # built once (about a minute on 2 cores), cached
     >>> raw = build_tkc(TKCSpec(train_steps=0), "/tmp/tkc")    # random init, for parity tests
@@ -26,6 +26,9 @@ class TKCSpec:
 
     d_model: int = 96
     n_layers: int = 2
+    backbone: str = "gru"  # or "mamba2" (served by vLLM's MambaMixer2)
+    mamba_d_state: int = 32  # Mamba2 settings, used only with backbone "mamba2"
+    mamba_headdim: int = 32
     mem_slots: int = 32
     max_seq_len: int = 512
     surprise_threshold: float = 0.5
@@ -36,8 +39,12 @@ class TKCSpec:
     seed: int = 0
 
     def fields(self) -> dict:
-        return {"d_model": self.d_model, "n_layers": self.n_layers, "mem_slots": self.mem_slots,
-                "max_seq_len": self.max_seq_len, "surprise_threshold": self.surprise_threshold}
+        fields = {"d_model": self.d_model, "n_layers": self.n_layers, "mem_slots": self.mem_slots,
+                  "max_seq_len": self.max_seq_len, "surprise_threshold": self.surprise_threshold,
+                  "backbone": self.backbone}
+        if self.backbone == "mamba2":
+            fields |= {"mamba_d_state": self.mamba_d_state, "mamba_headdim": self.mamba_headdim}
+        return fields
 
     def key(self, text_digest: str) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + text_digest
@@ -64,7 +71,8 @@ def build_tkc(spec: TKCSpec, out_dir: str | os.PathLike, text: str | None = None
         torch.manual_seed(spec.seed)
         model = TKCForCausalLM(TKCConfig(vocab_size=BYTE_VOCAB, tkc=spec.fields()))
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"[default-model] tkc: {n_params / 1e6:.2f}M parameters, byte vocabulary, {spec.mem_slots} memory slots "
+        log(f"[default-model] tkc ({spec.backbone} backbone): {n_params / 1e6:.2f}M parameters, byte vocabulary, "
+            f"{spec.mem_slots} memory slots "
             f"per tier, {len(text) / 1e3:.0f}k characters of project text")
         final_loss = train_next_byte(model, text.encode("utf-8"), spec, log) if spec.train_steps else None
         record = dict(dataclasses.asdict(spec), arch="tkc", parameters=n_params, final_loss=final_loss,

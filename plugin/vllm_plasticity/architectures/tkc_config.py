@@ -14,8 +14,12 @@ DEFAULTS: dict[str, object] = {
     "d_model": 128, "n_layers": 2, "max_seq_len": 256, "backbone": "gru",
     "mem_slots": 64, "temperature": 1.0, "surprise_threshold": 0.5, "use_ema": False, "ema_decay": 0.99,
     "lr_fast": 1.0, "lr_deep": 0.5,
+    # The Mamba2 backbone's own settings (mamba_ssm's Mamba2 defaults; one group), read only when
+    # backbone is "mamba2".
+    "mamba_d_state": 128, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_headdim": 64, "mamba_chunk_size": 256,
 }
-BACKBONES = ("gru",)  # the seed's documented fallback; "mamba2" (vLLM's MambaMixer2) is not built yet
+# "mamba2" is the seed's backbone (served by vLLM's own MambaMixer2); "gru" its documented fallback.
+BACKBONES = ("gru", "mamba2")
 STATS = 6  # per-request scalars: fast pointer, deep pointer, tokens seen, surprise mean, surprise var, deep writes
 
 
@@ -39,8 +43,13 @@ class TKCShape:
             raise UnsupportedConfig(f"tkc.{unknown[0]} is not a TKC field (fields: {sorted(DEFAULTS)})")
         f = {**DEFAULTS, **dict(fields)}
         if f["backbone"] not in BACKBONES:
-            raise UnsupportedConfig(f"tkc.backbone={f['backbone']!r} is not supported (needs one of {BACKBONES}): "
-                                    "the Mamba2 backbone is not built yet")
+            raise UnsupportedConfig(f"tkc.backbone={f['backbone']!r} is not supported (needs one of {BACKBONES})")
+        inner = int(f["mamba_expand"]) * int(f["d_model"])
+        if f["backbone"] == "mamba2" and (int(f["mamba_headdim"]) < 1 or inner % int(f["mamba_headdim"])):
+            raise UnsupportedConfig(f"tkc.mamba_headdim={f['mamba_headdim']} must divide mamba_expand * d_model "
+                                    f"= {inner} (the Mamba2 heads)")
+        if f["backbone"] == "mamba2" and (int(f["mamba_d_conv"]) < 2 or int(f["mamba_d_state"]) < 1):
+            raise UnsupportedConfig("tkc.mamba_d_conv must be >= 2 and tkc.mamba_d_state >= 1")
         if int(f["d_model"]) % 2:
             raise UnsupportedConfig(f"tkc.d_model={f['d_model']} must be even (sinusoidal positions)")
         if not 0.0 < float(f["temperature"]):
@@ -57,8 +66,38 @@ class TKCShape:
         """The stream: the fused backbone + memory vector the head reads (readout and steering, layer 0)."""
         return self.d_model
 
+    @property
+    def backbone(self) -> str:
+        return str(self.fields["backbone"])
+
+    @property
+    def mamba_inner(self) -> int:
+        return int(self.fields["mamba_expand"]) * self.d_model
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.mamba_inner // int(self.fields["mamba_headdim"])
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        """Channels of the Mamba2 convolution: x, B and C (one group)."""
+        return self.mamba_inner + 2 * int(self.fields["mamba_d_state"])
+
     def state_shapes(self) -> list[tuple[int, ...]]:
-        """Per request, fixed-size: backbone hidden states, fast keys/values, deep keys/values, slot
-        strengths (fast, deep), and the STATS scalars."""
+        """Per request, fixed-size: the backbone's, then the memory's."""
+        return self.backbone_state_shapes() + self.memory_state_shapes()
+
+    def backbone_state_shapes(self) -> list[tuple[int, ...]]:
+        """GRU: every layer's hidden state. Mamba2, per layer: the convolution's last d_conv - 1 inputs
+        (channels first) and the SSM state (heads, headdim, d_state), vLLM's MambaMixer2 layout."""
+        if self.backbone == "gru":
+            return [(self.n_layers, self.d_model)]
+        f = self.fields
+        per_layer = [(self.mamba_conv_dim, int(f["mamba_d_conv"]) - 1),
+                     (self.mamba_heads, int(f["mamba_headdim"]), int(f["mamba_d_state"]))]
+        return per_layer * self.n_layers
+
+    def memory_state_shapes(self) -> list[tuple[int, ...]]:
+        """DualTierMiras: fast keys/values, deep keys/values, slot strengths (fast, deep), the STATS scalars."""
         d, M = self.d_model, self.mem_slots
-        return [(self.n_layers, d), (M, d), (M, d), (M, d), (M, d), (2, M), (STATS,)]
+        return [(M, d), (M, d), (M, d), (M, d), (2, M), (STATS,)]

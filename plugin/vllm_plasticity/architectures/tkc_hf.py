@@ -20,7 +20,10 @@ class TKCConfig(RecurrentConfig):
     shape_class = TKCShape
 
     def __init__(self, vocab_size: int = 256, **kwargs) -> None:  # transformers needs each config class's own
+        kwargs.pop("mamba_chunk_size", None)  # derived below, never a setting of its own
         super().__init__(vocab_size, **kwargs)
+        # vLLM's Mamba2 kernels read their chunk size here (else 2048): the same chunks as the HF form's scan.
+        self.mamba_chunk_size = int(self.shape.fields["mamba_chunk_size"])
 
 
 class TKCForCausalLM(TKCModules, RecurrentForCausalLM):

@@ -1,6 +1,7 @@
 """Transformer Killer Core's `mamba_dualmem` controller, written from the seed's description (not its code):
 
-    ids -> embedding + sinusoidal position -> backbone layers (residual: h + GRU(LayerNorm(h)))
+    ids -> embedding + sinusoidal position -> backbone layers (residual: h + mixer(LayerNorm(h)), the mixer
+           a GRU or a Mamba2 mixer, `backbone`)
         -> DualTierMiras read (query = the backbone output) -> gated fusion -> LayerNorm -> head -> logits
         -> DualTierMiras write (key, value from the backbone output), for the next tokens
 
@@ -14,10 +15,12 @@ a deep write iff surprise > surprise_threshold. With use_ema a write into a used
 (masked by the surprise gate): no per-request Python branch. Running surprise mean and variance and the
 deep-write count are kept per request (diagnostics).
 
-Both forms call `stream` (per token: the fused vector the head reads, and the new state) and `logits`.
-The memory is sequential by design (each token reads what earlier tokens wrote), so `stream` loops over
-the tokens of a chunk; the backbone runs the chunk at once (nn.GRU from the saved hidden state). Decode
-is one step: its cost does not grow with the context. Torch only.
+Both forms call `stream` (per token: the fused vector the head reads, and the new state) and `logits`;
+the served Mamba2 form runs the backbone in vLLM's own MambaMixer2 layers and `memory_stream` in a state
+layer of its own (tkc_vllm.py). The memory is sequential by design (each token reads what earlier tokens
+wrote), so `memory_stream` loops over the tokens of a chunk; the backbone runs the chunk at once (nn.GRU
+from the saved hidden state, or the Mamba2 scan from the saved convolution and SSM states). Decode is one
+step: its cost does not grow with the context. Torch (and transformers' Mamba2 scan) only.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_plasticity.architectures.mamba2_form import Mamba2Form
 from vllm_plasticity.architectures.tkc_config import TKCShape
 
 _UNUSED = -1e9  # the similarity of an empty slot: no weight once any slot is used (empty slots hold zeros)
@@ -40,6 +44,17 @@ class GRUBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d)
         self.gru = nn.GRU(d, d, batch_first=True)
+
+
+class Mamba2Block(nn.Module):
+    """One backbone layer: h + Mamba2(LayerNorm(h)); the served model swaps `mixer` for vLLM's MambaMixer2."""
+
+    def __init__(self, shape: TKCShape) -> None:
+        super().__init__()
+        f = shape.fields
+        self.norm = nn.LayerNorm(shape.d_model)
+        self.mixer = Mamba2Form(shape.d_model, shape.mamba_inner, shape.mamba_heads, int(f["mamba_headdim"]),
+                                int(f["mamba_d_state"]), int(f["mamba_d_conv"]), int(f["mamba_chunk_size"]))
 
 
 def sinusoid(positions: torch.Tensor, d: int) -> torch.Tensor:
@@ -59,7 +74,8 @@ class TKCModules:
         d, V = shape.d_model, shape.vocab_size
         self.tkc = shape
         self.embed = nn.Embedding(V, d)
-        self.backbone = nn.ModuleList(GRUBlock(d) for _ in range(shape.n_layers))
+        self.backbone = nn.ModuleList((GRUBlock(d) if shape.backbone == "gru" else Mamba2Block(shape))
+                                      for _ in range(shape.n_layers))
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.mix_logit = nn.Parameter(torch.zeros(1))
         self.context_gate = nn.Linear(d, 1)
@@ -69,25 +85,46 @@ class TKCModules:
     def zero_states(self, rows: int, device: torch.device) -> list[torch.Tensor]:
         return [torch.zeros(rows, *s, device=device) for s in self.tkc.state_shapes()]
 
+    def memory_zero_states(self, rows: int, device: torch.device) -> list[torch.Tensor]:
+        return [torch.zeros(rows, *s, device=device) for s in self.tkc.memory_state_shapes()]
+
     # ---- per token, with state ------------------------------------------------------------------------
     def stream(self, ids: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """ids (R, T) continuing from `states` (fp32, as state_shapes) -> the fused stream (R, T, d) in the
         weights' dtype and the states after the last token. Inputs are never modified in place."""
-        hidden, memory = states[0], list(states[1:])
-        R, T = ids.shape
+        split = len(self.tkc.backbone_state_shapes())
+        backbone, memory = states[:split], list(states[split:])
+        T = ids.shape[1]
         positions = memory[-1][:, 2:3] + torch.arange(T, device=ids.device)[None]  # (R, T): tokens seen before
         x = self.embed(ids)
         x = x + sinusoid(positions, self.tkc.d_model).to(x.dtype)
-        last = []
+        x, backbone = self.backbone_stream(x, backbone)
+        fused, memory = self.memory_stream(x, memory)
+        return fused, [*backbone, *memory]
+
+    def backbone_stream(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The residual backbone layers over a chunk x (R, T, d), from and to the backbone's states."""
+        new = []
+        if self.tkc.backbone == "gru":
+            hidden = states[0]
+            for layer, block in enumerate(self.backbone):
+                y, h_n = block.gru(block.norm(x), hidden[:, layer][None].to(x.dtype).contiguous())
+                x = x + y
+                new.append(h_n[0].float())
+            return x, [torch.stack(new, dim=1)]
         for layer, block in enumerate(self.backbone):
-            y, h_n = block.gru(block.norm(x), hidden[:, layer][None].to(x.dtype).contiguous())
+            y, conv, ssm = block.mixer.scan(block.norm(x), states[2 * layer], states[2 * layer + 1])
             x = x + y
-            last.append(h_n[0].float())
+            new += [conv, ssm]
+        return x, new
+
+    def memory_stream(self, h: torch.Tensor, memory: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """DualTierMiras over a chunk of backbone outputs h (R, T, d), token by token -> the fused stream."""
         fused = []
-        for t in range(T):
-            out, memory = self.memory_step(x[:, t], memory)
+        for t in range(h.shape[1]):
+            out, memory = self.memory_step(h[:, t], memory)
             fused.append(out)
-        return torch.stack(fused, dim=1), [torch.stack(last, dim=1), *memory]
+        return torch.stack(fused, dim=1), memory
 
     def memory_step(self, h: torch.Tensor, memory: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One token: read both tiers with the backbone output h (R, d), fuse, then write."""
