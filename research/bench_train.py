@@ -6,7 +6,8 @@ Every figure is a ratio against a baseline measured in the same run, on the same
   1. /train step time vs the same Hugging Face forward/backward + APOLLO step on a private copy of the
      model in this process (goal <= 1.10). Both sides use the same samples, settings and thread count.
   2. Publishing a step: the server's bookkeeping between the trainer's reply and the new weights being
-     served (prefix-cache reset), and bytes copied (0: the trainer writes vLLM's tensors in place).
+     served (the new generation in later requests' cache salt: kv_generations.py), and bytes copied
+     (0: the trainer writes vLLM's tensors in place).
   3. Optimizer state bytes: APOLLO and APOLLO-Mini vs AdamW on the served model's parameters.
   4. Serving throughput (generated tokens/s) while a training job runs vs idle.
 
@@ -154,7 +155,7 @@ def main() -> None:
     rows = [
         ("/train step, trainer compute (median)", f"{step_trainer * 1e3:.1f} ms", f"{step_base * 1e3:.1f} ms", step_trainer / step_base),
         ("/train step, end to end incl. RPC + publish", f"{step_wall * 1e3:.1f} ms", f"{step_base * 1e3:.1f} ms", step_wall / step_base),
-        ("publish a step (prefix-cache reset, median)", f"{publish * 1e3:.2f} ms", "-", None),
+        ("publish a step (generation salt, median)", f"{publish * 1e3:.4f} ms", "-", None),
         ("bytes copied to publish a step", "0", "-", None),
         ("optimizer state, APOLLO rank 64", f"{sizes['APOLLO (rank 64)']:,} B", f"{sizes['AdamW']:,} B (AdamW)", sizes["APOLLO (rank 64)"] / sizes["AdamW"]),
         ("optimizer state, APOLLO-Mini", f"{sizes['APOLLO-Mini']:,} B", f"{sizes['AdamW']:,} B (AdamW)", sizes["APOLLO-Mini"] / sizes["AdamW"]),
@@ -174,8 +175,8 @@ def main() -> None:
         "",
         "Reading: the baseline is the same loss, backward and APOLLO step on a private copy of the model in",
         "this process, with the trainer's thread budget, run while the same server is up and idle. 'End to end'",
-        "adds the per-step ZMQ round trip and the prefix-cache reset that makes the new weights the served ones",
-        "(a round trip through vLLM's engine core; no bytes move). Serving throughput is 4 concurrent clients",
+        "adds the per-step ZMQ round trip and the publish that keeps later requests off KV from before the step",
+        "(a counter in the API server; no bytes move, no engine round trip). Serving throughput is 4 concurrent clients",
         "for the window above, idle vs during a long training job; run-to-run noise on this 2-core machine is",
         "about 15%, so ratios near 1 mean 'no measurable effect'. The CUDA rows (1B bf16 over CUDA IPC) need a",
         "session with a GPU; none was lent to this one.",

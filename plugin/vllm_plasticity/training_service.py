@@ -4,14 +4,14 @@ Runs in the API server process. Requests are validated here (types, vocabulary, 
 non-finite numbers) before anything reaches the trainer, so bad input gets a 4xx with the reason and
 changes nothing. Accepted jobs go into one queue; a single asyncio task drives them step by step:
 
-    begin_job -> [pause generation?] step [reset prefix cache, resume] x steps -> end_job
+    begin_job -> [pause generation?] step [publish, resume] x steps -> end_job
 
 Each trainer request takes the trainer lock on its own, so a checkpoint waits at most one step, and a job
 cancelled with DELETE /train/{job_id} stops before its next step. Limits on steps, samples, tokens and
 queued jobs (PLASTICITY_TRAIN_MAX_*) are checked before a job is queued.
 
-Resetting vLLM's prefix cache after every step means no later request reuses KV computed with the old
-weights (running requests are preempted and recomputed if they hold cached blocks).
+Publishing each step (kv_generations.py: the next requests' cache salt names the new generation) means no
+later request reuses KV computed with the old weights; running requests carry on.
 
 Checkpoints run in the same trainer, under the same lock as jobs, so a sync never overlaps a step: on
 request (POST /checkpoint), after a quiet period with no training (batching many jobs into one write), and
@@ -32,6 +32,7 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 from vllm_plasticity.config import TrainLimits
 from vllm_plasticity.contract.files import is_inside
 from vllm_plasticity.contract.messages import BeginJob, Checkpoint, EndJob, Ping, Step, TrainerError
+from vllm_plasticity.kv_generations import KVGenerations
 from vllm_plasticity.contract.settings import (
     ContextMode, Number, Objective, OptimizerSettings, ParamsFilter, PreferenceSample, PreferenceSettings, Sample, Strict,
     select_params)
@@ -105,7 +106,7 @@ class TrainJob:
         self.status = "queued"
         self.losses: list[float] = []
         self.step_seconds: list[float] = []  # the trainer's forward/backward/optimizer time per step
-        self.publish_seconds: list[float] = []  # the server's bookkeeping per step (prefix-cache reset)
+        self.publish_seconds: list[float] = []  # the server's bookkeeping per step (kv_generations.publish)
         self.tokens = 0
         self.skipped_duplicates = 0
         self.skipped_zero_weight = 0
@@ -143,6 +144,7 @@ class TrainingService:
                  checkpoint_dir: Path, quiet_seconds: float = 600.0, allow_model_dir: bool = False,
                  limits: TrainLimits = TrainLimits(), param_names: list[str] = ()) -> None:
         self.engine_client, self.trainer = engine_client, trainer
+        self.kv_generations = KVGenerations.install(engine_client)
         self.vocab_size, self.max_model_len, self.limits = vocab_size, max_model_len, limits
         self.param_names = list(param_names)  # the served weights' names (weight manifest): filters are checked on them
         self._job_numbers = itertools.count(1)
@@ -259,11 +261,6 @@ class TrainingService:
         async with self.trainer_lock:
             return await self.trainer.request(msg)
 
-    async def _reset_prefix_cache(self) -> None:
-        # Without preemption first; if running requests hold cached blocks, preempt and recompute them.
-        if not await self.engine_client.reset_prefix_cache():
-            await self.engine_client.reset_prefix_cache(reset_running_requests=True)
-
     async def _run_job(self, job: TrainJob) -> None:
         req = job.request
         job.status, job.started = "running", time.time()
@@ -290,7 +287,7 @@ class TrainingService:
                     try:
                         reply = await self._trainer_request(Step())
                         t0 = time.perf_counter()
-                        await self._reset_prefix_cache()
+                        self.kv_generations.publish()  # later requests never reuse KV from before the step
                         job.publish_seconds.append(time.perf_counter() - t0)
                     finally:
                         if req.pause:

@@ -1,0 +1,53 @@
+"""Publishing a training step: no request admitted after a step reuses KV computed before it, and the
+engine does no work for it.
+
+Every request this API server sends to the engine carries a cache salt naming the weights' generation
+(`plasticity-w<N>|` before the request's own salt, if any) once the first step is published. vLLM folds a
+request's salt into the hash of its first KV block, and every later block's hash chains from it, so blocks
+cached under an earlier generation can never match a later request; they age out of the cache by LRU like
+any block nobody asks for. Publishing is `generation += 1` in this process: no engine round trip.
+
+    >>> generations = KVGenerations.install(engine_client)   # once, when training is enabled
+    >>> generations.publish()                                 # after each step the trainer applied
+
+Why at `engine_core.add_request_async`: every route (completions, chat, responses, generate, pooling, and
+routes the plugin does not wrap) ends there with an `EngineCoreRequest`, so one wrapper covers them all.
+Why not vLLM's `reset_prefix_cache` (what this replaced): in vLLM 0.32 it refuses while any request holds a
+block, and with `reset_running_requests=True` it preempts every running request (each recomputes its
+prompt and everything generated so far) and walks every block in the engine's loop; it cost 3-4 ms per
+step of the server's time (an engine-core round trip) on 2 CPU cores with nothing running.
+Requests admitted before a step keep their salt and their blocks (hogwild, as before: their later tokens
+see the new weights over the KV they already have).
+"""
+
+from __future__ import annotations
+
+SALT_PREFIX = "plasticity-w"
+
+
+class KVGenerations:
+    """The weights' generation as it salts the prefix cache; `install` wraps the engine client once."""
+
+    def __init__(self) -> None:
+        self.generation = 0  # 0 until a step is published: requests keep exactly the salt they came with
+
+    @classmethod
+    def install(cls, engine_client) -> "KVGenerations":
+        generations = cls()
+        core = engine_client.engine_core
+        send = core.add_request_async
+
+        async def add_request_salted(request, *args, **kwargs):
+            generations.salt(request)
+            return await send(request, *args, **kwargs)
+
+        core.add_request_async = add_request_salted
+        return generations
+
+    def salt(self, request) -> None:
+        """Put the generation in front of `request.cache_salt` (an EngineCoreRequest's)."""
+        if self.generation:
+            request.cache_salt = f"{SALT_PREFIX}{self.generation}|{request.cache_salt or ''}"
+
+    def publish(self) -> None:
+        self.generation += 1
