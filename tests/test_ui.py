@@ -42,10 +42,21 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def ui_bank(plasticity_server):
+def ui_bank(plasticity_server, default_model):
+    from safetensors.torch import load_file
+
     g = torch.Generator().manual_seed(7)
-    save_bank(Path(plasticity_server.vectors_dir) / "ui-bank", CONCEPTS,
-              {L: torch.randn(len(CONCEPTS), 128, generator=g) for L in (1, 3)}, model="test", method="random")
+    vectors = {L: torch.randn(len(CONCEPTS), 128, generator=g) for L in (1, 3)}
+    from transformers import AutoTokenizer
+
+    # "storm" at the last layer is the output embedding of the word token with the largest one: steered far
+    # enough, that token wins the next-token choice whatever the session's other tests taught the shared
+    # model (a random direction did not always change the text of a model trained to repeat a fact).
+    head = load_file(str(Path(default_model) / "model.safetensors"))["lm_head.weight"]
+    tok = AutoTokenizer.from_pretrained(default_model)
+    words = [i for i in range(head.shape[0]) if tok.decode([i]).strip().isalpha()]
+    vectors[3][CONCEPTS.index("storm")] = head[max(words, key=lambda i: head[i].norm().item())]
+    save_bank(Path(plasticity_server.vectors_dir) / "ui-bank", CONCEPTS, vectors, model="test", method="random")
     return "ui-bank"
 
 
