@@ -1,10 +1,13 @@
 """Benchmark: serving throughput of the plugin vs stock vLLM, side by side at a realistic layer shape.
 
 One engine at a time (this machine has 2 cores), in this order: stock vLLM, `plasticity serve` (no
-training, no vectors dir), `plasticity serve --training`, stock again (the machine's drift shows as the
-difference between the two stock runs). Each server gets the same warm-up, then `--rounds` rounds of
+training, no vectors dir), `plasticity serve --training` with its default CPU kernels (vLLM's oneDNN
+handles, packed again after each step), the same with PLASTICITY_CPU_KERNELS=in-place (F.linear on the
+shared weights), stock again (the machine's drift shows as the difference between the two stock runs). Each server gets the same warm-up, then `--rounds` rounds of
 `--concurrency` simultaneous completions of `--tokens` generated tokens each (greedy, ignore_eos), and
 reports generated tokens per second of wall time. Ratios are against the mean of the two stock runs.
+Each training server then runs one /train job (`--train-steps` steps of 4 samples x 128 tokens) and
+reports its median step time and the worker's time packing the stepped layers again.
 
 The model is built here: a random-init Llama with the built-in model's tokenizer and the layer shapes of a
 real small model (default hidden 1024, intermediate 3072, 16 heads, 8 KV heads, 8 layers: 104M parameters).
@@ -50,22 +53,48 @@ def throughput(server: ServerProcess, model: str, concurrency: int, tokens: int)
     return generated / (time.perf_counter() - t0)
 
 
+def train_job(server: ServerProcess, vocab: int, steps: int) -> dict:
+    """One /train job of `steps` steps; median step and repack seconds."""
+    import random
+
+    rng = random.Random(0)
+    samples = [{"context_ids": [rng.randrange(10, vocab) for _ in range(32)],
+                "continuation_ids": [rng.randrange(10, vocab) for _ in range(96)]} for _ in range(4)]
+    r = requests.post(server.url + "/train", json={"samples": samples, "steps": steps}, timeout=1800)
+    r.raise_for_status()
+    job = requests.get(server.url + f"/train/status/{r.json()['job_id']}", timeout=30).json()
+    return {"step_s": statistics.median(job["step_seconds"]),
+            "repack_s": statistics.median(job["repack_seconds"]) if job["repack_seconds"] else None}
+
+
 def run(kind: str, model: Path, args, workdir: Path) -> dict:
     extra = [*SERVER_ARGS, "--state-dir", str(workdir / f"state-{kind}")]
     if kind == "stock":
         server = ServerProcess.stock(model, extra_args=SERVER_ARGS, log_path=workdir / f"{kind}.log")
     else:
-        server = ServerProcess.plasticity(model, extra_args=extra + (["--training"] if kind == "training" else []),
+        server = ServerProcess.plasticity(model, extra_args=extra + (["--training"] if kind.startswith("training") else []),
+                                          env={"PLASTICITY_CPU_KERNELS": "in-place"} if kind == "training-in-place" else None,
                                           log_path=workdir / f"{kind}.log")
     try:
         server.wait_ready(progress=lambda s: print(f"  ... {kind} starting ({s:.0f}s)", file=sys.stderr))
+        if kind.startswith("training"):  # the trainer builds its view at start: not while throughput is measured
+            deadline = time.monotonic() + 600
+            while requests.get(server.url + "/train/status", timeout=10).json()["trainer"]["state"] != "ready":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{kind}: the trainer did not become ready")
+                time.sleep(1)
         throughput(server, str(model), args.concurrency, 8)  # warm-up: compile paths, caches
         rates = [throughput(server, str(model), args.concurrency, args.tokens) for _ in range(args.rounds)]
-        info = {}
+        info, train = {}, {}
         if kind != "stock":
             info = requests.get(server.url + "/plasticity/info", timeout=10).json()
-        print(f"[serving] {kind}: {', '.join(f'{r:.1f}' for r in rates)} tok/s", file=sys.stderr)
-        return {"kind": kind, "rates": rates, "in_place": info.get("weights_in_place")}
+        if kind.startswith("training"):
+            train = train_job(server, args.vocab, args.train_steps)
+        print(f"[serving] {kind}: {', '.join(f'{r:.1f}' for r in rates)} tok/s {train}", file=sys.stderr)
+        kernels = ("vLLM's" if kind == "stock" else "F.linear on the shared weights" if info.get("weights_in_place") and
+                   not info.get("repacked_after_step") else "vLLM's oneDNN, packed again after each step"
+                   if info.get("repacked_after_step") else "vLLM's packed kernels")
+        return {"kind": kind, "rates": rates, "kernels": kernels, **train}
     finally:
         server.stop()
 
@@ -80,6 +109,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).with_name("serving_results.md")))
     args = ap.parse_args()
 
@@ -90,7 +120,9 @@ def main() -> None:
                          num_hidden_layers=args.layers, train_steps=0)
         model = build_model(spec, workdir / "model", log=lambda m: print(m, file=sys.stderr))
         n_params = json.loads((model / "plasticity_spec.json").read_text()).get("parameters")
-        results = [run(kind, model, args, workdir) for kind in ("stock", "plugin", "training", "stock")]
+        args.vocab = spec.vocab_size
+        results = [run(kind, model, args, workdir)
+                   for kind in ("stock", "plugin", "training", "training-in-place", "stock")]
 
     stock = statistics.mean(r for res in results if res["kind"] == "stock" for r in res["rates"])
     size = f"{n_params / 1e6:.0f}M parameters" if n_params else "size unknown"
@@ -104,15 +136,18 @@ def main() -> None:
         f"Load: {args.concurrency} concurrent greedy completions of {args.tokens} tokens, {args.rounds} rounds per "
         "server after a warm-up; servers run one after another in the order below.",
         "",
-        "| server | weights kept in place | tok/s per round | mean tok/s | vs stock (mean of both stock runs) |",
-        "| --- | --- | --- | --- | --- |",
+        "| server | linear layers multiply with | tok/s per round | mean tok/s | vs stock (mean of both stock runs) | "
+        "/train step (median) | packing the stepped layers again (median) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    names = {"stock": "stock vLLM", "plugin": "plasticity serve", "training": "plasticity serve --training"}
+    names = {"stock": "stock vLLM", "plugin": "plasticity serve", "training": "plasticity serve --training",
+             "training-in-place": "plasticity serve --training, PLASTICITY_CPU_KERNELS=in-place"}
     for res in results:
         mean = statistics.mean(res["rates"])
-        in_place = "-" if res["in_place"] is None else ("yes" if res["in_place"] else "no (vLLM's packed kernels)")
-        lines.append(f"| {names[res['kind']]} | {in_place} | {', '.join(f'{r:.1f}' for r in res['rates'])} | "
-                     f"{mean:.1f} | {mean / stock:.3f} |")
+        step = f"{res['step_s']:.2f} s" if "step_s" in res else "-"
+        repack = f"{res['repack_s'] * 1e3:.0f} ms" if res.get("repack_s") is not None else "-"
+        lines.append(f"| {names[res['kind']]} | {res['kernels']} | {', '.join(f'{r:.1f}' for r in res['rates'])} | "
+                     f"{mean:.1f} | {mean / stock:.3f} | {step} | {repack} |")
     first, last = (statistics.mean(res["rates"]) for res in (results[0], results[-1]))
     lines += ["", f"The two stock runs differ by {abs(first - last) / stock:.1%} of their mean: the machine's drift "
               "over the run, the noise floor of every ratio above."]

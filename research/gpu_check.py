@@ -17,7 +17,9 @@ In order, one server at a time:
   2. `plasticity serve --training --vectors-dir` on the same model: weights shared by CUDA IPC; logits
      parity with stock; throughput idle vs stock, and readout at 1 layer / steering at 1 layer / readout at
      every layer vs idle (interleaved rounds); readout and steering vs Hugging Face on the live weights
-     (CUDA graphs and torch.compile as vLLM's defaults set them); /train: loss, step time, tokens/s, MFU,
+     (CUDA graphs and torch.compile as vLLM's defaults set them); extraction through the server (whole hidden
+     states from the tap's capture slots) vs Hugging Face in-process: pooled states and time; /train: loss,
+     step time, tokens/s, MFU,
      publish cost, served log-probs moved and equal to Hugging Face on the live weights (in place);
      /checkpoint of the whole model, then after a one-layer step (bytes and seconds, block diff vs full).
   3. `plasticity serve --vectors-dir` on the built-in model (fp32): readout and steering vs Hugging Face.
@@ -45,6 +47,8 @@ from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' sh
 from plasticity_training.default_model import ModelSpec, build_model, default_model_path  # noqa: E402
 from vllm_plasticity.contract.bank import save_bank  # noqa: E402
 from vllm_plasticity.launcher import ServerProcess  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Dense bf16 peak of the GPUs this is meant for (vendor figures), for MFU; other GPUs report TFLOP/s only.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -195,6 +199,36 @@ def readout_parity(server: ServerProcess, model: str, vocab: int, hidden: int, l
                f"layer {layer}, 32 concepts, steer 4.0")
 
 
+def extraction_row(server: ServerProcess, model_dir: Path, args, layer: int, tol: float) -> Row:
+    """`extract --server`'s forward (ServerSource) vs Hugging Face in this process (HFSource) on the same
+    corpus texts and weights (before any /train): largest pooled-state gap relative to the states' scale,
+    and the time of each."""
+    from plasticity_training.activations import HFSource, ServerSource
+    from plasticity_training.corpus import load_corpus
+
+    texts = [t.text for t in load_corpus(REPO / "amygdala_stories").texts][: args.extract_texts]
+    served = ServerSource(server.url)
+    hf = HFSource.load(model_dir, device=args.device, dtype=args.dtype, max_tokens=served.max_tokens)
+    try:
+        hf.collect(texts[:8], [layer], progress=False)  # warm-up (kernels, allocator)
+        t0 = time.perf_counter()
+        ref = hf.collect(texts, [layer], progress=False)
+        hf_s = time.perf_counter() - t0
+    finally:
+        del hf  # its memory back to the server's side before the server runs the same texts
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    got = served.collect(texts, [layer], progress=False)
+    server_s = time.perf_counter() - t0
+    gap = max(((got.pooled[p][layer] - ref.pooled[p][layer]).abs().max() / ref.pooled[p][layer].abs().max()).item()
+              for p in ("mean", "last"))
+    return Row("extraction through the server vs Hugging Face in-process", "pass" if gap <= tol else "FAIL",
+               f"server {server_s:.2f} s vs HF {hf_s:.2f} s: {hf_s / server_s:.2f}x HF's speed; pooled-state gap "
+               f"{gap:.1e} of their scale (tolerance {tol:g})",
+               f"{len(texts)} corpus texts, {sum(got.n_tokens)} tokens, layer {layer}; goal >= 5x on a GPU")
+
+
 def stock_phase(model_dir: Path, args, prompts, report: Report, workdir: Path) -> dict:
     t0 = time.monotonic()
     server = ServerProcess.stock(model_dir, extra_args=args.server_args, log_path=workdir / "stock.log")
@@ -256,6 +290,7 @@ def plugin_phase(model_dir: Path, args, prompts, stock: dict | None, report: Rep
             report.add(Row(f"throughput: {name} vs idle", "measured", f"{tps[name] / tps['idle']:.3f}x ({tps[name]:.0f} tok/s)",
                            f"{args.rounds} interleaved rounds, median" + ("; goal >= 0.97" if "1 layer" in name else "")))
         report.add(readout_parity(server, model, args.vocab, hidden, mid, tol))
+        report.add(extraction_row(server, model_dir, args, mid, tol))
 
         # /train: in place on the live server.
         if budget.left() < 60:
@@ -350,6 +385,7 @@ def main() -> None:
     args.tokens = args.tokens or (8 if args.smoke else 128)
     args.rounds = args.rounds or (1 if args.smoke else 3)
     args.train_steps = 3 if args.smoke else 4
+    args.extract_texts = 16 if args.smoke else 128
     args.memory_args = ["--gpu-memory-utilization", "0.5"] if cuda else []
     args.server_args = ["--dtype", args.dtype, "--max-model-len", "1024", "--max-num-seqs", str(max(args.concurrency, 8)),
                         *args.memory_args]
@@ -363,7 +399,8 @@ def main() -> None:
     report = Report(out, header)
     if not cuda and not args.smoke:
         for name in ("CUDA IPC weight sharing", "logits: plugin architecture vs stock vLLM", "throughput",
-                     "readout + steering vs Hugging Face", "/train step", "publishing a step", "/checkpoint"):
+                     "readout + steering vs Hugging Face",
+                     "extraction through the server vs Hugging Face in-process", "/train step", "publishing a step", "/checkpoint"):
             report.add(Row(name, "not run", "", "no CUDA device (torch.cuda.is_available() is False); --smoke runs the script on CPU"))
         return
     with tempfile.TemporaryDirectory() as tmp:

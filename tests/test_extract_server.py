@@ -8,7 +8,7 @@ import requests
 import torch
 
 from plasticity_training.activations import HFSource, ServerSource
-from vllm_plasticity.contract.bank import load_bank
+from vllm_plasticity.contract.bank import load_bank, save_bank
 from plasticity_training.extract import main
 from test_extract_corpus import write_corpus
 from test_readout import AUTH, assert_scores_match, complete, hf_forward, live_hf, sequence
@@ -28,9 +28,25 @@ def test_server_activations_equal_hugging_face_on_the_served_weights(plasticity_
     texts = ["The door of the old house was open.", "She read the letter twice and smiled.",
              "He waited in the rain for an hour, and nobody came to the station."]
     server = ServerSource(plasticity_server.url, api_key=API_KEY)
-    # Slices of the hidden size narrower than the capacity exercise the multi-pass path.
-    server._free_capacity = lambda: 48  # 3 slices of the 128 coordinates
-    acts = server.collect(texts, [1, 3], bases=True, progress=False)
+    # Raw states use no readout capacity: a bank filling all that other tests left free stays loaded.
+    capacity = requests.get(plasticity_server.url + "/plasticity/info", headers=AUTH, timeout=10).json()["readout"]["capacity"]
+    banks = requests.get(plasticity_server.url + "/readout", headers=AUTH, timeout=10).json()["banks"]
+    free = capacity - max((b["columns"][1] for b in banks if "columns" in b), default=0)
+    assert free > 0
+    save_bank(plasticity_server.vectors_dir / "full", [f"k{i}" for i in range(free)],
+              {1: torch.randn(free, 128)}, model="t", method="t")
+    r = requests.post(plasticity_server.url + "/readout/load", json={"name": "full", "path": "full"}, headers=AUTH,
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    try:
+        assert server.capture_layers >= 2  # the built-in model's 4 layers fit the default capture budget
+        one_pass = server.collect(texts, [1, 3], bases=True, progress=False)
+        server.capture_layers = 1  # one layer at a time: the multi-pass path
+        acts = server.collect(texts, [1, 3], bases=True, progress=False)
+    finally:
+        requests.delete(plasticity_server.url + "/readout/full", headers=AUTH, timeout=10)
+    for L in (1, 3):
+        assert (one_pass.pooled["mean"][L] - acts.pooled["mean"][L]).abs().max().item() <= TOL
     hf = HFSource(live_hf(plasticity_server), AutoTokenizer.from_pretrained(default_model), "live")
     ref = hf.collect(texts, [1, 3], bases=True, progress=False)
     assert acts.n_tokens == ref.n_tokens

@@ -24,7 +24,8 @@ def test_the_gpu_check_runs_end_to_end_and_says_what_it_could_not_run(servers_re
             if line.startswith("| ") and not line.startswith("| check") and not line.startswith("| ---")}
     assert rows.pop("CUDA IPC weight sharing") == "not run"
     assert rows.pop("built-in model (fp32): readout + steering vs Hugging Face") == "not run"
-    for check in ("logits: plugin architecture vs stock vLLM", "readout + steering vs Hugging Face", "/train step",
+    for check in ("logits: plugin architecture vs stock vLLM", "readout + steering vs Hugging Face",
+                  "extraction through the server vs Hugging Face in-process", "/train step",
                   "/train in place: the server serves the trained weights"):
         assert rows.pop(check) == "pass", check
     for check in ("throughput: plugin (--training --vectors-dir, idle) vs stock", "throughput: readout 1 layer vs idle",

@@ -12,6 +12,7 @@ import torch
 from tests.test_readout import hf_forward
 from vllm_plasticity.contract.bank import save_bank
 from vllm_plasticity.launcher import ServerProcess
+from tests.test_plain_serving import spec_parameters
 
 TOL = 1e-4
 
@@ -29,6 +30,9 @@ def test_readout_and_steering_at_tensor_parallel_size_2(servers_restart, default
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, log_path=log_path))  # one core per rank (one NUMA node here)
     try:
         assert requests.post(server.url + "/readout/load", json={"name": "b", "path": "b"}, timeout=60).status_code == 200
+        # The whole model's size, not one shard's.
+        info = requests.get(server.url + "/plasticity/info", timeout=10).json()
+        assert info["num_parameters"] == spec_parameters(default_model)
         ids = list(range(5, 40))
         out = requests.post(server.url + "/v1/completions", timeout=120, json={
             "model": str(default_model), "prompt": ids, "max_tokens": 4, "temperature": 0, "return_token_ids": True,

@@ -26,6 +26,7 @@ class Batch:
         self.query_start_loc = types.SimpleNamespace(np=np.zeros(1, np.int32))
         self._model_forward = self.forward
         self.seen_index = None
+        self.streams: torch.Tensor | None = None  # set: the real tap runs on these (layers, tokens, hidden)
 
     def add(self, req_id: str, extra: dict | None) -> None:
         self.requests[req_id] = types.SimpleNamespace(sampling_params=types.SimpleNamespace(extra_args=extra))
@@ -42,6 +43,10 @@ class Batch:
         b = self.buffers
         n = int(self.query_start_loc.np[-1])
         self.seen_index = b.steer_index[:n].tolist()
+        if self.streams is not None:  # the op's body, as vLLM's compiled model calls it per layer (eager)
+            for L in range(LAYERS):
+                b.tap(torch.zeros(n, HIDDEN), self.streams[L, :n].clone(), L)
+            return
         for L in b.read_layers:
             b.scores[L, :n, : b.read_width] = torch.arange(n).float()[:, None] + 1000 * L
 
@@ -49,7 +54,7 @@ class Batch:
 @pytest.fixture
 def engine():
     buffers = TapBuffers(num_layers=LAYERS, hidden_size=HIDDEN, max_tokens=64, capacity=8, steer_rows=3,
-                         device=torch.device("cpu"))
+                         device=torch.device("cpu"), capture_slots=2)
     batch = Batch()
     batch.buffers = buffers
     eng = ReadoutEngine(buffers, batch)
@@ -190,3 +195,52 @@ def test_signals_asked_of_an_architecture_without_them_carry_an_error(engine):
     batch.add("a", {"signals": True, "plasticity_key": "k"})
     batch.step({"a": (0, 2)})
     assert "reports no per-token signals" in eng.fetch("k", final=True)["a"]["error"]
+
+
+def test_a_basis_bank_reads_whole_hidden_states_wider_than_the_readout_capacity(engine):
+    eng, batch = engine  # capacity 8 < hidden 16
+    streams = batch.streams = torch.randn(LAYERS, 64, HIDDEN)
+    info = eng.load_basis("raw", 0, HIDDEN, [1, 2])
+    assert info["kind"] == "basis" and info["coordinates"] == [0, HIDDEN] and len(info["concepts"]) == HIDDEN
+    eng.load("more", [f"c{i}" for i in range(6)], {1: torch.randn(6, HIDDEN)}, source="test")  # capacity is untouched
+    batch.add("a", {"readout": "raw", "plasticity_key": "k"})
+    batch.add("other", None)
+    batch.add("c", {"readout": "more", "plasticity_key": "k2"})
+    batch.step({"other": (0, 2), "a": (0, 3), "c": (0, 1)})
+    batch.step({"a": (3, 1)})
+    out = eng.fetch("k", final=True)["a"]
+    scores = np.frombuffer(out["scores"], dtype="<f4").reshape(out["shape"])
+    assert out["positions"] == [0, 1, 2, 3] and out["layers"] == [1, 2] and out["shape"] == [4, 2, HIDDEN]
+    expected = torch.cat([streams[:, 2:5], streams[:, :1]], dim=1)[[1, 2]].transpose(0, 1)
+    assert torch.equal(torch.from_numpy(scores.copy()), expected)
+    c = eng.fetch("k2", final=True)["c"]  # a concept bank read in the same step still gets its dot products
+    c_scores = np.frombuffer(c["scores"], dtype="<f4").reshape(c["shape"])
+    assert np.allclose(c_scores[0, 0], (streams[1, 5] @ eng.banks["more"].vectors[1].T).numpy(), atol=1e-5)
+
+
+def test_capture_slots_are_one_per_layer_and_refused_beyond_the_count():
+    buffers = TapBuffers(num_layers=LAYERS, hidden_size=HIDDEN, max_tokens=8, capacity=2, steer_rows=2,
+                         device=torch.device("cpu"), capture_slots=2)
+    batch = Batch()
+    eng = ReadoutEngine(buffers, batch)
+    eng.load_basis("a", 0, 4, [0, 1])
+    eng.load_basis("b", 4, 8, [1])  # layer 1 already has a slot: shared
+    with pytest.raises(ValueError, match="PLASTICITY_CAPTURE_LAYERS"):
+        eng.load_basis("c", 0, 4, [2])
+    assert set(eng.banks) == {"a", "b"} and buffers.capture_slot_of.keys() == {0, 1}
+    eng.unload("a")  # frees layer 0's slot (layer 1 keeps its own)
+    slot_1 = buffers.capture_slot_of[1]
+    eng.load_basis("c", 0, 4, [2])
+    assert buffers.capture_slot_of[1] == slot_1 and buffers.capture_slot_of[2] != slot_1
+    assert buffers.capture_slot.tolist()[0] == 2  # a layer without a slot points past the slots
+    with pytest.raises(ValueError, match="hidden size"):
+        eng.load_basis("d", 0, HIDDEN + 1, [2])
+
+
+def test_steering_along_a_basis_coordinate_adds_to_that_coordinate_only(engine):
+    eng, batch = engine
+    eng.load_basis("dims", 0, HIDDEN, [2])
+    batch.add("s", {"steer": ["dims/dim_5", 3.0]})
+    batch.step({"s": (0, 1)})
+    row = batch.seen_index[0]
+    assert row != 0 and torch.equal(eng.buffers.steer[2, row], 3.0 * torch.eye(HIDDEN)[5])

@@ -80,14 +80,22 @@ def test_learn_a_fact(plasticity_server, default_model, tok):
 
 
 def test_trainer_view_matches_vllm_before_and_after_training(plasticity_server, default_model, tok):
+    """Served = the trainer's view after every published step: whole-model steps, and a one-layer step (on
+    CPU the server packs again exactly the layers a step wrote: a fused q/k/v or gate/up layer included)."""
     model, ids = str(default_model), tok("A quiet morning on the couch, the tea gone cold")["input_ids"]
-    for _ in range(2):
+    info = requests.get(plasticity_server.url + "/plasticity/info", headers={"Authorization": f"Bearer {API_KEY}"},
+                        timeout=10).json()
+    assert info["repacked_after_step"] is True  # CPU training servers keep vLLM's packed kernels (oneDNN here)
+    for params in (None, None, {"layers": [2, 2]}):
         served = prompt_logprobs(plasticity_server.url, model, ids, API_KEY)
         view = hf_view_logprobs(plasticity_server, ids)
         assert max(abs(a - b) for a, b in zip(served, view)) <= 1e-5
         r = post_train(plasticity_server, {"context_ids": ids[:5], "continuation_ids": ids[5:9], "force": True,
-                                           "optimizer": {"lr": 1e-3}})
+                                           "optimizer": {"lr": 1e-3}, **({"params": params} if params else {})})
         assert r.status_code == 200, r.text
+        assert len(status(plasticity_server, r.json()["job_id"])["repack_seconds"]) == 1
+    served = prompt_logprobs(plasticity_server.url, model, ids, API_KEY)
+    assert max(abs(a - b) for a, b in zip(served, hf_view_logprobs(plasticity_server, ids))) <= 1e-5
 
 
 def test_no_stale_prefix_cache_after_training(plasticity_server, default_model, tok):

@@ -45,6 +45,14 @@ def _count(name: str, default: int) -> int:
     return int(value)
 
 
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first when unset)."""
+    value = os.environ.get(ENV_PREFIX + name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise RuntimeError(f"{ENV_PREFIX}{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def _seconds(name: str, default: float) -> float:
     value = os.environ.get(ENV_PREFIX + name)
     if value is None or value == "":
@@ -87,6 +95,12 @@ class PlasticityConfig:
     checkpoint_into_model_dir: bool = False  # PLASTICITY_CHECKPOINT_INTO_MODEL_DIR: allow targets inside the served model's dir
     readout_capacity: int = 256  # PLASTICITY_READOUT_CAPACITY: concepts loaded at once, all banks together
     steer_slots: int = 32  # PLASTICITY_STEER_SLOTS: distinct steering settings in one batch
+    # PLASTICITY_CPU_KERNELS, training on CPU: "repacked" (vLLM's oneDNN kernels, the layers a step wrote packed
+    # again when it is published) or "in-place" (F.linear on the shared weights: every write seen at once)
+    cpu_kernels: str = "repacked"
+    # PLASTICITY_CAPTURE_LAYERS: layers whose raw hidden states (basis banks) are read at once; None: as many
+    # as CAPTURE_BUDGET_BYTES of capture buffer holds, at least one (residual_tap.capture_slots)
+    capture_layers: int | None = None
     train_limits: TrainLimits = TrainLimits()  # PLASTICITY_TRAIN_MAX_*: what one /train request may ask
 
     @classmethod
@@ -103,6 +117,8 @@ class PlasticityConfig:
             checkpoint_into_model_dir=_flag("CHECKPOINT_INTO_MODEL_DIR"),
             readout_capacity=_count("READOUT_CAPACITY", 256),
             steer_slots=_count("STEER_SLOTS", 32),
+            capture_layers=_count("CAPTURE_LAYERS", 0) or None,
+            cpu_kernels=_choice("CPU_KERNELS", ("repacked", "in-place")),
             train_limits=TrainLimits.from_env(),
         )
 

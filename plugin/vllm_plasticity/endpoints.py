@@ -12,8 +12,10 @@ vLLM's own `--api-key` middleware guards only /v1-style paths, so every route he
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
+import math
 import os
 import secrets
 import sys
@@ -35,6 +37,22 @@ from vllm_plasticity.shm_ledger import record_shm_files, sweep_dead_servers
 from vllm_plasticity.contract.weights import sweep_stale_arenas
 
 router = APIRouter(tags=["plasticity"])
+
+
+@functools.cache
+def stored_parameter_count(model_path: str) -> int | None:
+    """Elements in the served model directory's safetensors files (headers only): the model's size
+    whatever the tensor-parallel size or vLLM's CPU kernel packing (which empties the worker's weight
+    tensors), so /plasticity/info does not count one shard, or nothing. None: not a local directory of
+    safetensors (the worker's own count is used)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    total = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total or None
 
 
 class ServerState:
@@ -104,7 +122,9 @@ class ServerState:
                                         model_config.max_model_len, self.config.resolved_checkpoint_dir,
                                         self.config.checkpoint_quiet_seconds, self.config.checkpoint_into_model_dir,
                                         self.config.train_limits,
-                                        [t["name"] for t in self.weight_manifest["tensors"]])
+                                        [t["name"] for t in self.weight_manifest["tensors"]],
+                                        repack=(lambda trained: self.rpc("plasticity_repack", trained))
+                                        if self.worker_info.get("repacked_after_step") else None)
         atexit.register(self.training.checkpoint_at_exit)  # runs before trainer.kill (atexit is LIFO)
         self.training.start()
 
@@ -204,10 +224,12 @@ async def info(state: ServerState = Depends(require_api_key)) -> dict:
     return {
         "version": __version__,
         "model": state.model_path,
-        **{k: state.worker_info.get(k) for k in ("architecture", "dtype", "device", "num_parameters")},
+        **{k: state.worker_info.get(k) for k in ("architecture", "dtype", "device")},
+        "num_parameters": stored_parameter_count(state.model_path) or state.worker_info.get("num_parameters"),
         "plasticity_architecture": bool(state.worker_info.get("plasticity_architecture")),
         "weights_shareable": bool(state.worker_info.get("weights_shareable")),
         "weights_in_place": bool(state.worker_info.get("weights_in_place")),
+        "repacked_after_step": bool(state.worker_info.get("repacked_after_step")),
         "weight_manifest": str(state.weight_manifest_path) if state.weight_manifest_path else None,
         "features": state.config.features(),
         "readout": state.worker_info.get("readout"),

@@ -12,6 +12,9 @@ faster (a 99M-parameter Llama on 2 cores served 0.62x of stock with every layer 
   1. every linear layer carries vLLM's own `_cpu_skip_gemm_dispatch` flag (made for MLA's kv_b_proj),
      so it keeps its weight and multiplies with `F.linear` on it;
   2. the embedding / lm_head quant method does the same for the logits matmul;
+except on a CPU training server where vLLM would use oneDNN (PLASTICITY_CPU_KERNELS=repacked, the
+default): there the linear layers and lm_head keep their weight *and* a oneDNN handle of their own,
+packed again after each published step (cpu_repack.py);
 and, when PLASTICITY_SHARE_WEIGHTS (or PLASTICITY_TRAINING) is set, `load_weights` moves the loaded
 weights into a shared-memory arena on CPU (see contract/weights.py). On CUDA weights are left where they
 are and exported as IPC handles by the worker extension.
@@ -40,6 +43,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.platforms import current_platform
 
 from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.cpu_repack import use_repacked_kernels
 from vllm_plasticity.residual_tap import install_buffers_for, tap_layers, tapped_layer_class
 from vllm_plasticity.contract.weights import WeightManifest, share_cpu_parameters
 
@@ -68,6 +72,7 @@ class SharedWeightsMixin:
 
     plasticity_manifest: WeightManifest | None = None
     plasticity_in_place = False
+    plasticity_repacked = False  # linear layers multiply with oneDNN handles packed again after each step
     plasticity_tapped_layer_arg: dict = {}  # the constructor's own layer-type argument, where it has one
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -75,13 +80,16 @@ class SharedWeightsMixin:
         tap = config.vectors_dir is not None
         super().__init__(vllm_config=vllm_config, prefix=prefix, **(self.plasticity_tapped_layer_arg if tap else {}))
         self.plasticity_in_place = config.share_weights  # readout and steering need no in-place weights
+        if config.training and config.cpu_kernels == "repacked" and current_platform.is_cpu():
+            # before keep_weights_in_place: the lm_head must still carry vLLM's own method to be replaced
+            self.plasticity_repacked = use_repacked_kernels(self)
         if self.plasticity_in_place:
             keep_weights_in_place(self)
         if tap:
             tap_layers(self.model.layers)
             hf_config = vllm_config.model_config.hf_config.get_text_config()
             install_buffers_for(vllm_config, hf_config.num_hidden_layers, hf_config.hidden_size,
-                                config.readout_capacity, config.steer_slots)
+                                config.readout_capacity, config.steer_slots, capture_layers=config.capture_layers)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)

@@ -136,7 +136,7 @@ class ReadoutService:
                                      f"(it has {bank.layers})")
         if not all(bool(v.isfinite().all()) for v in bank.vectors.values()):
             raise HTTPException(400, "bank has values that are not finite")
-        taken = [range(*b["columns"]) for n, b in self.banks.items() if n != name]
+        taken = [range(*b["columns"]) for n, b in self.banks.items() if n != name and "columns" in b]
         if free_columns(taken, len(bank.concepts), limits["capacity"]) is None:
             raise HTTPException(400, capacity_message(name, len(bank.concepts), limits["capacity"]))
 

@@ -11,6 +11,11 @@ the scores again). Its tokens' rows of `steer_index` point at the steering row f
 forward: the score rows (and signal rows) of requests that asked for them are copied out, keyed by the
 internal request id and the token's position in the sequence.
 
+Two kinds of bank: concept banks (unit vectors in columns of the tap's `read` table, scored by one matmul,
+at most PLASTICITY_READOUT_CAPACITY concepts in all) and basis banks (standard basis e_a..e_b-1: their
+scores are the stream's coordinates, copied from the tap's capture slots, one per layer, so a whole hidden
+state of any width is read in one pass; what `plasticity extract --server` uses).
+
 The V1 model runner (CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0) lays a step out as contiguous rows per
 request in `input_batch.req_ids` order with bounds in `query_start_loc`; the V2 runner (GPU default in
 0.32) is not handled yet.
@@ -39,18 +44,30 @@ class LoadedBank:
     name: str
     concepts: list[str]
     layers: list[int]
-    columns: range  # this bank's columns of read[L], the same in each of its layers
-    vectors: dict[int, torch.Tensor]  # layer -> (n_concepts, hidden) fp32 unit rows, on the worker's device
+    columns: range | None  # a concept bank's columns of read[L], the same in each of its layers
+    vectors: dict[int, torch.Tensor]  # concept bank: layer -> (n_concepts, hidden) fp32 unit rows, on the device
     digest: str  # identifies the vectors: steering cache salts change when a bank is replaced
     source: str
     method: str
     model: str
+    hidden_size: int
+    coordinates: range | None = None  # a basis bank's coordinates of the stream (no vectors are held)
+
+    def vector(self, layer: int, row: int, device: torch.device) -> torch.Tensor:
+        """Concept `row`'s unit vector at `layer` (a basis bank's is built when asked: a full basis of a
+        large model would be hidden x hidden floats per layer)."""
+        if self.coordinates is None:
+            return self.vectors[layer][row]
+        one_hot = torch.zeros(self.hidden_size, dtype=torch.float32, device=device)
+        one_hot[self.coordinates.start + row] = 1.0
+        return one_hot
 
     def info(self) -> dict:
+        span = self.columns if self.coordinates is None else self.coordinates
         return {"name": self.name, "concepts": self.concepts, "layers": self.layers, "digest": self.digest,
-                "columns": [self.columns.start, self.columns.stop],
-                "source": self.source, "method": self.method, "model": self.model,
-                "hidden_size": next(iter(self.vectors.values())).shape[1]}
+                "kind": "concepts" if self.coordinates is None else "basis",
+                ("columns" if self.coordinates is None else "coordinates"): [span.start, span.stop],
+                "source": self.source, "method": self.method, "model": self.model, "hidden_size": self.hidden_size}
 
 
 @dataclasses.dataclass
@@ -107,14 +124,15 @@ def check_batch_layout(runner) -> None:
                            "VLLM_USE_V2_MODEL_RUNNER=0 (plasticity serve does not set it for you yet)")
 
 
-def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank]) -> tuple[tuple, dict[int, torch.Tensor]]:
+def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank],
+                     device: torch.device) -> tuple[tuple, dict[int, torch.Tensor]]:
     """(key identifying the settings and the vectors, layer -> sum of coef * unit vector)."""
     key, total = [], {}
     for bank_name, concept, coef, layers in terms:
         bank = banks[bank_name]
         row = bank.concepts.index(concept)
         for L in layers:
-            add = coef * bank.vectors[L][row]
+            add = coef * bank.vector(L, row, device)
             total[L] = total[L] + add if L in total else add
         key.append((bank.digest, row, coef, layers))
     return tuple(sorted(key)), total
@@ -156,13 +174,15 @@ class ReadoutEngine:
                 raise ValueError(f"bank {name!r} layer {L}: shape {tuple(v.shape)} for {len(concepts)} concepts, "
                                  "or values that are not finite")
         old = self.banks.pop(name, None)
-        columns = free_columns([x.columns for x in self.banks.values()], len(concepts), b.capacity)
+        columns = free_columns([x.columns for x in self.banks.values() if x.columns is not None], len(concepts),
+                               b.capacity)
         if columns is None:
             if old is not None:
                 self.banks[name] = old
             raise ValueError(capacity_message(name, len(concepts), b.capacity))
         if old is not None:
             self._clear(old)
+            self._assign_capture_slots()
         digest = hashlib.sha256()
         unit = {}
         for L in sorted(vectors):
@@ -172,7 +192,30 @@ class ReadoutEngine:
             unit[L] = v.to(b.read.device)
             b.read[L, columns.start:columns.stop] = unit[L]
         bank = LoadedBank(name, list(concepts), sorted(vectors), columns, unit, digest.hexdigest()[:16],
-                          source, method, model)
+                          source, method, model, b.hidden_size)
+        self.banks[name] = bank
+        self._changed()
+        return bank.info()
+
+    def load_basis(self, name: str, start: int, stop: int, layers: list[int]) -> dict:
+        """Load (or replace) basis bank `name`: coordinates start..stop-1 of the stream at `layers`, read
+        from capture slots (no read capacity used; each layer needs a slot, shared by every basis bank
+        at that layer)."""
+        b = self.buffers
+        if not 0 <= start < stop <= b.hidden_size:
+            raise ValueError(f"basis [{start}, {stop}) is not inside the hidden size {b.hidden_size}")
+        bad = [L for L in layers if not 0 <= L < b.num_layers]
+        if not layers or bad:
+            raise ValueError(f"basis bank {name!r} needs layers inside the model's 0..{b.num_layers - 1} (got {layers})")
+        layers = sorted(set(layers))
+        others = [x for n, x in self.banks.items() if n != name]
+        b.assign_capture_slots({L for x in others if x.coordinates is not None for L in x.layers} | set(layers))
+        old = self.banks.pop(name, None)
+        if old is not None:
+            self._clear(old)
+        digest = hashlib.sha256(f"basis {start}:{stop} {layers}".encode()).hexdigest()[:16]
+        bank = LoadedBank(name, [f"dim_{i}" for i in range(start, stop)], layers, None, {}, digest,
+                          f"basis {start}:{stop}", "basis", "", b.hidden_size, coordinates=range(start, stop))
         self.banks[name] = bank
         self._changed()
         return bank.info()
@@ -184,19 +227,27 @@ class ReadoutEngine:
         bank = self.banks.pop(name, None)
         if bank is not None:
             self._clear(bank)
+            self._assign_capture_slots()
             self._changed()
         return bank is not None
 
     def _clear(self, bank: LoadedBank) -> None:
-        for L in bank.layers:
-            self.buffers.read[L, bank.columns.start:bank.columns.stop] = 0
+        if bank.columns is not None:
+            for L in bank.layers:
+                self.buffers.read[L, bank.columns.start:bank.columns.stop] = 0
+
+    def _assign_capture_slots(self) -> None:
+        """Capture slots for exactly the layers the loaded basis banks read (never more than before)."""
+        self.buffers.assign_capture_slots({L for x in self.banks.values() if x.coordinates is not None
+                                           for L in x.layers})
 
     def _changed(self) -> None:
         self.generation += 1
         self.steer_rows.clear()
         self._row_layers.clear()
         self.buffers.steer.zero_()
-        self.buffers.read_width = max((x.columns.stop for x in self.banks.values()), default=0)
+        self.buffers.read_width = max((x.columns.stop for x in self.banks.values() if x.columns is not None),
+                                      default=0)
 
     # ---- per step ----------------------------------------------------------------------------------
 
@@ -248,7 +299,7 @@ class ReadoutEngine:
                                       "the request started with)")
                 if extra.get("steer"):
                     terms = check_steer(extra["steer"], extra.get("steer_layers"), self.bank_shapes())
-                    plan.steer_row = self._steer_row(*steering_vectors(terms, self.banks))
+                    plan.steer_row = self._steer_row(*steering_vectors(terms, self.banks, self.buffers.steer.device))
             except SteeringError as exc:
                 plan.error = str(exc)
         self.plans[req_id] = (self.generation, plan)
@@ -296,7 +347,9 @@ class ReadoutEngine:
                                for i, (req_id, plan) in enumerate(zip(req_ids, plans))
                                if plan is not None and (plan.wants_readout or plan.wants_signals)]
         # Only the layers some request in this step reads: loaded banks cost nothing until asked for.
-        b.read_layers = frozenset(L for *_, plan in self._step_readouts if plan.readout for L in plan.readout.layers)
+        read = [plan.readout for *_, plan in self._step_readouts if plan.readout]
+        b.read_layers = frozenset(L for bank in read if bank.columns is not None for L in bank.layers)
+        b.capture_layers = frozenset(L for bank in read if bank.coordinates is not None for L in bank.layers)
         b.steer_layers = frozenset(L for row in self._rows_this_step for L in self._row_layers.get(row, ()))
         b.steer_index.zero_()
         if b.steer_layers:  # each token gets its request's steering row
@@ -314,9 +367,13 @@ class ReadoutEngine:
         # One copy out of the score buffer per step (rows and columns in use), then one slice per bank
         # and a view per request: the per-request work is a lookup and an append.
         tokens = max(stop for _, _, stop, _, _ in self._step_readouts)
-        layers = sorted(b.read_layers)
-        at = {L: i for i, L in enumerate(layers)}
-        host = b.scores[layers, :tokens, : b.read_width].cpu().numpy()  # advanced index: a copy
+        read, captured = sorted(b.read_layers), sorted(b.capture_layers)
+        at = {L: i for i, L in enumerate(read)}
+        at_captured = {L: i for i, L in enumerate(captured)}
+        # advanced indexing: copies (the next step overwrites the buffers)
+        host = b.scores[read, :tokens, : b.read_width].cpu().numpy() if read else None
+        host_captured = (b.captured[[b.capture_slot_of[L] for L in captured], :tokens].cpu().numpy()
+                         if captured else None)
         signals = b.signals[:tokens].to("cpu", copy=True).numpy()  # a copy: the next step overwrites the buffer
         none = np.zeros((tokens, 0), np.float32)
         by_bank: dict[str, list] = {}
@@ -326,8 +383,11 @@ class ReadoutEngine:
             bank = items[0][4].readout
             if bank is not None:
                 token_rows = np.concatenate([np.arange(start, stop) for _, start, stop, _, _ in items])
-                cols = bank.columns
-                block = host[[at[L] for L in bank.layers]][:, token_rows, cols.start:cols.stop].transpose(1, 0, 2)
+                if bank.coordinates is None:
+                    source, cols = host[[at[L] for L in bank.layers]], bank.columns
+                else:
+                    source, cols = host_captured[[at_captured[L] for L in bank.layers]], bank.coordinates
+                block = source[:, token_rows, cols.start:cols.stop].transpose(1, 0, 2)
             offset = 0
             for req_id, start, stop, first_position, plan in items:
                 entry = self.store.get(req_id)
@@ -378,14 +438,3 @@ def read_bank_files(path: Path) -> tuple[list[str], dict[int, torch.Tensor], dic
     """Read a bank directory with the contract's loader (one format, one reader)."""
     bank = load_bank(path)
     return bank.concepts, dict(bank.vectors), {"method": bank.method, "model": bank.model}
-
-
-def basis_bank(start: int, stop: int, layers: list[int], hidden_size: int) -> tuple[list[str], dict[int, torch.Tensor]]:
-    """Standard basis rows e_start..e_stop-1 at `layers`: their scores are the hidden state's coordinates.
-
-    This is how `plasticity extract --server` reads raw hidden states through the same tap as readout.
-    """
-    if not 0 <= start < stop <= hidden_size:
-        raise ValueError(f"basis [{start}, {stop}) is not inside the hidden size {hidden_size}")
-    eye = torch.eye(hidden_size, dtype=torch.float32)[start:stop]
-    return [f"dim_{i}" for i in range(start, stop)], {L: eye for L in layers}

@@ -14,6 +14,11 @@ opaque, and it touches only tensors allocated once, before compilation and CUDA-
     scores[L]      (max_tokens, capacity)  fp32  this step's scores, row = token in the batch
     steer[L]       (steer_rows, hidden)    fp32  steering vectors; row 0 is zero ("not steered")
     steer_index    (max_tokens,)           int64 each token's steering row
+    captured[s]    (max_tokens, hidden)    fp32  the raw stream of the layer given capture slot s (basis
+                                                 banks: extraction reads whole hidden states in one pass,
+                                                 whatever the hidden size, without using read capacity)
+    capture_slot   (layers,)               int64 each layer's capture slot; layers without one point at
+                                                 a spare slot (CUDA only) that graph replays write to
     signals        (max_tokens, signals)   fp32  per-token signals an architecture reports (SYNTHE's Kalman
                                                  confidence, probe gate, ...), written by its forward; none
                                                  for the transformers
@@ -27,7 +32,9 @@ The tap exists only when banks can be loaded (PLASTICITY_VECTORS_DIR set); other
 vLLM's own, with no op and no buffers. Memory: 4 * layers * (capacity * hidden + max_tokens * capacity +
 steer_rows * hidden) bytes: about 2 MB per layer for the built-in model (2048 batched tokens), about
 13 MB per layer for an 8B model (hidden 4096, 8k batched tokens) at the default capacity of 256
-concepts (PLASTICITY_READOUT_CAPACITY lowers it).
+concepts (PLASTICITY_READOUT_CAPACITY lowers it); plus 4 * max_tokens * hidden bytes per capture slot
+(CAPTURE_BUDGET_BYTES by default, at least one slot: all 4 layers of the built-in model, one layer of an
+8B model at 8k batched tokens, 134 MB; PLASTICITY_CAPTURE_LAYERS sets the count).
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ from torch.library import Library
 from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.utils.torch_utils import direct_register_custom_op
 
+CAPTURE_BUDGET_BYTES = 64 * 2**20  # default capture buffer: raw states of as many layers as this holds
+
 
 class TapBuffers:
     """The fixed tensors the op reads and writes, plus which layers have work this step (eager only)."""
 
     def __init__(self, *, num_layers: int, hidden_size: int, max_tokens: int, capacity: int, steer_rows: int,
-                 device: torch.device, signal_names: tuple[str, ...] = ()) -> None:
+                 device: torch.device, signal_names: tuple[str, ...] = (), capture_slots: int = 1) -> None:
         f32 = dict(dtype=torch.float32, device=device)
         self.signal_names = tuple(signal_names)
         self.signals = torch.zeros(max_tokens, len(self.signal_names), **f32)
@@ -54,6 +63,14 @@ class TapBuffers:
         self.scores = torch.zeros(num_layers, max_tokens, capacity, **f32)
         self.steer = torch.zeros(num_layers, steer_rows, hidden_size, **f32)
         self.steer_index = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        # A replayed CUDA graph writes every layer's stream somewhere: layers nobody captures write to a
+        # spare slot. Eager runs (CPU) write only the layers captured this step and need no spare.
+        self.capture_slots = capture_slots
+        spare = 1 if torch.device(device).type == "cuda" else 0
+        self.captured = torch.zeros(capture_slots + spare, max_tokens, hidden_size, **f32)
+        self.capture_slot = torch.full((num_layers,), capture_slots, dtype=torch.int64, device=device)
+        self.capture_slot_of: dict[int, int] = {}  # layer -> slot, for the layers basis banks are loaded at
+        self.capture_layers: frozenset[int] = frozenset()  # eager: the layers captured this step
         # Eager-mode shortcuts, maintained by the worker per step: the layers some request in the batch
         # reads, the columns in use, and the layers some request in the batch steers.
         self.read_layers: frozenset[int] = frozenset()
@@ -73,10 +90,38 @@ class TapBuffers:
             bound = stream_bound(residual.dtype, self.hidden_size)
             steered = torch.nan_to_num(steered, nan=0.0, posinf=bound, neginf=-bound).clamp_(-bound, bound)
             residual.copy_(torch.where((index != 0).unsqueeze(1), steered, residual))
-        if capturing or layer in self.read_layers:
-            width = self.capacity if capturing else self.read_width
+        reads, captures = capturing or layer in self.read_layers, capturing or layer in self.capture_layers
+        if reads or captures:
             stream = hidden_states.float() + residual.float()
+        if reads:
+            width = self.capacity if capturing else self.read_width
             self.scores[layer, :n, :width] = stream @ self.read[layer, :width].T
+        if capturing:  # the slot is looked up on the device: the graph replays whatever is assigned later
+            self.captured[:, :n].index_copy_(0, self.capture_slot[layer:layer + 1], stream.unsqueeze(0))
+        elif captures:
+            self.captured[self.capture_slot_of[layer], :n] = stream
+
+    def assign_capture_slots(self, layers: set[int] | frozenset[int]) -> None:
+        """Give each of `layers` (the layers basis banks are loaded at) a capture slot, keeping the slots
+        of layers that keep theirs; ValueError when more layers than slots."""
+        if len(layers) > self.capture_slots:
+            raise ValueError(f"basis banks would read raw hidden states at {len(layers)} layers "
+                             f"({sorted(layers)}); this server captures {self.capture_slots} at once "
+                             "(unload a basis bank, or raise PLASTICITY_CAPTURE_LAYERS)")
+        kept = {L: s for L, s in self.capture_slot_of.items() if L in layers}
+        free = [s for s in range(self.capture_slots) if s not in kept.values()]
+        self.capture_slot_of = {**kept, **{L: free.pop(0) for L in sorted(layers - kept.keys())}}
+        self.capture_slot.fill_(self.capture_slots)
+        for L, slot in self.capture_slot_of.items():
+            self.capture_slot[L] = slot
+
+
+def capture_slots(configured: int | None, num_layers: int, max_tokens: int, hidden_size: int) -> int:
+    """Layers whose raw states one step can capture: `configured` (PLASTICITY_CAPTURE_LAYERS), else as many
+    as CAPTURE_BUDGET_BYTES holds, at least one and at most the model's layers."""
+    if configured:
+        return min(configured, num_layers)
+    return max(1, min(num_layers, CAPTURE_BUDGET_BYTES // (4 * max_tokens * hidden_size)))
 
 
 def stream_bound(dtype: torch.dtype, hidden_size: int) -> float:
@@ -101,7 +146,7 @@ def current_buffers() -> TapBuffers | None:
 
 
 def install_buffers_for(vllm_config, num_layers: int, hidden_size: int, capacity: int, steer_slots: int,
-                        signal_names: tuple[str, ...] = ()) -> TapBuffers:
+                        signal_names: tuple[str, ...] = (), capture_layers: int | None = None) -> TapBuffers:
     """Size and install this process's buffers for a model of `num_layers` tapped streams of `hidden_size`
     (and the per-token `signal_names` it reports), from vLLM's scheduler limits (every model class that
     taps calls this from its __init__)."""
@@ -113,7 +158,8 @@ def install_buffers_for(vllm_config, num_layers: int, hidden_size: int, capacity
     buffers = TapBuffers(
         num_layers=num_layers, hidden_size=hidden_size, max_tokens=scheduler.max_num_batched_tokens,
         capacity=capacity, steer_rows=min(steer_slots, scheduler.max_num_seqs) + 1,
-        device=torch.device(vllm_config.device_config.device), signal_names=signal_names)
+        device=torch.device(vllm_config.device_config.device), signal_names=signal_names,
+        capture_slots=capture_slots(capture_layers, num_layers, scheduler.max_num_batched_tokens, hidden_size))
     install_buffers(buffers)
     return buffers
 

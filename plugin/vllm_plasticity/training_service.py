@@ -107,6 +107,7 @@ class TrainJob:
         self.losses: list[float] = []
         self.step_seconds: list[float] = []  # the trainer's forward/backward/optimizer time per step
         self.publish_seconds: list[float] = []  # the server's bookkeeping per step (kv_generations.publish)
+        self.repack_seconds: list[float] = []  # CPU training servers: the worker packing the stepped layers again
         self.tokens = 0
         self.skipped_duplicates = 0
         self.skipped_zero_weight = 0
@@ -133,7 +134,8 @@ class TrainJob:
 
     def detail(self) -> dict:
         return {**self.summary(), "requested_steps": self.request.steps, "samples": len(self.request.samples),
-                "step_seconds": self.step_seconds, "publish_seconds": self.publish_seconds, "created": self.created, "started": self.started,
+                "step_seconds": self.step_seconds, "publish_seconds": self.publish_seconds,
+                "repack_seconds": self.repack_seconds, "created": self.created, "started": self.started,
                 "finished": self.finished}
 
 
@@ -142,8 +144,11 @@ class TrainingService:
 
     def __init__(self, engine_client, trainer: TrainerClient, vocab_size: int, max_model_len: int,
                  checkpoint_dir: Path, quiet_seconds: float = 600.0, allow_model_dir: bool = False,
-                 limits: TrainLimits = TrainLimits(), param_names: list[str] = ()) -> None:
+                 limits: TrainLimits = TrainLimits(), param_names: list[str] = (), repack=None) -> None:
         self.engine_client, self.trainer = engine_client, trainer
+        # async (trained names) -> {"layers", "seconds"}: on a CPU server with packed kernels, the worker packs
+        # the layers a step wrote again (cpu_repack.py); None where the served kernels read the weights in place
+        self.repack = repack
         self.kv_generations = KVGenerations.install(engine_client)
         self.vocab_size, self.max_model_len, self.limits = vocab_size, max_model_len, limits
         self.param_names = list(param_names)  # the served weights' names (weight manifest): filters are checked on them
@@ -286,6 +291,8 @@ class TrainingService:
                         await self.engine_client.pause_generation(mode="keep", clear_cache=False)
                     try:
                         reply = await self._trainer_request(Step())
+                        if self.repack is not None:  # the served kernels take the new weights, between two engine steps
+                            job.repack_seconds.append((await self.repack(begin.trained))["seconds"])
                         t0 = time.perf_counter()
                         self.kv_generations.publish()  # later requests never reuse KV from before the step
                         job.publish_seconds.append(time.perf_counter() - t0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vllm_plasticity import SERVED_ARCHITECTURES
 from vllm_plasticity.config import PlasticityConfig
-from vllm_plasticity.readout_worker import ReadoutEngine, basis_bank, read_bank_files
+from vllm_plasticity.readout_worker import ReadoutEngine, read_bank_files
 from vllm_plasticity.residual_tap import current_buffers
 from vllm_plasticity.contract.weights import export_cuda_parameters
 
@@ -39,9 +39,24 @@ class PlasticityWorkerExtension:
             "weights_shareable": shareable,
             # False: vLLM's own (packed) kernels serve; True: weights are kept as tensors other processes write
             "weights_in_place": bool(getattr(model, "plasticity_in_place", False)),
+            # True: linear layers multiply with packed copies, packed again when a step is published
+            "repacked_after_step": bool(getattr(model, "plasticity_repacked", False)),
+            # this worker's tensors: one shard at TP > 1, and packed CPU layers count 0 (the API server
+            # reports the checkpoint's count instead when it can read it)
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "readout": self._plasticity_readout_limits(),
         }
+
+    def plasticity_repack(self, trained: list[str] | None = None) -> dict:
+        """Pack again the layers a published step wrote (`trained`: the trainer's parameter names; None:
+        all), so the served kernels compute with the new weights; {"layers", "seconds"}. A no-op where the
+        model multiplies with the weights in place."""
+        model = self._plasticity_model()
+        if not getattr(model, "plasticity_repacked", False):
+            return {"layers": 0, "seconds": 0.0}
+        from vllm_plasticity.cpu_repack import repack
+
+        return repack(model, trained)
 
     def plasticity_weight_manifest(self) -> dict | None:
         """The manifest a trainer maps the live weights with, or None when they are not shareable."""
@@ -62,6 +77,7 @@ class PlasticityWorkerExtension:
         if b is None:
             return None
         return {"num_layers": b.num_layers, "hidden_size": b.hidden_size, "capacity": b.capacity,
+                "capture_layers": b.capture_slots,
                 "steer_slots": b.steer_rows - 1, "signals": list(b.signal_names)}
 
     def _plasticity_readout(self) -> ReadoutEngine:
@@ -80,8 +96,7 @@ class PlasticityWorkerExtension:
         vectors directory) or, with `basis=[start, stop]`, standard basis rows at `layers`."""
         engine = self._plasticity_readout()
         if basis is not None:
-            concepts, vectors = basis_bank(basis[0], basis[1], list(layers or []), engine.buffers.hidden_size)
-            return engine.load(name, concepts, vectors, source=f"basis {basis[0]}:{basis[1]}", method="basis")
+            return engine.load_basis(name, basis[0], basis[1], list(layers or []))
         concepts, vectors, meta = read_bank_files(Path(path))
         if layers:
             vectors = {L: v for L, v in vectors.items() if L in set(layers)}

@@ -273,13 +273,13 @@ class ServerSource:
     """Activations read through a running `plasticity serve`: exactly the weights being served (after
     online training they differ from any checkpoint on disk).
 
-    It reads the residual stream with the server's own readout: it loads a "basis" bank (the standard
-    basis vectors e_a..e_b at the requested layers, so each score is one coordinate of the hidden
-    state), sends the texts as prompts with `readout` set (`batch_size` texts per completion request,
-    `concurrency` requests in flight, scores as base64 float32), and unloads the bank. When the hidden size
-    exceeds the server's free readout capacity, it goes through the coordinates in slices, one pass over
-    the corpus per slice (hidden / capacity passes; `PLASTICITY_READOUT_CAPACITY` on the server sets it).
-    Texts are tokenized by the server (`/tokenize`), as the server would for a prompt.
+    It reads the residual stream with the server's own readout: it loads a "basis" bank over the whole
+    hidden state at the requested layers (each score is one coordinate, copied raw from the tap, whatever
+    the hidden size), sends the texts as prompts with `readout` set (`batch_size` texts per completion
+    request, `concurrency` requests in flight, scores as base64 float32), pools each text as its states
+    arrive, and unloads the bank. One pass over the corpus, unless more layers are asked for than the
+    server captures at once (its `capture_layers`, PLASTICITY_CAPTURE_LAYERS): then one pass per group.
+    Texts are tokenized by the server (`/tokenize`, in the same threads), as it would for a prompt.
 
         >>> source = ServerSource("http://127.0.0.1:8000", api_key="...")
         >>> acts = source.collect(texts, [2], bases=True)
@@ -302,7 +302,8 @@ class ServerSource:
         if not limits:
             raise ServerUnavailableError(f"--server {url}: readout is off on that server; start it with "
                                          "`plasticity serve MODEL --vectors-dir DIR`")
-        self.num_layers, self.hidden_size, self.capacity = limits["num_layers"], limits["hidden_size"], limits["capacity"]
+        self.num_layers, self.hidden_size = limits["num_layers"], limits["hidden_size"]
+        self.capture_layers = limits["capture_layers"]
         self.model_name = str(info.get("model"))
         served = self._call("get", "/v1/models")["data"][0]
         self.served_name = served["id"]
@@ -323,9 +324,18 @@ class ServerSource:
             raise ServerUnavailableError(f"--server {self.url}{path}: {r.status_code} {r.text[:500]}")
         return r.json()
 
-    def _free_capacity(self) -> int:
-        banks = self._call("get", "/readout")["banks"]
-        return self.capacity - sum(len(b["concepts"]) for b in banks)
+    def _layer_groups(self, layers: list[int]) -> list[list[int]]:
+        """`layers` in groups the server can capture in one pass: a layer some loaded basis bank already
+        reads shares its slot, any other needs a free one."""
+        held = {L for b in self._call("get", "/readout")["banks"] if b.get("kind") == "basis" for L in b["layers"]}
+        free = self.capture_layers - len(held)
+        shared, new = [L for L in layers if L in held], [L for L in layers if L not in held]
+        if new and free < 1:
+            raise ServerUnavailableError(f"--server {self.url}: every capture slot is in use by basis banks at "
+                                         f"layers {sorted(held)} (unload one, or raise PLASTICITY_CAPTURE_LAYERS)")
+        groups = [new[i: i + free] for i in range(0, len(new), free)] if new else [[]]
+        groups[0] = sorted(shared + groups[0])
+        return groups
 
     def _states(self, batch: list[list[int]], bank: str) -> list[Tensor]:
         """Each prompt's (T, layers, width) scores, from one completion request carrying the whole batch
@@ -353,41 +363,39 @@ class ServerSource:
         from concurrent.futures import ThreadPoolExecutor
 
         layers = check_collect_args(layers, self.num_layers, skip_tokens, subspace_rank)
-        full = [self._call("post", "/tokenize", {"model": self.served_name, "prompt": t})["tokens"] for t in texts]
-        enc, truncated = [ids[: self.max_tokens] for ids in full], sum(len(ids) > self.max_tokens for ids in full)
         N, H = len(texts), self.hidden_size
-        width = min(H, self._free_capacity())
-        if width < 1:
-            raise ServerUnavailableError(f"--server {self.url}: no free readout capacity (unload a bank)")
-        slices = [(a, min(a + width, H)) for a in range(0, H, width)]
-        states = {L: [torch.zeros(len(ids), H) for ids in enc] for L in layers}
-        bar = progress_bar(N * len(slices), progress, desc="server forward")
+        groups = self._layer_groups(layers)
+        batches = [list(range(i, min(i + self.batch_size, N))) for i in range(0, N, self.batch_size)]
+        enc: list[list[int] | None] = [None] * N
+        pooled = {p: {L: torch.zeros(N, H) for L in layers} for p in POOLINGS}
+        basis_rows: dict[int, list[Tensor | None]] = {L: [None] * N for L in layers}
+
+        def forward(rows: list[int], bank: str) -> list[Tensor]:
+            for i in rows:
+                if enc[i] is None:
+                    enc[i] = self._call("post", "/tokenize", {"model": self.served_name, "prompt": texts[i]})["tokens"]
+            return self._states([enc[i][: self.max_tokens] for i in rows], bank)
+
+        bar = progress_bar(N * len(groups), progress, desc="server forward")
         try:
-            for k, (a, b) in enumerate(slices):
+            for k, group in enumerate(groups):
                 name = f"capture-{os.getpid()}-{k}"
-                self._call("post", "/readout/load", {"name": name, "basis": [a, b], "layers": layers})
+                self._call("post", "/readout/load", {"name": name, "basis": [0, H], "layers": group})
                 try:
-                    batches = [list(range(i, min(i + self.batch_size, N))) for i in range(0, N, self.batch_size)]
                     with ThreadPoolExecutor(self.concurrency) as pool:
-                        results = pool.map(lambda rows: self._states([enc[i] for i in rows], name), batches)
-                        for rows, blocks in zip(batches, results):
-                            for i, block in zip(rows, blocks):
-                                for j, L in enumerate(layers):
-                                    states[L][i][:, a:b] = block[:, j, :]
+                        for rows, blocks in zip(batches, pool.map(lambda rows: forward(rows, name), batches)):
+                            for i, block in zip(rows, blocks):  # block: (T, group layers, H)
+                                for j, L in enumerate(group):
+                                    last, mean, basis = pool_text(block[:, j], skip_tokens, bases, subspace_rank)
+                                    pooled["last"][L][i], pooled["mean"][L][i], basis_rows[L][i] = last, mean, basis
                             bar.update(len(rows))
                 finally:
                     self._call("delete", f"/readout/{name}")
         finally:
             bar.close()
-        pooled = {p: {L: torch.zeros(N, H) for L in layers} for p in POOLINGS}
-        basis_rows: dict[int, list[Tensor]] = {L: [] for L in layers}
-        for L in layers:
-            for i, x in enumerate(states[L]):
-                last, mean, basis = pool_text(x, skip_tokens, bases, subspace_rank)
-                pooled["last"][L][i], pooled["mean"][L][i] = last, mean
-                if bases:
-                    basis_rows[L].append(basis)
-        return Activations(layers=layers, hidden_size=H, pooled=pooled, n_tokens=[len(e) for e in enc],
+        truncated = sum(len(ids) > self.max_tokens for ids in enc)
+        return Activations(layers=layers, hidden_size=H, pooled=pooled,
+                           n_tokens=[min(len(ids), self.max_tokens) for ids in enc],
                            bases=basis_rows if bases else None, heads=None, weights=None, n_heads=None,
                            truncated=truncated)
 

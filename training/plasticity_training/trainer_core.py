@@ -179,7 +179,8 @@ class TrainerCore:
         if objective == "dpo" and keep:
             self.job["reference"] = self._dpo_reference(keep)
         return {"samples": len(keep), "tokens": self.job["tokens"], "skipped_duplicates": len(weighted) - len(keep),
-                "skipped_zero_weight": len(samples) - len(weighted), "parameters": len(selected)}
+                "skipped_zero_weight": len(samples) - len(weighted), "parameters": len(selected),
+                "trained": list(selected)}
 
     @torch.no_grad()
     def _dpo_reference(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,7 +57,8 @@ class RecurrentForCausalLM(nn.Module, HasInnerState):
         self.build_state_layers(prefix, vllm_config, signals=bool(names))
         if self.tapped:
             self.buffers = install_buffers_for(vllm_config, 1, self.hidden_width, config.readout_capacity,
-                                               config.steer_slots, signal_names=names)
+                                               config.steer_slots, signal_names=names,
+                                               capture_layers=config.capture_layers)
 
     def build_state_layers(self, prefix: str, vllm_config: VllmConfig, signals: bool) -> None:
         # vLLM binds state to layers by the one integer in the name: this is layer 0.

@@ -115,6 +115,7 @@ class JobBegun(Reply):
     skipped_duplicates: int
     skipped_zero_weight: int = 0
     parameters: int  # parameter tensors the filter selected
+    trained: list[str] = []  # their names (the server packs their layers again after each step on CPU)
 
 
 class StepDone(Reply):
