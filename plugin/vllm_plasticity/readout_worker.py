@@ -121,7 +121,7 @@ def check_batch_layout(runner) -> None:
     if missing:
         raise RuntimeError(f"readout and steering need vLLM's V1 model runner batch layout; {type(runner).__name__} "
                            f"lacks {missing}. On a GPU, vLLM 0.32 defaults to the V2 runner: start the server with "
-                           "VLLM_USE_V2_MODEL_RUNNER=0 (plasticity serve does not set it for you yet)")
+                           "VLLM_USE_V2_MODEL_RUNNER=0 (plasticity serve sets it with --vectors-dir unless the environment already sets it)")
 
 
 def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank],
