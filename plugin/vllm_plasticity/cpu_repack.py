@@ -98,14 +98,15 @@ def repack(model: torch.nn.Module, trained: Iterable[str] | None = None) -> dict
     modules = dict(model.named_modules())
     gemms = {name: m.cpu_linear for name, m in modules.items() if isinstance(getattr(m, "cpu_linear", None), RepackableGemm)}
     fused = {part: whole for whole, parts in getattr(model, "packed_modules_mapping", {}).items() for part in parts}
+    by_storage = {g.weight.data_ptr(): m for m, g in gemms.items()}  # tied embeddings: the lm_head's is the embedding's
     chosen: set[str] = set(gemms) if trained is None else set()
     for name in trained or ():
         module, _, _ = name.rpartition(".")  # drop ".weight" / ".bias"
         parent, _, leaf = module.rpartition(".")
         chosen |= {m for m in (module, f"{parent}.{fused.get(leaf, leaf)}".lstrip(".")) if m in gemms}
         weight = getattr(modules.get(module), "weight", None)
-        # Tied embeddings: the lm_head multiplies with the embedding's tensor.
-        chosen |= {m for m, g in gemms.items() if weight is not None and g.weight.data_ptr() == weight.data_ptr()}
+        if weight is not None and weight.data_ptr() in by_storage:
+            chosen.add(by_storage[weight.data_ptr()])
     for name in sorted(chosen):
         gemms[name].repack()
     return {"layers": len(chosen), "seconds": time.perf_counter() - t0}
