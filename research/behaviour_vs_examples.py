@@ -24,7 +24,7 @@ import argparse
 import random
 from pathlib import Path
 
-from lab import RESULTS, Lab, plot_lines, table, write_report
+from lab import RESULTS, Lab, add_server_args, plot_lines, table, write_report, write_results
 
 TARGET = " Quince"
 TEMPLATES = ["The {} was called", "Everyone agreed the {} was named", "In the end the {} became",
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out-dir", default=str(RESULTS))
+    add_server_args(parser)
     args = parser.parse_args()
     counts = [1, 2] if args.quick else [int(c) for c in args.counts.split(",")]
     steps = 2 if args.quick else args.steps
@@ -83,7 +84,7 @@ def main() -> None:
     held_out_text = [t.format(n) for t in TEMPLATES for n in HELD_OUT_NOUNS]
     held_out_text = rng.sample(held_out_text, 4 if args.quick else 16)
     rows = []
-    with Lab(args.model, quick=args.quick) as lab:
+    with Lab(args.model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
         target = lab.ids(TARGET, special=False)
         layer = behaviour_bank(lab, target[0])
         prompts = [lab.ids(p) for p in held_out_text]
@@ -99,6 +100,7 @@ def main() -> None:
             print(f"[behaviour] N={n} {m}", flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_results("behaviour_vs_examples", out_dir, {"rows": rows})
     xs = [max(r["n"], 0.5) for r in rows]
     for key, label in (("binary", "held-out prompts continued with Quince"), ("logprob", "mean log p(Quince)"),
                        ("margin", "log-prob margin, first token"), ("projection", f"projection, layer {layer}")):

@@ -19,7 +19,7 @@ import math
 import random
 from pathlib import Path
 
-from lab import RESULTS, Lab, plot_lines, table, write_report
+from lab import RESULTS, Lab, add_server_args, plot_lines, table, write_report, write_results
 
 FACTS = [("The capital of the island of Vesk is", " Quenmar"), ("The lighthouse keeper's dog was called", " Brindle"),
          ("Every spring the orchard sold its", " silverpears"), ("The harbour bell was cast in", " Ellisport"),
@@ -49,13 +49,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="APOLLO steps per round")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    add_server_args(parser)
     args = parser.parse_args()
     conditions = dict(list(CONDITIONS.items())[:1]) if args.quick else CONDITIONS
     rounds = 1 if args.quick else args.rounds
     texts = stories(16, seed=0)
     held_out, replay_pool = texts[:3 if args.quick else 8], texts[8:]
     results = {}
-    with Lab(args.model, quick=args.quick) as lab:
+    with Lab(args.model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
         facts = [(lab.ids(c), lab.ids(y, special=False)) for c, y in FACTS]
         replay = []
         for text in replay_pool:  # (first half, second half) of other stories
@@ -77,6 +78,7 @@ def main() -> None:
             print(f"[forgetting] {name}: {row}", flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_results("forgetting", out_dir, results)
     plot_lines(out_dir / "forgetting_perplexity.png", {n: (r["steps"], r["ppl"]) for n, r in results.items()},
                "/train steps", "perplexity of held-out known text")
     plot_lines(out_dir / "forgetting_facts.png", {n: (r["steps"], r["fact"]) for n, r in results.items()},

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from lab import RESULTS, Lab, plot_lines, table, write_report
+from lab import RESULTS, Lab, add_server_args, plot_lines, table, write_report, write_results
 
 CONTEXT, CONTINUATION = "The harbour master kept a ledger of every ship, and", " the ledger was blue"
 PROBE = "She read the paper twice and then once more before the lamp went out"
@@ -62,10 +62,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--out-dir", default=str(RESULTS))
+    add_server_args(parser)
     args = parser.parse_args()
     steps = 2 if args.quick else args.steps
     results = {}
-    with Lab(args.model, quick=args.quick) as lab:
+    with Lab(args.model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
         probe = lab.ids(PROBE)
         sample = (lab.ids(CONTEXT), lab.ids(CONTINUATION, special=False))
         versions = [probe_logprobs(lab, probe)]
@@ -84,6 +85,7 @@ def main() -> None:
                   flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_results("hogwild_vs_pause", out_dir, {"modes": results, "neighbour_distances": neighbour})
     plot_lines(out_dir / "hogwild_vs_pause.png",
                {mode: (list(range(len(r["deviations"]))), [max(d, 1e-9) for d in r["deviations"]]) for mode, r in results.items()},
                "probe response (in order)", "distance to the nearest weight version")

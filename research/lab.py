@@ -5,6 +5,10 @@ through its public routes, and the report/plot helpers. Not a benchmark itself.
     ...     ids = lab.ids("The door was")
     ...     lab.train([(ids, lab.ids(" open"))], steps=5, lr=1e-3)
     ...     lab.restart()                          # a fresh server: the weights as the model directory has them
+    >>> with Lab(server="http://127.0.0.1:8000") as lab:   # a running server (`--server URL`): no restarts
+
+Every experiment takes `--server URL` (and `--api-key`) to run on a server someone else started (the test
+suite's smoke runs share one); an experiment that needs fresh weights mid-run then refuses with that reason.
 
 Every experiment writes research/results/<name>.md (setup, hypothesis, table, reading) and PNG plots, with
 the machine and the command that produced them. Seeds are fixed; figures are what the run printed.
@@ -12,6 +16,7 @@ the machine and the command that produced them. Seeds are fixed; figures are wha
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -27,6 +32,8 @@ from vllm_plasticity.launcher import ServerProcess  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32"]
+# Experiments post more samples per job than a production default allows.
+SERVER_ENV = {"PLASTICITY_TRAIN_MAX_SAMPLES": "256", "PLASTICITY_TRAIN_MAX_TOKENS": "65536"}
 
 
 def default_model() -> Path:
@@ -38,12 +45,15 @@ def default_model() -> Path:
 class Lab:
     """One server at a time, started with training and readout on; `restart()` gives fresh weights."""
 
-    def __init__(self, model: str | os.PathLike | None = None, quick: bool = False, env: dict | None = None) -> None:
+    def __init__(self, model: str | os.PathLike | None = None, quick: bool = False, env: dict | None = None,
+                 server: str | None = None, api_key: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.model = str(model or default_model())
         self.quick = quick
-        self.env = {"PLASTICITY_TRAIN_MAX_SAMPLES": "256", "PLASTICITY_TRAIN_MAX_TOKENS": "65536", **(env or {})}
+        self.external = server  # a server this lab did not start: it is never stopped or restarted here
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.env = {**SERVER_ENV, **(env or {})}
         self.work = Path(tempfile.mkdtemp(prefix="plasticity-lab-"))
         self.vectors_dir = self.work / "vectors"
         self.vectors_dir.mkdir()
@@ -59,6 +69,13 @@ class Lab:
         self.stop()
 
     def start(self) -> None:
+        if self.external:
+            self.url = self.external.rstrip("/")
+            # Requests name the model as that server does (its path when it was started with one).
+            self.model = self.get("/v1/models")["data"][0]["id"]
+            # Banks an experiment writes go where that server loads them from (a server on this machine).
+            self.vectors_dir = Path(self.get("/readout/available")["vectors_dir"])
+            return
         self.starts += 1
         args = [*SERVER_ARGS, "--training", "--state-dir", str(self.work / f"state-{self.starts}"),
                 "--vectors-dir", str(self.vectors_dir)]
@@ -74,12 +91,21 @@ class Lab:
 
     def restart(self) -> None:
         """A fresh server from the model directory: the original weights, no optimizer state."""
+        if self.external:
+            raise RuntimeError("this run needs fresh weights (a server restart), which a --server it did not start "
+                               "cannot give: run it without --server")
         self.stop()
         self.start()
 
     # ---- routes -------------------------------------------------------------------------------------------
     def post(self, path: str, body: dict, timeout: float = 1200) -> dict:
-        r = requests.post(self.url + path, json=body, timeout=timeout)
+        r = requests.post(self.url + path, json=body, headers=self.headers, timeout=timeout)
+        if r.status_code != 200:
+            raise RuntimeError(f"{path}: {r.status_code} {r.text[:500]}")
+        return r.json()
+
+    def get(self, path: str) -> dict:
+        r = requests.get(self.url + path, headers=self.headers, timeout=60)
         if r.status_code != 200:
             raise RuntimeError(f"{path}: {r.status_code} {r.text[:500]}")
         return r.json()
@@ -119,6 +145,20 @@ class Lab:
 
 
 # ---- reports --------------------------------------------------------------------------------------------------
+
+def add_server_args(parser) -> None:
+    """`--server URL` and `--api-key`: run on a server someone else started (see the module docstring)."""
+    parser.add_argument("--server", help="URL of a running plasticity server (training and readout on)")
+    parser.add_argument("--api-key", help="its API key")
+
+
+def write_results(name: str, out_dir: Path, results) -> Path:
+    """The run's numbers as <name>.json beside its report, for scripts and the smoke tests to read."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    return path
+
 
 def write_report(name: str, out_dir: Path, title: str, body: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-import requests
 
-from lab import RESULTS, Lab, plot_lines, table, write_report
+from lab import RESULTS, Lab, add_server_args, plot_lines, table, write_report, write_results
 
 CONTEXT, FACT = "The keeper of the lighthouse on the north shore was called", " Ottoline Brask"
 MODES = {
@@ -38,7 +37,7 @@ def teach(lab: Lab, optimizer: dict, context_mode: str, lr: float, max_steps: in
     losses, seconds, learned = [], [], None
     for step in range(1, max_steps + 1):
         job = lab.train([(context, fact)], steps=1, lr=lr, optimizer=optimizer, context_mode=context_mode)
-        detail = requests.get(lab.url + f"/train/status/{job['job_id']}", timeout=30).json()
+        detail = lab.get(f"/train/status/{job['job_id']}")
         losses.append(job["losses"][0])
         seconds.append(detail["step_seconds"][0])
         if lab.greedy(context, len(fact)) == fact:
@@ -54,11 +53,13 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out-dir", default=str(RESULTS))
+    add_server_args(parser)
     args = parser.parse_args()
-    modes = dict(list(MODES.items())[:1]) if args.quick else MODES
+    # Quick: the default rank only, whose optimizer state a server shared with other runs already has.
+    modes = {"APOLLO rank 64": MODES["APOLLO rank 64"]} if args.quick else MODES
     max_steps = 3 if args.quick else args.max_steps
     results = {}
-    with Lab(args.model, quick=args.quick) as lab:
+    with Lab(args.model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
         for i, (name, (optimizer, context_mode)) in enumerate(modes.items()):
             if i:
                 lab.restart()  # fresh weights and a fresh optimizer for each mode
@@ -66,6 +67,7 @@ def main() -> None:
             print(f"[optimizer-modes] {name}: {results[name]}", flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_results("optimizer_modes", out_dir, results)
     plot_lines(out_dir / "optimizer_modes_loss.png",
                {name: (list(range(1, len(r["losses"]) + 1)), r["losses"]) for name, r in results.items()},
                "/train steps", "loss on the fact (before the step)")

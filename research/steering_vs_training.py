@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lab import RESULTS, Lab, plot_lines, table, write_report
+from lab import RESULTS, Lab, add_server_args, plot_lines, table, write_report, write_results
 
 PROMPTS = ["The morning after the meeting, she", "He opened the envelope and", "On the train home they",
            "The kitchen was quiet when", "At the end of the week the team", "My neighbour knocked and",
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--out-dir", default=str(RESULTS))
+    add_server_args(parser)
     args = parser.parse_args()
     from plasticity_training.corpus import load_corpus
     from plasticity_training.default_model import REPO_ROOT
@@ -71,7 +72,7 @@ def main() -> None:
     rng = random.Random(0)
     positives = [corpus.texts[i].text for i in corpus.positives(CONCEPT)]
     negatives = rng.sample([corpus.texts[i].text for i in corpus.negatives(CONCEPT)], 4 if args.quick else 24)
-    with Lab(args.model, quick=args.quick) as lab:
+    with Lab(args.model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
         hidden = int(lab.post("/readout/load", {"name": "probe", "basis": [0, 1], "layers": [args.layer]})["hidden_size"])
         streams = raw_streams(lab, [lab.ids(t)[:256] for t in positives + negatives], args.layer, hidden)
         means = torch.stack([s.mean(0) for s in streams])
@@ -103,6 +104,8 @@ def main() -> None:
         decode = lambda ids: lab.tok.decode(ids)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_results("steering_vs_training", out_dir, {"projection": proj, "cosine": cosine, "losses": job["losses"],
+                                               "memorised": memorised, "same_as_steered": same})
     plot_lines(out_dir / "steering_vs_training.png", {"mean projection": ([0, 1, 2], list(proj.values()))},
                "0 plain, 1 steered, 2 trained (unsteered)", f"projection on {CONCEPT}, layer {args.layer}")
     spread = sorted(abs(c) for c in random_cos)[int(0.95 * len(random_cos))]

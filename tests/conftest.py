@@ -22,7 +22,15 @@ SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs",
 QUIET_SECONDS = 8
 
 
+# The fixtures that start (or hold) a real `vllm serve`: a test taking any of them is marked `server`.
+SERVER_FIXTURES = {"servers", "servers_restart", "stock_reference", "plasticity_server"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m selection reads the marks
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
     # Stock-server tests first: the stock engine then runs once and is gone before the plugin's starts.
     # Tests that replace the shared server run last; among them, those that still use it first.
     def order(item):
@@ -75,7 +83,7 @@ def servers(tmp_path_factory):
     s = Servers(tmp_path_factory.mktemp("server-logs"))
     yield s
     s.stop()
-    leftovers = [p for p in set(SHM_DIR.iterdir()) - before if p.name.startswith((ARENA_PREFIX, "psm_", "torch_"))]
+    leftovers = [p for p in set(SHM_DIR.iterdir()) - before if p.name.startswith((ARENA_PREFIX, "psm_", "torch_", "vllm_dist_"))]
     assert not leftovers, f"shared-memory files left behind: {leftovers}"
 
 

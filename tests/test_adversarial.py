@@ -16,7 +16,9 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 IDS = {"context_ids": [5, 6], "continuation_ids": [7]}
 BIG = 10**400  # JSON accepts it; float() makes it inf
 
-# (method, path, JSON body or raw text, reason the answer must give)
+DPO = {"context_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8]}
+
+# (method, path, JSON body or raw text, reason the answer must give[, the exact status when a 4xx is not enough])
 HOSTILE = [
     ("post", "/train", '{"context_ids": [5], "continuation_ids": [6], "optimizer": {"lr": true}}', "boolean"),
     ("post", "/train", {**IDS, "optimizer": {"lr": 1e30}}, "less than or equal to 1"),
@@ -34,6 +36,14 @@ HOSTILE = [
     ("post", "/train", '{"objective": "dpo", "beta": Infinity, "samples": [{"context_ids": [5], "chosen_ids": [6], '
                        '"rejected_ids": [7]}]}', "beta"),
     ("post", "/train", {"samples": [{**IDS, "weight": -0.5}]}, "weight"),
+    ("post", "/train", {**IDS, "optimizer": {"lr": "1e-3"}}, "must be a JSON number, not a string", 400),
+    ("post", "/train", {"samples": [{**IDS, "weight": "2"}]}, "must be a JSON number, not a string", 400),
+    ("post", "/train", {"objective": "dpo", "beta": "0.5", "samples": [DPO]}, "must be a JSON number", 400),
+    # float32 makes 1e-50 zero: the loss would be 0/0 (422 "non-finite loss" once queued); refused up front.
+    ("post", "/train", {"samples": [{**IDS, "weight": 1e-50}]}, "weight 1e-50 is too small", 400),
+    # A reference log-prob beyond float32 failed the job's start with a 500 and left the trainer stuck.
+    ("post", "/train", {"objective": "dpo", "force": True, "optimizer": {"lr": 1e-6},
+                        "samples": [{**DPO, "ref_chosen_logp": -1e39, "ref_rejected_logp": 0}]}, "beyond float32's range", 400),
     ("delete", "/train/train-0-nope", None, "no job"),
     ("post", "/checkpoint", {"path": "../../etc"}, "not inside the checkpoint directory"),
     ("post", "/checkpoint", {"path": "/"}, "not inside the checkpoint directory"),
@@ -88,9 +98,9 @@ def test_every_hostile_body_gets_a_4xx_with_its_reason_and_changes_nothing(plast
         time.sleep(0.5)
     before = snapshot(server, model, probe)
     failures = []
-    for method, path, body, reason in HOSTILE:
+    for method, path, body, reason, *status in HOSTILE:
         r = send(server, method, path, body, model)
-        if not (400 <= r.status_code < 500 and reason in r.text):
+        if not (400 <= r.status_code < 500 and reason in r.text and r.status_code in (status or [r.status_code])):
             failures.append((method, path, str(body)[:80], r.status_code, r.text[:200]))
     assert not failures, failures
     assert snapshot(server, model, probe) == before

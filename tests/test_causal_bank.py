@@ -160,6 +160,7 @@ def test_extract_reads_the_same_stream_from_the_model_and_the_server(bank_server
 
 # ---- training -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a second server (the quick tier restarts from a checkpoint once, on the built-in model)
 def test_train_teaches_a_fact_and_a_fresh_server_from_the_checkpoint_agrees(bank_server, servers_restart, tmp_path):
     model = bank_server.model
     context, target = list(b"The keeper of the lighthouse is named "), list(b"Ottoline")
@@ -211,6 +212,7 @@ def test_supported_variant_matches_the_reference(variant, servers_restart, tmp_p
         servers_restart.stop()
 
 
+@pytest.mark.slow  # a server start that fails; the config class refusals are unit tests (test_causal_bank_forms)
 def test_an_unsupported_configuration_is_refused_at_load_naming_the_field(bank_model, servers_restart, tmp_path):
     model_dir, _ = bank_model
     bad = tmp_path / "temporal"

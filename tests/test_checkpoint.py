@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -266,6 +267,54 @@ def test_paths_outside_the_allowed_root_or_into_the_model_are_refused(tiny, tmp_
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointPathError, match="not a plasticity checkpoint"):
         sync_checkpoint(tensors, foreign, tiny)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes | str]:
+    """Every file's bytes and every link's target under `root`: what "left exactly as it was" means."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = os.readlink(path)
+        elif path.is_file():
+            out[rel] = path.read_bytes()
+    return out
+
+
+def test_another_models_sync_into_a_checkpoint_is_refused_and_leaves_it_byte_identical(tmp_path):
+    first, second = source_dir(tmp_path), tmp_path / "second"
+    second.mkdir()
+    (second / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}\n')
+    ckpt = tmp_path / "ckpts" / "main"
+    sync_checkpoint({"w": torch.ones(64)}, ckpt, first, extra_files={"optimizer.safetensors": b"first's state"})
+    sync_checkpoint({"w": torch.full((64,), 2.0)}, ckpt, first)  # both generations hold the first model's work
+    before = tree_bytes(ckpt)
+    with pytest.raises(ck.CheckpointOriginError, match=re.escape(f"'source' ({first.resolve()}), these from 'second'")):
+        sync_checkpoint({"w": torch.zeros(64)}, ckpt, second)  # same tensor names and shapes, another model
+    assert tree_bytes(ckpt) == before
+    assert checkpoint_info(ckpt)["origin"] == str(first.resolve())
+    # Asked for: the other model's weights replace them (and carry their own origin from then on).
+    r = sync_checkpoint({"w": torch.zeros(64)}, ckpt, second, replace=True)
+    assert r.generation == 3 and bitwise_equal(load_current(ckpt), {"w": torch.zeros(64)})
+    assert checkpoint_info(ckpt)["origin"] == str(second.resolve())
+
+
+def test_a_server_resuming_from_a_checkpoint_syncs_back_into_it_and_keeps_its_origin(tmp_path):
+    model = source_dir(tmp_path)
+    ckpt = tmp_path / "ckpts" / "main"
+    sync_checkpoint({"w": torch.ones(64)}, ckpt, model)
+    served = ckpt / "current"  # `plasticity serve <ckpt>` serves this: its origin is the checkpoint's
+    assert ck.model_origin(served) == ck.model_origin(ckpt) == str(model.resolve())
+    origin = ck.model_origin(served)  # read once at start, as the trainer does
+    for value, generation in ((2.0, 2), (3.0, 3)):
+        r = sync_checkpoint({"w": torch.full((64,), value)}, ckpt, served, origin=origin)
+        assert r.generation == generation and checkpoint_info(ckpt)["origin"] == str(model.resolve())
+    sync_checkpoint({"w": torch.full((64,), 4.0)}, ckpt, model)  # the original model may still write it too
+    # Another checkpoint of the same model is a sibling, not another model: a copy resumed elsewhere can return.
+    copy = tmp_path / "ckpts" / "copy"
+    sync_checkpoint({"w": torch.full((64,), 5.0)}, copy, ckpt / "current")
+    sync_checkpoint({"w": torch.full((64,), 6.0)}, ckpt, copy / "current")
+    assert bitwise_equal(load_current(ckpt), {"w": torch.full((64,), 6.0)})
 
 
 def _two_sets():

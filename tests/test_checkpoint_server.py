@@ -90,6 +90,26 @@ def test_bad_checkpoint_paths_are_refused_and_change_nothing(plasticity_server):
     assert after["path"] == before["path"] and after["generation"] == before["generation"]
 
 
+def test_a_name_holding_another_models_checkpoint_is_409_unless_replace(plasticity_server, tmp_path):
+    from plasticity_training.checkpoint import sync_checkpoint
+
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    foreign = plasticity_server.state_dir / "checkpoints" / "foreign"
+    sync_checkpoint({"w": torch.ones(8)}, foreign, other)  # e.g. written by a server of another model
+    before = (foreign / "current" / "model.safetensors").read_bytes()
+    r = post(plasticity_server, "/checkpoint", {"path": "foreign"})
+    assert r.status_code == 409, r.text
+    message = r.json()["error"]["message"]
+    assert "holds another model's weights: they descend from 'other-model'" in message, message
+    assert '"replace": true' in message
+    assert (foreign / "current" / "model.safetensors").read_bytes() == before
+    assert post(plasticity_server, "/checkpoint", {"path": "foreign", "replace": "yes"}).status_code == 400
+    r = post(plasticity_server, "/checkpoint", {"path": "foreign", "replace": True})
+    assert r.status_code == 200 and r.json()["generation"] == 2, r.text
+
+
 def test_scheduled_checkpoint_after_quiet_period(plasticity_server, tok):
     ids = tok("The long meeting went on past noon")["input_ids"]
     r = post(plasticity_server, "/train", {"context_ids": ids[:4], "continuation_ids": ids[4:], "force": True,
@@ -104,6 +124,7 @@ def test_scheduled_checkpoint_after_quiet_period(plasticity_server, tok):
     assert last["reason"] == "scheduled" and last["weight_version"] == r.json()["weight_version"]
 
 
+@pytest.mark.slow  # a server of its own
 def test_qwen3_tied_model_trains_in_place(servers_restart, tmp_path):
     """The Qwen3 subclass with tied embeddings: served, shared, trained, and the view still matches."""
     from plasticity_training.default_model import ModelSpec, build_model, read_project_text
@@ -175,5 +196,5 @@ def test_fresh_server_from_checkpoint_continues(servers_restart, plasticity_serv
                                 "optimizer": {"lr": 1e-3}})
     assert r.status_code == 200, r.text
     assert r.json()["weight_version"] == version + 1
-    resumed = load_file(str(state_dir / "optimizer.safetensors"))
+    resumed = load_file(str(next(state_dir.glob("models/*/optimizer.safetensors"))))  # state is kept per model
     assert resumed[key].item() == saved_opt[key].item() + 1  # optimizer state continued, not restarted

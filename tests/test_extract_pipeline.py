@@ -101,8 +101,9 @@ def test_cli_end_to_end_with_report(tiny, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
     bank = load_bank(out)
     assert bank.concepts == sorted(EMOTIONS) and bank.layers == [0, 1] and bank.method == "pooled"
-    assert set(json.loads((out / "readout.json").read_text())) == {
-        "concepts", "layers", "hidden_size", "dtype", "model", "method", "created"}
+    manifest = json.loads((out / "readout.json").read_text())
+    assert set(manifest) == {"concepts", "layers", "hidden_size", "dtype", "model", "method", "created", "calibration"}
+    assert manifest["calibration"]["centre"] == "corpus" and bank.calibration is not None  # calibrated by default
     for L in (0, 1):
         assert bank.vectors[L].shape == (5, 64)
         assert torch.allclose(bank.vectors[L].norm(dim=1), torch.ones(5), atol=1e-5)

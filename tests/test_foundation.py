@@ -17,6 +17,7 @@ from conftest import API_KEY, PROBE_PROMPTS, completion, prompt_logprobs
 pytestmark = pytest.mark.server
 
 
+@pytest.mark.slow  # a stock engine start of its own; the quick tier checks parity against HF on live weights
 def test_stock_server_unchanged_with_plugin_installed(stock_reference):
     # The plugin is installed (its entry points exist) but not enabled: vLLM serves as usual and
     # exposes none of the plugin's routes.
@@ -69,6 +70,7 @@ def test_default_model_output_is_word_like(plasticity_server, default_model):
     assert known >= 0.6, f"only {known:.0%} known words in {text!r}"
 
 
+@pytest.mark.slow
 def test_prompt_logprobs_match_stock_vllm(stock_reference, plasticity_server, default_model, probe_token_ids):
     for ids, expected in zip(probe_token_ids, stock_reference["prompt_logprobs"]):
         got = prompt_logprobs(plasticity_server.url, str(default_model), ids, API_KEY)

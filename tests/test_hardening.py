@@ -304,3 +304,37 @@ def test_a_request_keeps_the_bank_version_it_started_with(plasticity_server, def
     width = (len(readout["layers"]), len(readout["concepts"]))
     assert all((len(row), len(row[0])) == width for row in readout["scores"])
     assert len(readout["scores"]) == len(readout["positions"])
+
+
+# ---- round 2 (issue "Hardening, round 2"), items 1 and 2 --------------------------------------------------
+
+def test_a_job_start_that_fails_leaves_the_trainer_ready_for_every_client(plasticity_server, tok):
+    """The issue's body: a DPO reference log-prob beyond float32. It must never leave a job open in the trainer
+    (every later /train answered 409 "a job is already running" while /train/status said ready)."""
+    server = plasticity_server
+    ids = tok("The lamp was lit")["input_ids"]
+    body = {"objective": "dpo", "samples": [{"context_ids": ids[:2], "chosen_ids": ids[2:3], "rejected_ids": [5],
+                                             "ref_chosen_logp": -1e39, "ref_rejected_logp": 0}],
+            "optimizer": {"lr": 1e-6}, "force": True}
+    r = post(server, "/train", body)
+    assert r.status_code in (400, 500) and message(r), r.text  # 400 once ref log-probs are validated at the edge
+    r = post(server, "/train", train_body(tok, "The lamp was lit in the window"))
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+    assert get(server, "/train/status")["trainer"]["state"] == "ready"
+
+
+def test_a_diverging_job_stops_as_diverged_and_rolls_back_by_default(plasticity_server, default_model, tok):
+    """{"lr": 1, "scale": 1000, "grad_clip": 1e6} took the loss 2.83 -> 2561 -> 54784 and the output to
+    "atatat..."; now the job stops as diverged and the trained tensors are restored to its start, so other
+    clients' outputs are as before, the version moved on, and the automatic checkpoints are not held."""
+    server, model = plasticity_server, str(default_model)
+    before, version = plain_outputs(server, model), get(server, "/train/status")["weight_version"]
+    r = post(server, "/train", train_body(tok, "The lamp was lit in the window", steps=50,
+                                          optimizer={"lr": 1, "scale": 1000, "grad_clip": 1e6}))
+    assert r.status_code == 422 and "diverged" in message(r) and "rolled back" in message(r), r.text
+    job = get(server, "/train/status")["recent_jobs"][0]
+    assert job["status"] == "diverged" and job["rolled_back"] is True and 1 <= job["steps"] < 50
+    assert get(server, f"/train/status/{job['job_id']}")["rollback_bytes"] > 0
+    assert same_outputs(plain_outputs(server, model), before)
+    assert get(server, "/train/status")["weight_version"] == version + job["steps"] + 1
+    assert get(server, "/checkpoint")["held"] is None

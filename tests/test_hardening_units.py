@@ -92,14 +92,19 @@ def test_shm_files_of_a_dead_server_are_removed_and_live_ones_kept(tmp_path):
         mine = record_shm_files(tmp_path, os.getpid())  # a live server's ledger: left alone
         assert held.name in json.loads(mine.read_text())["files"]
         removed = sweep_dead_servers(tmp_path)
+        # The dead server's ledger stays while a file it lists exists (held here), listing only that file.
+        dead_ledger = tmp_path / f"shm-{dead_pid}.json"
+        assert json.loads(dead_ledger.read_text())["files"] == [held.name]
     try:
         assert removed == [left] and not left.exists() and held.exists()
+        assert sweep_dead_servers(tmp_path) == [held]  # no longer held: removed at the next start, with the ledger
         assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
     finally:
         left.unlink(missing_ok=True)
         held.unlink(missing_ok=True)
 
 
+@pytest.mark.slow  # extracts the whole corpus (~1-2 min on 2 cores)
 def test_subspace_extraction_works_with_its_defaults_on_texts_longer_than_hidden(default_model, tmp_path):
     from plasticity_training.extract import ExtractOptions, run
 

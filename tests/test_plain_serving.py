@@ -12,7 +12,7 @@ import requests
 from tests.conftest import SERVER_ARGS, prompt_logprobs
 from vllm_plasticity.launcher import ServerProcess
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]  # a server of its own
 
 
 def spec_parameters(model_dir) -> int:

@@ -142,6 +142,7 @@ def test_extract_reads_the_same_stream_from_the_model_and_the_server(synthe_serv
     parity.extraction_matches(synthe_server, WIDTH, TOL)
 
 
+@pytest.mark.slow  # a second server
 def test_train_lowers_the_loss_and_a_fresh_server_from_the_checkpoint_agrees(synthe_server, servers_restart, tmp_path):
     from plasticity_training.memory_tasks import copy_memory
 

@@ -31,7 +31,8 @@ def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]
     return [[rng.randrange(256) for _ in range(n)] for n in lengths]
 
 
-@pytest.fixture(scope="module", params=["gru", "mamba2"])
+# The Mamba2 backbone (a second server, and a 2.5-minute build) is in the full tier.
+@pytest.fixture(scope="module", params=["gru", pytest.param("mamba2", marks=pytest.mark.slow)])
 def tkc_model(request, tmp_path_factory):
     from plasticity_training.default_tkc import TKCSpec, build_tkc
 
@@ -85,6 +86,7 @@ def test_signals_are_refused_where_the_architecture_reports_none(tkc_server):
     assert r.status_code == 400 and "reports no per-token signals" in r.text
 
 
+@pytest.mark.slow  # a second server
 def test_train_learns_a_memory_task_and_a_fresh_server_from_the_checkpoint_agrees(tkc_server, servers_restart, tmp_path):
     from plasticity_training.memory_tasks import copy_memory
 

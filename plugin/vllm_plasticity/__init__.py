@@ -1,9 +1,10 @@
 """vllm_plasticity: a vLLM plugin that trains, reads out and steers the model it serves.
 
 `register()` is the `vllm.general_plugins` entry point. vLLM calls it in every process it starts (API
-server, engine core, workers, model-inspection subprocesses), so it is cheap and idempotent: it imports
-vLLM lazily, registers this project's architectures by "module:Class" string (the classes load only in
-the process that builds the model), and does nothing when PLASTICITY_DISABLE=1.
+server, engine core, workers, model-inspection subprocesses), so it is cheap and idempotent: it makes the
+processes vLLM starts die with their parent (parent_death.py: a SIGKILLed API server takes its engine core
+and workers along), imports vLLM lazily, registers this project's architectures by "module:Class" string
+(the classes load only in the process that builds the model), and does nothing when PLASTICITY_DISABLE=1.
 
     $ plasticity serve                   # the built-in model, plugin fully enabled
     $ VLLM_PLUGINS=plasticity vllm serve MODEL \\
@@ -39,6 +40,9 @@ def register() -> None:
     """Register the project's architectures with vLLM's ModelRegistry (idempotent)."""
     if os.environ.get("PLASTICITY_DISABLE") == "1":
         return
+    from vllm_plasticity.parent_death import die_with_parent
+
+    die_with_parent()
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())

@@ -15,6 +15,18 @@ import os
 from pathlib import Path
 
 ENV_PREFIX = "PLASTICITY_"
+# PLASTICITY_* variables read outside this module: the kill switch (register(), before any config), the
+# model cache of the CLI (default_model, pretrained) and `make setup`'s choice of vLLM build.
+OTHER_VARIABLES = ("DISABLE", "CACHE_DIR", "VLLM")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    """The one reader of PLASTICITY_<name>; what it has read is what `from_env` knows."""
+    _KNOWN.add(ENV_PREFIX + name)
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+_KNOWN: set[str] = {ENV_PREFIX + name for name in OTHER_VARIABLES}
 
 
 def _default_state_dir() -> Path:
@@ -22,9 +34,11 @@ def _default_state_dir() -> Path:
     return Path(cache) / "plasticity" / "state"
 
 
-def _flag(name: str) -> bool:
-    value = os.environ.get(ENV_PREFIX + name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
+def _flag(name: str, default: bool = False) -> bool:
+    value = _env(name, "").strip().lower()
+    if value == "":
+        return default
+    if value in ("0", "false", "no", "off"):
         return False
     if value in ("1", "true", "yes", "on"):
         return True
@@ -32,12 +46,12 @@ def _flag(name: str) -> bool:
 
 
 def _path(name: str) -> Path | None:
-    value = os.environ.get(ENV_PREFIX + name)
+    value = _env(name)
     return Path(value).expanduser().resolve() if value else None
 
 
 def _count(name: str, default: int) -> int:
-    value = os.environ.get(ENV_PREFIX + name)
+    value = _env(name)
     if value is None or value == "":
         return default
     if not value.strip().isdigit() or int(value) < 1:
@@ -47,14 +61,14 @@ def _count(name: str, default: int) -> int:
 
 def _choice(name: str, choices: tuple[str, ...]) -> str:
     """One of `choices` (the first when unset)."""
-    value = os.environ.get(ENV_PREFIX + name, "").strip().lower() or choices[0]
+    value = _env(name, "").strip().lower() or choices[0]
     if value not in choices:
         raise RuntimeError(f"{ENV_PREFIX}{name}={value!r}: expected one of {', '.join(choices)}")
     return value
 
 
 def _seconds(name: str, default: float) -> float:
-    value = os.environ.get(ENV_PREFIX + name)
+    value = _env(name)
     if value is None or value == "":
         return default
     try:
@@ -93,6 +107,9 @@ class PlasticityConfig:
     ui: bool = True  # PLASTICITY_UI=0 turns the page (GET /plasticity/ui) off; it exists only with a vectors dir
     checkpoint_quiet_seconds: float = 600.0  # PLASTICITY_CHECKPOINT_QUIET_SECONDS: sync after this long without training
     checkpoint_into_model_dir: bool = False  # PLASTICITY_CHECKPOINT_INTO_MODEL_DIR: allow targets inside the served model's dir
+    # PLASTICITY_CHECKPOINT_MAX_NAMES: checkpoints the checkpoint directory may hold (two model copies each); a
+    # new name beyond it is refused (507), existing names are still written
+    checkpoint_max_names: int = 16
     readout_capacity: int = 256  # PLASTICITY_READOUT_CAPACITY: concepts loaded at once, all banks together
     steer_slots: int = 32  # PLASTICITY_STEER_SLOTS: distinct steering settings in one batch
     # PLASTICITY_CPU_KERNELS, training on CPU: "repacked" (vLLM's oneDNN kernels, the layers a step wrote packed
@@ -105,22 +122,28 @@ class PlasticityConfig:
 
     @classmethod
     def from_env(cls) -> "PlasticityConfig":
+        """The configuration the environment sets; an unknown PLASTICITY_* variable (a typo would otherwise
+        be ignored silently) or a bad value raises RuntimeError naming it."""
+        d = cls()  # the defaults, written once above
         training = _flag("TRAINING")
-        return cls(
+        config = cls(
             training=training,
             share_weights=training or _flag("SHARE_WEIGHTS"),
             state_dir=_path("STATE_DIR") or _default_state_dir(),
             checkpoint_dir=_path("CHECKPOINT_DIR"),
             vectors_dir=_path("VECTORS_DIR"),
-            ui=os.environ.get("PLASTICITY_UI", "1") != "0",
-            checkpoint_quiet_seconds=_seconds("CHECKPOINT_QUIET_SECONDS", 600.0),
+            ui=_flag("UI", default=d.ui),
+            checkpoint_quiet_seconds=_seconds("CHECKPOINT_QUIET_SECONDS", d.checkpoint_quiet_seconds),
             checkpoint_into_model_dir=_flag("CHECKPOINT_INTO_MODEL_DIR"),
-            readout_capacity=_count("READOUT_CAPACITY", 256),
-            steer_slots=_count("STEER_SLOTS", 32),
+            checkpoint_max_names=_count("CHECKPOINT_MAX_NAMES", d.checkpoint_max_names),
+            readout_capacity=_count("READOUT_CAPACITY", d.readout_capacity),
+            steer_slots=_count("STEER_SLOTS", d.steer_slots),
             capture_layers=_count("CAPTURE_LAYERS", 0) or None,
             cpu_kernels=_choice("CPU_KERNELS", ("repacked", "in-place")),
             train_limits=TrainLimits.from_env(),
         )
+        _refuse_unknown_variables()  # after every field is read: what was read is what is known
+        return config
 
     @property
     def resolved_checkpoint_dir(self) -> Path:
@@ -135,6 +158,13 @@ class PlasticityConfig:
             "steering": self.vectors_dir is not None,
             "ui": self.vectors_dir is not None and self.ui,
         }
+
+
+def _refuse_unknown_variables() -> None:
+    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in _KNOWN)
+    if unknown:
+        raise RuntimeError(f"unknown variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the known ones "
+                           f"are {', '.join(sorted(_KNOWN))}")
 
 
 def training_needs_one_shard(shards: int) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
-from vllm_plasticity import __version__
+from vllm_plasticity import __version__, metrics
 from vllm_plasticity.config import PlasticityConfig, training_needs_one_shard
 from vllm_plasticity.contract.files import write_atomically
 from vllm_plasticity.readout_routes import attach_readout_routes
@@ -33,7 +33,7 @@ from vllm_plasticity.readout_service import ReadoutService
 from vllm_plasticity.ui_routes import attach_ui_routes
 from vllm_plasticity.training_service import CheckpointRequest, TrainingService, TrainRequest
 from vllm_plasticity.trainer_client import TrainerClient
-from vllm_plasticity.shm_ledger import record_shm_files, sweep_dead_servers
+from vllm_plasticity.shm_ledger import record_shm_files, release_own_files, sweep_dead_servers
 from vllm_plasticity.contract.weights import sweep_stale_arenas
 
 router = APIRouter(tags=["plasticity"])
@@ -81,12 +81,15 @@ class ServerState:
         return results[0]
 
     async def start(self) -> None:
+        # Labelled with the model name vLLM's own series carry (ModelConfig.served_model_name).
+        metrics.install(getattr(getattr(self.engine_client, "model_config", None), "served_model_name", None)
+                        or self.model_path)
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale_arenas()
         sweep_dead_servers(self.config.state_dir)  # what a SIGKILLed server of this state dir left in /dev/shm
         # vLLM's processes are up (init_state runs after the engine starts): note what they hold in /dev/shm.
         ledger = record_shm_files(self.config.state_dir, os.getpid())
-        atexit.register(ledger.unlink, missing_ok=True)  # a clean exit leaves nothing for a sweep
+        atexit.register(release_own_files, ledger)  # a clean exit leaves nothing for a sweep (runs last: LIFO)
         try:
             self.worker_info = await self.rpc("plasticity_info")
         except Exception as exc:  # vLLM started without our --worker-extension-cls
@@ -124,7 +127,8 @@ class ServerState:
                                         self.config.train_limits,
                                         [t["name"] for t in self.weight_manifest["tensors"]],
                                         repack=(lambda trained: self.rpc("plasticity_repack", trained))
-                                        if self.worker_info.get("repacked_after_step") else None)
+                                        if self.worker_info.get("repacked_after_step") else None,
+                                        checkpoint_max_names=self.config.checkpoint_max_names)
         atexit.register(self.training.checkpoint_at_exit)  # runs before trainer.kill (atexit is LIFO)
         self.training.start()
 
@@ -170,7 +174,11 @@ async def train(req: TrainRequest, training: TrainingService = Depends(require_t
     or the single-sample shorthand {"context_ids": [...], "continuation_ids": [...]}; with "objective": "dpo" or
     "orpo", samples are {"context_ids", "chosen_ids", "rejected_ids"} (and "beta" / "lambda" may be set).
     """
-    training.validate(req)
+    try:
+        training.validate(req)
+    except HTTPException:
+        metrics.job_ended("refused")
+        raise
     job = training.submit(req)
     if not req.wait:
         return job.summary()
@@ -208,8 +216,9 @@ async def write_checkpoint(req: CheckpointRequest | None = None, training: Train
 
     Answers {"path", "bytes_written", "blocks_changed", "blocks_total", "seconds", "weight_version", ...};
     `path` (the `current` link of the checkpoint) loads in transformers and in `plasticity serve`.
+    A name that holds another model's checkpoint is refused with 409 unless the body says "replace": true.
     """
-    return await training.checkpoint(req.path if req else None)
+    return await training.checkpoint(req.path if req else None, replace=req.replace if req else False)
 
 
 @router.get("/checkpoint")

@@ -14,9 +14,11 @@ Runs in the API server process (the endpoint plugin attaches these routes).
 `readout` / `steer` / `steer_layers` from `vllm_xargs` (or the same names as top-level JSON fields),
 answers 400 when they do not fit the loaded banks, tags the request (`plasticity_key` in its extra
 args) and salts its prefix cache, then calls vLLM's handler and adds each choice's scores, fetched from
-the worker by that tag: `choice["readout"] = {"bank", "layers", "concepts", "positions", "scores"}` with
-`scores[i][j][k]` = concept k at layer j for the token at `positions[i]` (prompt tokens from 0, then the
-generated ones; the last generated token is never fed back, so it has no state). Streaming responses
+the worker by that tag: `choice["readout"] = {"bank", "layers", "concepts", "calibrated", "positions",
+"scores"}` with `scores[i][j][k]` = concept k at layer j for the token at `positions[i]` (prompt tokens from
+0, then the generated ones; the last generated token is never fed back, so it has no state); `calibrated`
+true: the bank's calibrated scores (0 = as its corpus on average, 1 = as the concept's own texts), else raw
+dot products. `steer_units` ("natural" | "raw") says what the `steer` coefficients count (steer_spec.py). Streaming responses
 carry, in each chunk, the scores computed since the previous chunk. `readout_encoding: "base64"` returns
 `scores` as base64 of little-endian float32 with `scores_shape` instead of nested lists (much smaller
 and faster for wide banks; `plasticity extract --server` uses it). `signals: true` (architectures that
@@ -80,6 +82,7 @@ def readout_field(result: dict | None, encoding: str, scores: np.ndarray | None 
     scores = scores_array(result) if scores is None else scores
     signals = signals_array(result) if signals is None else signals
     out = {k: result[k] for k in ("bank", "layers", "concepts", "positions")}
+    out["calibrated"] = bool(result.get("calibrated"))  # scores are (h - c) . v / s, not raw dot products
     arrays = {"scores": scores, **({"signals": signals} if signals is not None else {})}
     if signals is not None:
         out["signal_names"] = result["signal_names"]
@@ -166,8 +169,9 @@ def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
 
     @router.get("/readout/available", dependencies=[Depends(guard)])
     async def available_banks(service: ReadoutService = Depends(get_readout)) -> dict:
-        """Bank directories in the vectors directory that POST /readout/load can name (not loaded yet)."""
-        return service.available()
+        """Bank directories in the vectors directory that POST /readout/load can name, and those it would
+        refuse (`unreadable`, with the reason)."""
+        return await service.available()
 
     @router.get("/readout", dependencies=[Depends(guard)])
     async def list_banks(service: ReadoutService = Depends(get_readout)) -> dict:

@@ -12,6 +12,7 @@ requests get a salt of their own.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -23,11 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-from vllm_plasticity.contract.bank import BANK_FILES, capacity_message, free_columns, load_bank
+from vllm_plasticity.contract.bank import (BANK_FILES, CALIBRATION_KEY, MANIFEST_FILE, VECTORS_FILE, BankError,
+                                           capacity_message, free_columns, load_bank, read_manifest)
+from vllm_plasticity import metrics
 from vllm_plasticity.contract.files import is_inside
-from vllm_plasticity.steer_spec import SteeringError, check_steer
+from vllm_plasticity.steer_spec import SteeringError, check_steer, check_steer_size
 
-READOUT_FIELDS = ("readout", "signals", "steer", "steer_layers")
+READOUT_FIELDS = ("readout", "signals", "steer", "steer_layers", "steer_units")
 BANK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -37,6 +40,8 @@ class LoadBankRequest(BaseModel):
     path: str | None = Field(default=None, min_length=1)
     basis: list[int] | None = Field(default=None, min_length=2, max_length=2)
     layers: list[int] | None = Field(default=None, min_length=1)
+    # False: ignore a calibrated bank's centre and scales (raw dot products, raw steering coefficients)
+    calibrated: bool = True
 
 
 class DefaultSteering(BaseModel):
@@ -44,6 +49,7 @@ class DefaultSteering(BaseModel):
     # Any JSON list/object: check_steer is the one rule for what a term may be (no bool for a number).
     steer: list[Any] | dict[str, Any]
     steer_layers: list[Any] | None = None
+    steer_units: Any = None  # "natural" | "raw" | None (steer_spec: natural for calibrated banks)
 
 
 def flat_steer(steer: Any) -> Any:
@@ -51,6 +57,31 @@ def flat_steer(steer: Any) -> Any:
     if isinstance(steer, dict):
         return [x for target, coef in steer.items() for x in (target, coef)]
     return steer
+
+
+def scan_vectors_dir(vectors_dir: Path) -> dict:
+    """Bank directories in the vectors directory (up to two levels down) that a load could name, read from
+    their manifests only (the vectors stay on disk). A directory a load would refuse for its manifest, a
+    missing vectors file or files outside the vectors directory is listed under `unreadable` with the
+    reason; the others still list. Blocking file I/O: the route runs it in a thread, and read_manifest
+    reads regular files only (a FIFO named readout.json is refused, not waited on)."""
+    root = vectors_dir.resolve()
+    banks, unreadable = [], []
+    for manifest in sorted([*root.glob(f"*/{MANIFEST_FILE}"), *root.glob(f"*/*/{MANIFEST_FILE}")]):
+        bank_dir = manifest.parent
+        path = str(bank_dir.relative_to(root))
+        try:
+            if not all(is_inside((bank_dir / n).resolve(), root) for n in BANK_FILES):
+                raise BankError("its files resolve outside the vectors directory")
+            meta = read_manifest(bank_dir)
+            if not (bank_dir / VECTORS_FILE).is_file():
+                raise BankError(f"{bank_dir / VECTORS_FILE}: missing or not a regular file")
+        except (OSError, ValueError) as exc:  # BankError is a ValueError
+            unreadable.append({"path": path, "error": str(exc)})
+            continue
+        banks.append({"path": path, "concepts": len(meta["concepts"]), "layers": meta["layers"],
+                      "model": meta["model"], "method": meta["method"], "calibrated": CALIBRATION_KEY in meta})
+    return {"vectors_dir": str(root), "banks": banks, "unreadable": unreadable}
 
 
 class ReadoutService:
@@ -62,6 +93,7 @@ class ReadoutService:
         self.banks: dict[str, dict] = {}
         self.default_steer: dict | None = None
         self.enabled = False  # the worker's bookkeeping is installed (by a bank load, or by enable())
+        metrics.banks_changed(self.banks, self.limits)
 
     # ---- banks -------------------------------------------------------------------------------------
 
@@ -105,9 +137,10 @@ class ReadoutService:
                 raise HTTPException(400, "a basis bank needs layers")
             args = (req.name, None, req.basis, req.layers)
         else:
-            bank_dir = self.bank_dir(req.path)
-            self.check_bank_files(bank_dir, req.layers, req.name)
-            args = (req.name, str(bank_dir), None, req.layers)
+            taken = [range(*b["columns"]) for n, b in self.banks.items() if n != req.name and "columns" in b]
+            # Reads the bank's files (megabytes, on any filesystem): off the event loop.
+            bank_dir = await asyncio.to_thread(self.checked_bank_dir, req.path, req.layers, taken, req.name)
+            args = (req.name, str(bank_dir), None, req.layers, req.calibrated)
         try:
             info = await self.state.rpc("plasticity_readout_load", *args)
         except HTTPException:
@@ -115,11 +148,18 @@ class ReadoutService:
         except Exception as exc:  # the worker's ValueError (capacity, shapes) arrives wrapped
             raise HTTPException(400, f"bank {req.name!r} not loaded: {exc}") from None
         self.banks[req.name] = info
+        metrics.banks_changed(self.banks, self.limits)
         self.enabled = True
         return info
 
-    def check_bank_files(self, bank_dir: Path, layers: list[int] | None, name: str) -> None:
-        """Read the bank here first so a bad one gets a precise 400 and never reaches the engine."""
+    def checked_bank_dir(self, path: str, layers: list[int] | None, taken: list[range], name: str) -> Path:
+        """The bank directory `path` names, its files read here first so a bad one gets a precise 400 and
+        never reaches the engine (`taken`: the read-table columns other banks hold)."""
+        bank_dir = self.bank_dir(path)
+        self.check_bank_files(bank_dir, layers, taken, name)
+        return bank_dir
+
+    def check_bank_files(self, bank_dir: Path, layers: list[int] | None, taken: list[range], name: str) -> None:
         try:
             bank = load_bank(bank_dir)
         except Exception as exc:  # BankError, OSError, and whatever a corrupt file makes safetensors raise
@@ -136,7 +176,6 @@ class ReadoutService:
                                      f"(it has {bank.layers})")
         if not all(bool(v.isfinite().all()) for v in bank.vectors.values()):
             raise HTTPException(400, "bank has values that are not finite")
-        taken = [range(*b["columns"]) for n, b in self.banks.items() if n != name and "columns" in b]
         if free_columns(taken, len(bank.concepts), limits["capacity"]) is None:
             raise HTTPException(400, capacity_message(name, len(bank.concepts), limits["capacity"]))
 
@@ -146,27 +185,16 @@ class ReadoutService:
             raise HTTPException(404, f"no bank {name!r} is loaded (loaded: {sorted(self.banks)})")
         await self.state.rpc("plasticity_readout_unload", name)
         del self.banks[name]
+        metrics.banks_changed(self.banks, self.limits)
         if self.default_steer and any(t[0] == name for t in self.default_steer["terms"]):
             self.default_steer = None  # it named the bank that is gone
         return {"unloaded": name}
 
-    def available(self) -> dict:
-        """Bank directories in the vectors directory (up to two levels down) that a load could name: both
-        bank files present and inside it. Read from readout.json only (the vectors stay on disk)."""
+    async def available(self) -> dict:
+        """Bank directories a load could name, and those it would refuse, with the reason (scan_vectors_dir,
+        in a thread: no file read holds the event loop)."""
         self.require_enabled()
-        root = self.state.config.vectors_dir.resolve()
-        found = []
-        for manifest in sorted([*root.glob(f"*/{BANK_FILES[0]}"), *root.glob(f"*/*/{BANK_FILES[0]}")]):
-            bank_dir = manifest.parent
-            if not all(is_inside((bank_dir / n).resolve(), root) for n in BANK_FILES):
-                continue
-            try:
-                meta = json.loads(manifest.read_text())
-                found.append({"path": str(bank_dir.relative_to(root)), "concepts": len(meta.get("concepts", [])),
-                              "layers": meta.get("layers"), "model": meta.get("model"), "method": meta.get("method")})
-            except (OSError, ValueError):
-                continue  # not readable as a bank manifest: a load would refuse it with the reason
-        return {"vectors_dir": str(root), "banks": found}
+        return await asyncio.to_thread(scan_vectors_dir, self.state.config.vectors_dir)
 
     def listing(self) -> dict:
         self.require_enabled()
@@ -174,22 +202,27 @@ class ReadoutService:
 
     def default_view(self) -> dict | None:
         """The default steering as a client set it (`steer`, `steer_layers`), or None."""
-        return self.default_steer and {k: self.default_steer[k] for k in ("steer", "steer_layers")}
+        return self.default_steer and {k: self.default_steer[k] for k in ("steer", "steer_layers", "steer_units")}
 
-    def check_steer(self, steer: Any, steer_layers: Any) -> list:
+    def check_steer(self, steer: Any, steer_layers: Any, steer_units: Any = None) -> list:
         try:
-            return check_steer(flat_steer(steer), steer_layers, self.shapes())
+            check_steer_size(steer, steer_layers)  # before flat_steer copies a dict of any size
+            return check_steer(flat_steer(steer), steer_layers, self.shapes(), steer_units, self.calibrated())
         except SteeringError as exc:
             raise HTTPException(400, str(exc)) from None
 
     def shapes(self) -> dict[str, tuple[list[str], list[int]]]:
         return {name: (b["concepts"], b["layers"]) for name, b in self.banks.items()}
 
+    def calibrated(self) -> frozenset[str]:
+        """The loaded banks that read calibrated scores and steer in natural units by default."""
+        return frozenset(name for name, b in self.banks.items() if b.get("calibrated"))
+
     def set_default(self, req: DefaultSteering) -> dict:
         self.require_enabled()
-        steer = flat_steer(req.steer)
-        terms = self.check_steer(steer, req.steer_layers)
-        self.default_steer = {"steer": steer, "steer_layers": req.steer_layers, "terms": terms}
+        terms = self.check_steer(req.steer, req.steer_layers, req.steer_units)
+        self.default_steer = {"steer": flat_steer(req.steer), "steer_layers": req.steer_layers,
+                              "steer_units": req.steer_units, "terms": terms}
         return self.default_view()
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -211,6 +244,12 @@ class ReadoutService:
         fields = {}
         for name in READOUT_FIELDS:
             values = [src.pop(name) for src in (xargs, extra) if name in src]
+            if name in ("steer", "steer_layers"):
+                for value in values:  # the size first: nothing below may walk 3,000,000 terms
+                    try:
+                        check_steer_size(*((value, None) if name == "steer" else (None, value)))
+                    except SteeringError as exc:
+                        raise HTTPException(400, str(exc)) from None
             if len(values) == 2 and flat_steer(values[0]) != flat_steer(values[1]):
                 raise HTTPException(400, f"{name} is given both in vllm_xargs and in the body, differently")
             if values and values[0] is not None:
@@ -219,15 +258,18 @@ class ReadoutService:
         encoding = encodings[0] if encodings else "json"
         if encoding not in ("json", "base64"):
             raise HTTPException(400, f"readout_encoding must be 'json' or 'base64', got {encoding!r}")
-        if "steer" not in fields and "steer_layers" in fields:
-            raise HTTPException(400, "steer_layers without steer")
+        for name in ("steer_layers", "steer_units"):
+            if "steer" not in fields and name in fields:
+                raise HTTPException(400, f"{name} without steer")
         if "steer" not in fields and self.default_steer is not None:
             fields["steer"] = self.default_steer["steer"]
-            if self.default_steer["steer_layers"] is not None:
-                fields["steer_layers"] = self.default_steer["steer_layers"]
+            for name in ("steer_layers", "steer_units"):
+                if self.default_steer[name] is not None:
+                    fields[name] = self.default_steer[name]
         if fields.get("steer") == []:  # an explicit "no steering", also against a default
             fields.pop("steer")
             fields.pop("steer_layers", None)
+            fields.pop("steer_units", None)
         signals = fields.pop("signals", False)
         if not isinstance(signals, bool):
             raise HTTPException(400, f"signals must be true or false, got {signals!r}")
@@ -243,18 +285,21 @@ class ReadoutService:
         readout = fields.get("readout")
         if readout is not None and (not isinstance(readout, str) or readout not in self.banks):
             raise HTTPException(400, f"readout: no bank {readout!r} is loaded (loaded: {sorted(self.banks)})")
-        terms = self.check_steer(fields["steer"], fields.get("steer_layers")) if "steer" in fields else []
+        terms = (self.check_steer(fields["steer"], fields.get("steer_layers"), fields.get("steer_units"))
+                 if "steer" in fields else [])
         key = uuid.uuid4().hex
         xargs.update(fields, plasticity_key=key)
         request.vllm_xargs = xargs
         if readout is not None or signals:
             salt = f"plasticity-readout-{key}"  # every prompt token must be computed to be scored
         else:
-            spec = [[b, c, coef, list(layers), self.banks[b]["digest"]] for b, c, coef, layers in terms]
+            spec = [[b, c, coef, list(layers), natural, self.banks[b]["digest"]]
+                    for b, c, coef, layers, natural in terms]
             salt = "plasticity-steer-" + hashlib.sha256(json.dumps(sorted(spec)).encode()).hexdigest()[:32]
         if request.cache_salt:
             salt += "-" + hashlib.sha256(request.cache_salt.encode()).hexdigest()[:16]
         request.cache_salt = salt
+        metrics.completion_request(readout=readout is not None or signals, steered=bool(terms))
         return {"key": key, "readout": readout, "signals": signals, "n": request.n or 1, "encoding": encoding}
 
     async def enable(self) -> None:

@@ -12,9 +12,15 @@ forward: the score rows (and signal rows) of requests that asked for them are co
 internal request id and the token's position in the sequence.
 
 Two kinds of bank: concept banks (unit vectors in columns of the tap's `read` table, scored by one matmul,
-at most PLASTICITY_READOUT_CAPACITY concepts in all) and basis banks (standard basis e_a..e_b-1: their
+at most PLASTICITY_READOUT_CAPACITY concepts in all; a calibrated bank's scores are then (raw - c.v) / s with
+both constants per layer and concept fixed at load, one subtraction and one division on the copied block) and basis banks (standard basis e_a..e_b-1: their
 scores are the stream's coordinates, copied from the tap's capture slots, one per layer, so a whole hidden
 state of any width is read in one pass; what `plasticity extract --server` uses).
+
+Nothing here raises into vLLM's step: an error in a request's plan fails that request's readout with the
+reason; any other error before or after the forward (or in the tap during it) is logged, the step runs
+unsteered and unread, and every readout request of the step gets the reason as its `error` (its readout
+stops there; generation goes on, and so does every later step).
 
 The V1 model runner (CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0) lays a step out as contiguous rows per
 request in `input_batch.req_ids` order with bounds in `query_start_loc`; the V2 runner (GPU default in
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -32,11 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_plasticity.contract.bank import capacity_message, free_columns, load_bank
+from vllm_plasticity.contract.bank import (Calibration, calibrated_scores, capacity_message, free_columns, load_bank,
+                                           natural_coefficients)
 from vllm_plasticity.residual_tap import TapBuffers
 from vllm_plasticity.steer_spec import SteeringError, SteerTerm, check_steer
 
 MAX_STORED_REQUESTS = 4096  # scores nobody fetched (client gone) are dropped oldest first beyond this
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -52,6 +62,18 @@ class LoadedBank:
     model: str
     hidden_size: int
     coordinates: range | None = None  # a basis bank's coordinates of the stream (no vectors are held)
+    # Calibrated concept banks: per (layer in `layers` order, concept) c . v and the scale s, float32
+    offset: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    calibration: dict | None = None  # readout.json's "calibration" (how c and s were measured)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.offset is not None
+
+    def natural_coefficient(self, strength: float, layer: int, row: int) -> float:
+        """The raw coefficient that `strength` in natural units is for concept `row` at `layer`."""
+        return float(natural_coefficients(float(strength), float(self.scale[self.layers.index(layer), row])))
 
     def vector(self, layer: int, row: int, device: torch.device) -> torch.Tensor:
         """Concept `row`'s unit vector at `layer` (a basis bank's is built when asked: a full basis of a
@@ -67,7 +89,8 @@ class LoadedBank:
         return {"name": self.name, "concepts": self.concepts, "layers": self.layers, "digest": self.digest,
                 "kind": "concepts" if self.coordinates is None else "basis",
                 ("columns" if self.coordinates is None else "coordinates"): [span.start, span.stop],
-                "source": self.source, "method": self.method, "model": self.model, "hidden_size": self.hidden_size}
+                "source": self.source, "method": self.method, "model": self.model, "hidden_size": self.hidden_size,
+                "calibrated": self.calibrated, **({"calibration": self.calibration} if self.calibrated else {})}
 
 
 @dataclasses.dataclass
@@ -91,6 +114,7 @@ class RequestScores:
     blocks: list[tuple[int, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
     error: str | None = None
     digest: str = ""  # the bank version every score here was read with
+    calibrated: bool = False  # scores are calibrated ((h - c) . v / s), not raw dot products
 
     def take(self) -> tuple[list[int], np.ndarray, np.ndarray]:
         """Positions, their scores (positions, layers, concepts) and signals (positions, signals) collected
@@ -126,15 +150,16 @@ def check_batch_layout(runner) -> None:
 
 def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank],
                      device: torch.device) -> tuple[tuple, dict[int, torch.Tensor]]:
-    """(key identifying the settings and the vectors, layer -> sum of coef * unit vector)."""
+    """(key identifying the settings and the vectors, layer -> sum of coef * unit vector), a natural-unit
+    coef times the concept's scale at each layer."""
     key, total = [], {}
-    for bank_name, concept, coef, layers in terms:
+    for bank_name, concept, coef, layers, natural in terms:
         bank = banks[bank_name]
         row = bank.concepts.index(concept)
         for L in layers:
-            add = coef * bank.vector(L, row, device)
+            add = (bank.natural_coefficient(coef, L, row) if natural else coef) * bank.vector(L, row, device)
             total[L] = total[L] + add if L in total else add
-        key.append((bank.digest, row, coef, layers))
+        key.append((bank.digest, row, coef, natural, layers))
     return tuple(sorted(key)), total
 
 
@@ -153,6 +178,7 @@ class ReadoutEngine:
         self._rows_this_step: set[int] = set()
         self._row_layers: dict[int, frozenset[int]] = {}  # steering row -> layers it steers
         self.stats = {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0}
+        self._logged: set[str] = set()  # failures already logged with their traceback
         check_batch_layout(runner)
         self._original_forward = runner._model_forward
         runner._model_forward = self._model_forward
@@ -160,8 +186,9 @@ class ReadoutEngine:
     # ---- banks -------------------------------------------------------------------------------------
 
     def load(self, name: str, concepts: list[str], vectors: dict[int, torch.Tensor], *, source: str,
-             method: str = "", model: str = "") -> dict:
-        """Load (or replace) bank `name`: unit rows per layer into free columns of the read table."""
+             method: str = "", model: str = "", calibration: Calibration | None = None) -> dict:
+        """Load (or replace) bank `name`: unit rows per layer into free columns of the read table (and, for
+        a calibrated bank, its per-layer, per-concept offset c . v and scale s, for the loaded layers)."""
         b = self.buffers
         hidden = {v.shape[1] for v in vectors.values()}
         if hidden != {b.hidden_size}:
@@ -191,8 +218,17 @@ class ReadoutEngine:
             digest.update(v.numpy().tobytes())
             unit[L] = v.to(b.read.device)
             b.read[L, columns.start:columns.stop] = unit[L]
+        offset = scale = None
+        if calibration is not None:  # the constants of calibrated_scores, in `sorted(vectors)` layer order
+            at = sorted(vectors)
+            offsets = calibration.offsets({L: unit[L].cpu() for L in at})
+            offset = np.stack([offsets[L].numpy() for L in at]).astype(np.float32)  # (layers, concepts)
+            scale = np.stack([calibration.scale[L].float().numpy() for L in at]).astype(np.float32)
+            digest.update(offset.tobytes())
+            digest.update(scale.tobytes())  # steering in natural units changes with the scale
         bank = LoadedBank(name, list(concepts), sorted(vectors), columns, unit, digest.hexdigest()[:16],
-                          source, method, model, b.hidden_size)
+                          source, method, model, b.hidden_size, offset=offset, scale=scale,
+                          calibration=dict(calibration.info) if calibration is not None else None)
         self.banks[name] = bank
         self._changed()
         return bank.info()
@@ -222,6 +258,9 @@ class ReadoutEngine:
 
     def bank_shapes(self) -> dict[str, tuple[list[str], list[int]]]:
         return {name: (b.concepts, b.layers) for name, b in self.banks.items()}
+
+    def calibrated_banks(self) -> frozenset[str]:
+        return frozenset(name for name, b in self.banks.items() if b.calibrated)
 
     def unload(self, name: str) -> bool:
         bank = self.banks.pop(name, None)
@@ -253,15 +292,49 @@ class ReadoutEngine:
 
     def _model_forward(self, *args, **kwargs):
         t0 = time.perf_counter()
-        self._before_forward()
+        self._guarded(self._before_forward, "before the forward")
         t1 = time.perf_counter()
-        output = self._original_forward(*args, **kwargs)
+        output = self._original_forward(*args, **kwargs)  # vLLM's own errors are vLLM's: not caught here
         t2 = time.perf_counter()
-        self._after_forward()
+        self._guarded(self._after_forward, "after the forward")
         self.stats["steps"] += 1
         self.stats["bookkeeping_s"] += (t1 - t0) + (time.perf_counter() - t2)
         self.stats["forward_s"] += t2 - t1
         return output
+
+    def _guarded(self, bookkeeping, when: str) -> None:
+        """Run one half of the per-step bookkeeping; an error is logged and fails the step's readout
+        requests (_fail_step), never reaches vLLM's step."""
+        try:
+            bookkeeping()
+        except Exception as exc:
+            reason = (f"readout failed in the plugin's per-step bookkeeping ({when}): {type(exc).__name__}: {exc}; "
+                      "this request's readout stops here (generation goes on)")
+            self._log_once(reason, exc)
+            try:
+                self._fail_step(reason)
+            except Exception as again:  # even the cleanup failed: the step must still run
+                self._log_once(f"readout: could not fail the step's requests: {again!r}", again)
+
+    def _fail_step(self, reason: str) -> None:
+        """After an error in the bookkeeping: nothing of this step is steered or read (stale per-token rows
+        must not steer other requests' tokens), and each readout request in it carries `reason` from now on."""
+        b = self.buffers
+        b.read_layers = b.capture_layers = b.steer_layers = frozenset()
+        b.steer_index.zero_()
+        self._step_readouts = []
+        for req_id in list(self.runner.input_batch.req_ids):
+            plan = self._plan(req_id)  # cached, or made now for a request the failed step had not reached
+            if plan is not None and (plan.wants_readout or plan.wants_signals):
+                plan.error = plan.error or reason  # the plan stays cached: later steps add no scores either
+                self._entry(req_id, plan).error = plan.error
+
+    def _log_once(self, message: str, exc: BaseException) -> None:
+        """The traceback once per distinct failure (a fault that repeats every step would flood the log)."""
+        if message not in self._logged:
+            if len(self._logged) < 100:
+                self._logged.add(message)
+            logger.error("plasticity: %s", message, exc_info=exc)
 
     def take_stats(self) -> dict:
         """Steps since the last call, seconds in the forward (tap included) and in this class's own
@@ -298,10 +371,16 @@ class ReadoutEngine:
                                       "scores stop at the replacement (every score returned is from the version "
                                       "the request started with)")
                 if extra.get("steer"):
-                    terms = check_steer(extra["steer"], extra.get("steer_layers"), self.bank_shapes())
+                    terms = check_steer(extra["steer"], extra.get("steer_layers"), self.bank_shapes(),
+                                        extra.get("steer_units"), self.calibrated_banks())
                     plan.steer_row = self._steer_row(*steering_vectors(terms, self.banks, self.buffers.steer.device))
             except SteeringError as exc:
                 plan.error = str(exc)
+            except Exception as exc:  # not the request's fault: log it; its readout fails, the step goes on
+                plan.steer_row = 0
+                plan.error = (f"readout/steering could not be set up for this request: {type(exc).__name__}: "
+                              f"{exc}; it runs unsteered and unread (generation goes on)")
+                self._log_once(plan.error, exc)
         self.plans[req_id] = (self.generation, plan)
         return plan
 
@@ -333,6 +412,8 @@ class ReadoutEngine:
 
     def _before_forward(self) -> None:
         runner, b = self.runner, self.buffers
+        self._step_readouts = []
+        b.failure = None
         req_ids = list(runner.input_batch.req_ids)
         bounds = runner.query_start_loc.np[: len(req_ids) + 1]
         computed = runner.input_batch.num_computed_tokens_cpu
@@ -361,9 +442,11 @@ class ReadoutEngine:
                 del self.plans[req_id]
 
     def _after_forward(self) -> None:
+        b = self.buffers
+        if b.failure is not None:  # the tap caught an error during the forward: this step's scores are not whole
+            raise RuntimeError(f"the residual tap failed during the forward at {b.failure}")
         if not self._step_readouts:
             return
-        b = self.buffers
         # One copy out of the score buffer per step (rows and columns in use), then one slice per bank
         # and a view per request: the per-request work is a lookup and an append.
         tokens = max(stop for _, _, stop, _, _ in self._step_readouts)
@@ -387,17 +470,12 @@ class ReadoutEngine:
                     source, cols = host[[at[L] for L in bank.layers]], bank.columns
                 else:
                     source, cols = host_captured[[at_captured[L] for L in bank.layers]], bank.coordinates
-                block = source[:, token_rows, cols.start:cols.stop].transpose(1, 0, 2)
+                block = source[:, token_rows, cols.start:cols.stop].transpose(1, 0, 2)  # (tokens, layers, concepts)
+                if bank.calibrated:  # (layers, concepts) constants broadcast over the tokens
+                    block = calibrated_scores(block, bank.offset, bank.scale)
             offset = 0
             for req_id, start, stop, first_position, plan in items:
-                entry = self.store.get(req_id)
-                if entry is None:
-                    entry = RequestScores(plan.key, bank.name if bank else "", bank.layers if bank else [],
-                                          bank.concepts if bank else [], digest=bank.digest if bank else "",
-                                          signals=list(b.signal_names) if plan.wants_signals else [])
-                    self.store[req_id] = entry
-                    while len(self.store) > MAX_STORED_REQUESTS:
-                        self.store.popitem(last=False)
+                entry = self._entry(req_id, plan)
                 if plan.error:
                     entry.error = plan.error
                 elif bank is not None or plan.wants_signals:
@@ -407,13 +485,27 @@ class ReadoutEngine:
                     entry.blocks.append((first_position, scores, (signals if plan.wants_signals else none)[start:stop]))
                 offset += stop - start
 
+    def _entry(self, req_id: str, plan: RequestPlan) -> RequestScores:
+        """The request's collected scores, created on its first step (labelled with its bank as planned)."""
+        entry = self.store.get(req_id)
+        if entry is None:
+            bank = plan.readout
+            entry = RequestScores(plan.key, bank.name if bank else "", bank.layers if bank else [],
+                                  bank.concepts if bank else [], digest=bank.digest if bank else "",
+                                  signals=list(self.buffers.signal_names) if plan.wants_signals else [],
+                                  calibrated=bool(bank and bank.calibrated))
+            self.store[req_id] = entry
+            while len(self.store) > MAX_STORED_REQUESTS:
+                self.store.popitem(last=False)
+        return entry
+
     # ---- results -----------------------------------------------------------------------------------
 
     def fetch(self, key: str, final: bool) -> dict[str, dict]:
         """Scores collected for the requests tagged `key`, by internal request id, and forget them.
 
-        {req_id: {"bank", "layers", "concepts", "positions", "scores", "shape", "signals"?, "signal_names"?,
-        "error"?}}, scores as raw little-endian float32 bytes of `shape` (positions, layers, concepts) and
+        {req_id: {"bank", "layers", "concepts", "calibrated", "positions", "scores", "shape", "signals"?,
+        "signal_names"?, "error"?}}, scores as raw little-endian float32 bytes of `shape` (positions, layers, concepts) and
         signals (when asked for) as the same bytes of (positions, signals): msgpack carries bytes cheaply,
         lists of floats slowly. `final` also drops the entries (the response is complete), otherwise only
         the positions returned (streaming).
@@ -424,7 +516,7 @@ class ReadoutEngine:
             positions, scores, signals = entry.take()
             scores = np.ascontiguousarray(scores, dtype="<f4")
             out[req_id] = {"bank": entry.bank, "layers": entry.layers, "concepts": entry.concepts,
-                           "positions": positions, "scores": scores.tobytes(), "shape": list(scores.shape),
+                           "calibrated": entry.calibrated, "positions": positions, "scores": scores.tobytes(), "shape": list(scores.shape),
                            **({"error": entry.error} if entry.error else {})}
             if entry.signals:
                 out[req_id].update(signal_names=entry.signals,
@@ -437,4 +529,5 @@ class ReadoutEngine:
 def read_bank_files(path: Path) -> tuple[list[str], dict[int, torch.Tensor], dict]:
     """Read a bank directory with the contract's loader (one format, one reader)."""
     bank = load_bank(path)
-    return bank.concepts, dict(bank.vectors), {"method": bank.method, "model": bank.model}
+    return bank.concepts, dict(bank.vectors), {"method": bank.method, "model": bank.model,
+                                               "calibration": bank.calibration}

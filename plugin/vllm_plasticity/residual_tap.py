@@ -76,6 +76,9 @@ class TapBuffers:
         self.read_layers: frozenset[int] = frozenset()
         self.read_width = 0
         self.steer_layers: frozenset[int] = frozenset()
+        # Set by the op when tap() raised during this step's forward (the worker clears it before each
+        # step and fails the step's readout requests with it after): never an error into vLLM's forward.
+        self.failure: str | None = None
 
     def tap(self, hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
         n = hidden_states.shape[0]
@@ -165,8 +168,16 @@ def install_buffers_for(vllm_config, num_layers: int, hidden_size: int, capacity
 
 
 def _residual_tap(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-    if _buffers is not None:
+    if _buffers is None:
+        return
+    try:
         _buffers.tap(hidden_states, residual, layer)
+    except Exception as exc:
+        if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise  # a graph captured without the tap would fail silently on every replay: fail at startup
+        # The stream is steered in full or not at all (tap() writes `residual` in one copy); the worker
+        # fails the step's readout with the reason (TapBuffers.failure).
+        _buffers.failure = _buffers.failure or f"layer {layer}: {type(exc).__name__}: {exc}"
 
 
 def _residual_tap_fake(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

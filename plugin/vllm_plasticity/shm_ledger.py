@@ -1,17 +1,21 @@
-"""Shared-memory files a server's processes hold: recorded at start, removed once that server is dead.
+"""Shared-memory files a server's processes hold: recorded at start, removed once that server is gone.
 
-Runs in the API server process (ServerState.start). vLLM's engine core and workers create `/dev/shm`
-files (the `psm_*` broadcast buffers of its message queues, POSIX semaphores `sem.*`) and unlink them on a
-clean exit; a SIGKILL of the server leaves them behind, and their names say nothing about who made them.
+Runs in the API server process (ServerState.start and its exit). vLLM's engine core and workers create
+`/dev/shm` files (the `psm_*` broadcast buffers of its message queues, POSIX semaphores `sem.*`, and at
+tensor-parallel size > 1 on CPU the all-reduce buffers `vllm_dist_<id>-tp:0-[0-1]-cpushm_<rank>`, which
+vLLM never unlinks); a SIGKILL leaves all of them behind, and their names say nothing about who made them.
 So when a server is ready it records, in `<state-dir>/shm-<pid>.json`, the `/dev/shm` files its own
-process tree has mapped or open (read from /proc) and the tree's pids, and at every start it removes the
-files listed by ledgers whose server is gone (and the `sem.loky-<pid>-*` semaphores joblib named after
-one of its dead pids), unless a live process still maps or holds them. Files created later than
-the record (none in vLLM 0.32's steady state) are not covered; the weight arena has its own sweep
-(contract.weights.sweep_stale_arenas).
+process tree has mapped or open (read from /proc) and the tree's pids. Its clean exit removes those files
+(`release_own_files`); every start removes the files listed by ledgers whose server is gone (and the
+`sem.loky-<pid>-*` semaphores joblib named after one of its dead pids). A file a live process still maps
+or holds is never removed, and a ledger stays, listing what is left, until its files are gone: an orphaned
+engine core that still holds them (parent_death.py makes that rare) does not make them leak for good.
+Files created later than the record (none in vLLM 0.32's steady state) are not covered; the weight arena
+has its own sweep (contract.weights.sweep_stale_arenas).
 
-    >>> record_shm_files(state_dir, os.getpid())     # once the engine is up
-    >>> sweep_dead_servers(state_dir)                # at the next start: [removed paths]
+    >>> ledger = record_shm_files(state_dir, os.getpid())   # once the engine is up
+    >>> release_own_files(ledger)                           # at this server's clean exit
+    >>> sweep_dead_servers(state_dir)                       # at the next start: [removed paths]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from vllm_plasticity.contract.files import write_atomically
 from vllm_plasticity.contract.weights import ARENA_PREFIX, SHM_DIR, pid_alive
 
 LEDGER_GLOB = "shm-*.json"
+STDLIB_SHM_PREFIX = "psm_"  # multiprocessing.shared_memory's names (vLLM's message-queue buffers use it)
 PROC = Path("/proc")
 
 
@@ -37,30 +42,78 @@ def record_shm_files(state_dir: Path, pid: int) -> Path:
 
 
 def sweep_dead_servers(state_dir: Path) -> list[Path]:
-    """Remove the files listed by ledgers of servers that are no longer running (and those ledgers)."""
+    """Remove the files listed by ledgers of servers that are no longer running; a ledger goes once none
+    of its files is left (one a live process still holds is kept, and its ledger with it)."""
     dead = []
     for ledger in Path(state_dir).glob(LEDGER_GLOB):
-        try:
-            entry = json.loads(ledger.read_text())
-            pid, names = int(entry["pid"]), [str(n) for n in entry["files"]]
-            pids = [int(p) for p in entry.get("pids", [])]
-        except (OSError, ValueError, KeyError, TypeError):
+        entry = _read(ledger)
+        if entry is None:
             ledger.unlink(missing_ok=True)  # unreadable: nothing it names can be trusted
             continue
-        if not pid_alive(pid):
+        if not pid_alive(entry["pid"]):
             # joblib/loky name their semaphores after the creating process: those of the dead tree's pids.
-            names += [p.name for q in pids if not pid_alive(q) for p in SHM_DIR.glob(f"sem.loky-{q}-*")]
-            dead.append((ledger, names))
+            names = entry["files"] + [p.name for q in entry["pids"] if not pid_alive(q)
+                                      for p in SHM_DIR.glob(f"sem.loky-{q}-*")]
+            dead.append((ledger, entry, names))
     if not dead:
         return []
     held = shm_files_held(all_pids())  # a name reused by a live process is never removed
     removed = []
-    for ledger, names in dead:
-        for name in names:
-            path = SHM_DIR / name
-            if "/" not in name and name not in held and path.exists():
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    for ledger, entry, names in dead:
+        removed += _remove_unheld(ledger, entry, names, held)
+    return removed
+
+
+def release_own_files(ledger: Path) -> list[Path]:
+    """At this server's clean exit (vLLM has stopped its engine by then): remove the files its ledger lists
+    (vLLM unlinks most of them itself; not the tensor-parallel all-reduce buffers), then the ledger. A file
+    a process outside this server's own tree holds is kept, and the ledger with it. Blocks made by Python's
+    `multiprocessing.shared_memory` are left to this tree's resource tracker, which unlinks those still
+    registered when it ends, after this (removing them first makes it warn about each)."""
+    entry = _read(ledger)
+    if entry is None:
+        ledger.unlink(missing_ok=True)
+        return []
+    ours = process_tree(os.getpid())
+    held = shm_files_held([p for p in all_pids() if p not in set(ours)])
+    names = entry["files"]
+    if any(map(_is_resource_tracker, ours)):
+        names = [n for n in names if not n.startswith(STDLIB_SHM_PREFIX)]
+    return _remove_unheld(ledger, entry, names, held)
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        return b"multiprocessing.resource_tracker" in (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _read(ledger: Path) -> dict | None:
+    """{"pid", "files", "pids"} of a ledger; None when it cannot be read or trusted."""
+    try:
+        entry = json.loads(ledger.read_text())
+        return {**entry, "pid": int(entry["pid"]), "files": [str(n) for n in entry["files"]],
+                "pids": [int(p) for p in entry.get("pids", [])]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remove_unheld(ledger: Path, entry: dict, names: list[str], held: set[str]) -> list[Path]:
+    """Unlink each of `names` in /dev/shm unless `held`; rewrite the ledger with what is left, or remove it."""
+    removed, left = [], []
+    for name in dict.fromkeys(names):
+        path = SHM_DIR / name
+        if "/" in name or name in ("", ".", "..") or not os.path.lexists(path):
+            continue
+        if name in held:
+            left.append(name)
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if left:
+        write_atomically(ledger, json.dumps({**entry, "files": left}))
+    else:
         ledger.unlink(missing_ok=True)
     return removed
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
+from vllm_plasticity import metrics
 from vllm_plasticity.contract.messages import Ping, Reply, decode_reply, encode
 from vllm_plasticity.contract.settings import Strict
 
@@ -72,6 +73,8 @@ class TrainerClient:
         self.kill()
         self.state = "starting"
         self.restarts += 1
+        if self.restarts > 1:  # the first start is no restart (as /train/status counts)
+            metrics.trainer_restarted()
         sock_path = self.state_dir / f"trainer-{os.getpid()}-{self.restarts}.sock"
         sock_path.unlink(missing_ok=True)
         self._endpoint = f"ipc://{sock_path}"

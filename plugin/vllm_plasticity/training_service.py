@@ -16,13 +16,25 @@ later request reuses KV computed with the old weights; running requests carry on
 Checkpoints run in the same trainer, under the same lock as jobs, so a sync never overlaps a step: on
 request (POST /checkpoint), after a quiet period with no training (batching many jobs into one write), and
 at clean shutdown (a synchronous request from the API server's exit handler).
+
+A job whose loss diverges ends as `diverged` (the rule: training/plasticity_training/divergence.py) and
+is rolled back by the trainer where it kept a copy; one that was not rolled back holds the automatic
+checkpoints (quiet timer, shutdown), so they never replace the last good checkpoint with its weights,
+until a client asks for one with POST /checkpoint.
+
+A checkpoint name holding another model's weights (its recorded origin differs: checkpoint.py) is never
+overwritten unasked: POST /checkpoint answers 409 (name another path, or send "replace": true), and the
+automatic checkpoints of the default name skip it with a warning (GET /checkpoint's `held` says why)
+until a checkpoint into that name is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import collections
 import itertools
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -35,14 +47,15 @@ from vllm_plasticity.contract.messages import BeginJob, Checkpoint, EndJob, Ping
 from vllm_plasticity.kv_generations import KVGenerations
 from vllm_plasticity.contract.settings import (
     ContextMode, Number, Objective, OptimizerSettings, ParamsFilter, PreferenceSample, PreferenceSettings, Sample, Strict,
-    select_params)
+    sample_length, sample_tokens, select_params)
+from vllm_plasticity import metrics
 from vllm_plasticity.trainer_client import TrainerClient, TrainerUnavailable
 
 MAX_STEPS = 1000  # the schema's ceiling; the server's own limit (PLASTICITY_TRAIN_MAX_STEPS) may be lower
 RECENT_JOBS = 50
 # The one place a trainer failure becomes an HTTP status (contract.messages.ErrorKind).
-HTTP_STATUS: dict[str, int] = {"invalid": 400, "conflict": 409, "rejected": 422, "out_of_memory": 507,
-                               "disk_full": 507, "internal": 500}
+HTTP_STATUS: dict[str, int] = {"invalid": 400, "conflict": 409, "rejected": 422, "diverged": 422,
+                               "out_of_memory": 507, "disk_full": 507, "other_model": 409, "internal": 500}
 
 
 class TrainRequest(Strict):
@@ -57,6 +70,9 @@ class TrainRequest(Strict):
     wait: StrictBool = Field(True, description="answer when the job ends (false: answer with the job id at once)")
     pause: StrictBool = Field(False, description="pause generation around each optimizer step")
     context_mode: ContextMode = "masked"
+    rollback: StrictBool | None = Field(None, description="undo the job if its loss diverges: true keeps a copy of the "
+                                        "trained tensors (refused when it does not fit), null where host memory allows, "
+                                        "false never")
     beta: Number | None = Field(None, description="dpo: strength of the KL constraint (default 0.1)")
     lambda_: Number | None = Field(None, alias="lambda", description="orpo: weight of the odds-ratio term (default 0.1)")
 
@@ -95,10 +111,12 @@ class TrainRequest(Strict):
 
 class CheckpointRequest(Strict):
     path: str | None = Field(None, description="checkpoint name or path inside the checkpoint directory (default: main)")
+    replace: StrictBool = Field(False, description="overwrite a checkpoint that holds another model's weights "
+                                "(refused with 409 otherwise)")
 
 
 class TrainJob:
-    """One /train request's life: queued, running, then succeeded, failed, rejected or cancelled."""
+    """One /train request's life: queued, running, then succeeded, failed, rejected, diverged or cancelled."""
 
     def __init__(self, request: TrainRequest, number: int) -> None:
         self.id = f"train-{number}-{uuid.uuid4().hex[:6]}"
@@ -113,6 +131,8 @@ class TrainJob:
         self.skipped_zero_weight = 0
         self.preference_steps: list[dict] = []  # orpo, dpo: chosen/rejected log-probs and margin per step
         self.weight_version: int | None = None
+        self.rollback_bytes = 0  # host memory the trainer kept to undo this job if it diverged
+        self.rolled_back: bool | None = None  # diverged jobs: whether the trained tensors were restored
         self.error: str | None = None
         self.http_status = 200
         self.created = time.time()
@@ -130,12 +150,13 @@ class TrainJob:
                 "steps": len(self.losses), "losses": self.losses, **preference,
                 "tokens": self.tokens, "weight_version": self.weight_version,
                 "skipped_duplicates": self.skipped_duplicates, "skipped_zero_weight": self.skipped_zero_weight,
+                **({"rolled_back": self.rolled_back} if self.rolled_back is not None else {}),
                 **({"error": self.error} if self.error else {})}
 
     def detail(self) -> dict:
         return {**self.summary(), "requested_steps": self.request.steps, "samples": len(self.request.samples),
                 "step_seconds": self.step_seconds, "publish_seconds": self.publish_seconds,
-                "repack_seconds": self.repack_seconds, "created": self.created, "started": self.started,
+                "repack_seconds": self.repack_seconds, "rollback_bytes": self.rollback_bytes, "created": self.created, "started": self.started,
                 "finished": self.finished}
 
 
@@ -144,7 +165,8 @@ class TrainingService:
 
     def __init__(self, engine_client, trainer: TrainerClient, vocab_size: int, max_model_len: int,
                  checkpoint_dir: Path, quiet_seconds: float = 600.0, allow_model_dir: bool = False,
-                 limits: TrainLimits = TrainLimits(), param_names: list[str] = (), repack=None) -> None:
+                 limits: TrainLimits = TrainLimits(), param_names: list[str] = (), repack=None,
+                 checkpoint_max_names: int | None = None) -> None:
         self.engine_client, self.trainer = engine_client, trainer
         # async (trained names) -> {"layers", "seconds"}: on a CPU server with packed kernels, the worker packs
         # the layers a step wrote again (cpu_repack.py); None where the served kernels read the weights in place
@@ -154,6 +176,13 @@ class TrainingService:
         self.param_names = list(param_names)  # the served weights' names (weight manifest): filters are checked on them
         self._job_numbers = itertools.count(1)
         self.checkpoint_dir, self.quiet_seconds, self.allow_model_dir = Path(checkpoint_dir), quiet_seconds, allow_model_dir
+        self.checkpoint_max_names = checkpoint_max_names  # PLASTICITY_CHECKPOINT_MAX_NAMES
+        # Why the automatic checkpoints are held: the served weights come from a diverged job that was not
+        # rolled back. Cleared by a checkpoint a client asks for (POST /checkpoint).
+        self.checkpoints_held: str | None = None
+        # Why the automatic checkpoints skip the default name: it holds another model's weights. Cleared when a
+        # checkpoint into that name is written (POST /checkpoint with "replace": true).
+        self.default_name_taken: str | None = None
         self.trainer_lock = asyncio.Lock()  # a job or a checkpoint holds the trainer, never both
         self.checkpointed_version: int | None = None  # weight version of the last checkpoint
         self.next_checkpoint_at: float | None = None
@@ -177,6 +206,7 @@ class TrainingService:
             await self.trainer.ensure_started()
             # The weights served at start are already on disk (the model, or the checkpoint served).
             self.weight_version = self.checkpointed_version = (await self.trainer.request(Ping())).weight_version
+            metrics.weight_version(self.weight_version)
         except Exception:  # reported through /train/status; the next job retries
             pass
 
@@ -185,6 +215,7 @@ class TrainingService:
         state reports a lower one; the trainer adopts ours, see the checkpoint and begin_job messages)."""
         if version is not None:
             self.weight_version = max(self.weight_version or 0, version)
+            metrics.weight_version(self.weight_version)
         return self.weight_version
 
     def validate(self, req: TrainRequest) -> None:
@@ -196,7 +227,7 @@ class TrainingService:
         if len(req.samples) > lim.max_samples:
             raise HTTPException(400, f"{len(req.samples)} samples is more than this server's limit {lim.max_samples} "
                                      "per request (PLASTICITY_TRAIN_MAX_SAMPLES)")
-        tokens = sum(len(s.context_ids) * len(s.sequences()) + sum(map(len, s.sequences())) for s in req.samples)
+        tokens = sum(map(sample_tokens, req.samples))
         if tokens > lim.max_tokens:
             raise HTTPException(400, f"{tokens} tokens (context + continuation, all samples) is more than this "
                                      f"server's limit {lim.max_tokens} per request (PLASTICITY_TRAIN_MAX_TOKENS)")
@@ -210,7 +241,7 @@ class TrainingService:
             bad = [t for t in s.context_ids + [t for seq in s.sequences() for t in seq] if not 0 <= t < self.vocab_size]
             if bad:
                 raise HTTPException(400, f"samples[{i}]: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-            longest = len(s.context_ids) + max(map(len, s.sequences()))
+            longest = sample_length(s)
             if longest > self.max_model_len:
                 raise HTTPException(400, f"samples[{i}]: context + continuation is {longest} tokens, "
                                          f"more than the model's maximum length {self.max_model_len}")
@@ -236,6 +267,7 @@ class TrainingService:
             self._cancelled(job)
             job.finished = time.time()
             job.done.set()
+            metrics.job_ended(job.status)
         return job.summary()
 
     @staticmethod
@@ -257,6 +289,7 @@ class TrainingService:
                 job.status, job.error, job.http_status = "failed", f"{type(exc).__name__}: {exc}", 500
             finally:
                 job.finished = time.time()
+                metrics.job_ended(job.status)
                 self.current = None
                 job.done.set()
 
@@ -276,13 +309,15 @@ class TrainingService:
             return
         self.trainer.state = "busy"
         try:
+            # A BeginJob that fails opens nothing in the trainer (all or nothing), so only an open job is ended.
             begin = await self._trainer_request(BeginJob(
                 samples=req.samples, objective=req.objective, preference=req.preference,
                 optimizer=req.optimizer, params=req.params, force=req.force,
-                context_mode=req.context_mode, weight_version=self.weight_version or 0))
+                context_mode=req.context_mode, weight_version=self.weight_version or 0, rollback=req.rollback))
             job.tokens, job.skipped_duplicates, job.skipped_zero_weight = (begin.tokens, begin.skipped_duplicates,
                                                                            begin.skipped_zero_weight)
-            success = False
+            job.rollback_bytes = begin.rollback_bytes
+            success, end = False, None
             try:
                 for _ in range(req.steps if begin.samples else 0):
                     if job.cancel_requested:
@@ -291,11 +326,7 @@ class TrainingService:
                         await self.engine_client.pause_generation(mode="keep", clear_cache=False)
                     try:
                         reply = await self._trainer_request(Step())
-                        if self.repack is not None:  # the served kernels take the new weights, between two engine steps
-                            job.repack_seconds.append((await self.repack(begin.trained))["seconds"])
-                        t0 = time.perf_counter()
-                        self.kv_generations.publish()  # later requests never reuse KV from before the step
-                        job.publish_seconds.append(time.perf_counter() - t0)
+                        await self._publish(job, begin.trained)
                     finally:
                         if req.pause:
                             await self.engine_client.resume_generation()
@@ -304,24 +335,57 @@ class TrainingService:
                         job.preference_steps.append({"chosen_logp": reply.chosen_logp,
                                                      "rejected_logp": reply.rejected_logp, "margin": reply.margin})
                     job.step_seconds.append(reply.seconds)
+                    metrics.train_step(reply.seconds, reply.loss, reply.tokens)
                     job.weight_version = self._advance_version(reply.weight_version)
                 success = not job.cancel_requested
+            except TrainerError as exc:
+                if exc.kind == "diverged":
+                    job.rolled_back = False
+                    job.error = f"{exc}; not rolled back: {begin.rollback_note or 'no copy was kept'}"
+                raise
             finally:
                 if self.trainer.alive():
                     end = await self._trainer_request(EndJob(success=success))
                     job.weight_version = self._advance_version(end.weight_version)
+                    if end.rolled_back:  # the restore wrote the weights: serve and publish them like a step
+                        await self._publish(job, begin.trained)
+                        job.rolled_back = True
             if job.cancel_requested:
                 self._cancelled(job)
             else:
                 job.status = "succeeded"
         except TrainerError as exc:  # refused: nothing of that request changed (earlier steps stay)
-            job.status = "rejected" if not job.losses else "failed"
-            job.error, job.http_status = str(exc), HTTP_STATUS[exc.kind]
+            if exc.kind == "diverged":
+                job.status, job.http_status = "diverged", HTTP_STATUS[exc.kind]
+                self._diverged(job, str(exc))
+            else:
+                # a failure (out of memory, a bug) fails the job; a refusal before any step rejects it
+                job.status = "rejected" if not job.losses and exc.kind not in ("out_of_memory", "internal") else "failed"
+                job.error, job.http_status = str(exc), HTTP_STATUS[exc.kind]
         except TrainerUnavailable as exc:
             job.status, job.error, job.http_status = "failed", str(exc), 503
         finally:
             if self.trainer.state == "busy":
                 self.trainer.state = "ready"
+
+    async def _publish(self, job: TrainJob, trained: list[str]) -> None:
+        """The trainer wrote the weights (a step, a rollback): the served kernels take them, and later
+        requests never reuse KV computed before."""
+        if self.repack is not None:  # the served kernels take the new weights, between two engine steps
+            job.repack_seconds.append((await self.repack(trained))["seconds"])
+        t0 = time.perf_counter()
+        self.kv_generations.publish()
+        job.publish_seconds.append(time.perf_counter() - t0)
+
+    def _diverged(self, job: TrainJob, reason: str) -> None:
+        if job.rolled_back:
+            job.error = (f"{reason}; rolled back: the trained tensors and the optimizer state are those of the "
+                         f"job's start (as weight version {job.weight_version})")
+            return
+        job.error = job.error or reason
+        self.checkpoints_held = (f"the served weights come from {job.id}, which diverged and was not rolled back; "
+                                 "scheduled and shutdown checkpoints are held until POST /checkpoint")
+        job.error += f"; {self.checkpoints_held}"
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -342,19 +406,34 @@ class TrainingService:
                                      "(give a name or a path below it)")
         return target
 
-    def _checkpoint_message(self, target: Path) -> Checkpoint:
+    def _checkpoint_message(self, target: Path, replace: bool = False) -> Checkpoint:
         return Checkpoint(target=str(target), allowed_root=str(self.checkpoint_dir.resolve()),
-                          allow_model_dir=self.allow_model_dir, weight_version=self.weight_version or 0)
+                          allow_model_dir=self.allow_model_dir, weight_version=self.weight_version or 0,
+                          max_names=self.checkpoint_max_names, replace=replace)
 
-    async def checkpoint(self, path: str | None = None, reason: str = "request") -> dict:
+    @property
+    def automatic_held(self) -> str | None:
+        """Why the automatic checkpoints (quiet timer, shutdown) are not written now, or None."""
+        return "; ".join(filter(None, (self.checkpoints_held, self.default_name_taken))) or None
+
+    def _default_name_refused(self, error: str) -> None:
+        self.default_name_taken = f"automatic checkpoints are skipped: {error}"
+        print(f"plasticity: WARNING: {self.default_name_taken}", file=sys.stderr, flush=True)
+
+    async def checkpoint(self, path: str | None = None, reason: str = "request", replace: bool = False) -> dict:
         target = self.checkpoint_target(path)
+        default = target == self.checkpoint_target(None)
         async with self.trainer_lock:
             try:
                 await self.trainer.ensure_started()
-                written = await self.trainer.request(self._checkpoint_message(target))
+                written = await self.trainer.request(self._checkpoint_message(target, replace))
             except TrainerUnavailable as exc:
+                metrics.checkpoint_failed()
                 raise HTTPException(503, f"checkpoint not written: {exc}") from exc
             except TrainerError as exc:
+                metrics.checkpoint_failed()
+                if exc.kind == "other_model" and default:
+                    self._default_name_refused(str(exc))
                 raise HTTPException(HTTP_STATUS[exc.kind], f"checkpoint not written: {exc}") from None
         reply = written.model_dump()
         self.checkpointed_version = self._advance_version(written.weight_version)
@@ -363,13 +442,18 @@ class TrainingService:
         self.checkpoint_totals["checkpoints"] += 1
         self.checkpoint_totals["bytes_written"] += written.bytes_written
         self.checkpoint_totals["seconds"] += written.seconds
+        metrics.checkpoint_written(written.seconds, written.bytes_written)
+        if reason == "request":  # asked for: these weights are the client's choice, automatic ones resume
+            self.checkpoints_held = None
+        if default:  # the default name holds this model's weights now
+            self.default_name_taken = None
         return reply
 
     async def _checkpoint_scheduler(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             due = self.next_checkpoint_at is not None and time.time() >= self.next_checkpoint_at
-            if due and self.dirty and self.current is None and self.queue.empty():
+            if due and self.dirty and self.current is None and self.queue.empty() and not self.automatic_held:
                 try:
                     await self.checkpoint(reason="scheduled")
                 except HTTPException as exc:  # reported in GET /checkpoint; retried after another quiet period
@@ -380,24 +464,32 @@ class TrainingService:
         """Synchronous, for the API server's exit handler: write a checkpoint if training changed weights."""
         if not self.dirty or not self.trainer.alive() or self.current is not None:
             return
+        if self.automatic_held:
+            print(f"plasticity: no checkpoint at exit: {self.automatic_held}", file=sys.stderr, flush=True)
+            return
         import zmq
 
-        from vllm_plasticity.contract.messages import encode
+        from vllm_plasticity.contract.messages import decode_reply, encode
 
         ctx = zmq.Context()
         sock = ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.trainer.endpoint)
-            sock.send(encode(self._checkpoint_message(self.checkpoint_target(None))))
+            message = self._checkpoint_message(self.checkpoint_target(None))
+            sock.send(encode(message))
             if sock.poll(int(timeout * 1000)):
-                sock.recv()
+                try:
+                    decode_reply(message, sock.recv())
+                except TrainerError as exc:  # refused (another model's checkpoint, a full disk): say so
+                    print(f"plasticity: no checkpoint at exit: {exc}", file=sys.stderr, flush=True)
         finally:
             sock.close()
             ctx.term()
 
     def checkpoint_status(self) -> dict:
         return {"directory": str(self.checkpoint_dir), "quiet_seconds": self.quiet_seconds, "dirty": self.dirty,
+                "held": self.automatic_held, "max_names": self.checkpoint_max_names,
                 "next_scheduled": self.next_checkpoint_at if self.dirty else None,
                 "last": self.last_checkpoint, "totals": self.checkpoint_totals}
 
@@ -406,6 +498,8 @@ class TrainingService:
         return {"trainer": {"state": t.state, "pid": t.pid, "restarts": max(0, t.restarts - 1),
                             "last_error": t.last_error, "log": str(t.log_path)},
                 "weight_version": self.weight_version,
+                # what one request may ask (clients such as `plasticity train` size their batches by it)
+                "limits": {**dataclasses.asdict(self.limits), "max_model_len": self.max_model_len},
                 "current_job": self.current.id if self.current else None,
                 "queue": [j.id for j in self.jobs.values() if j.status == "queued"],
                 "recent_jobs": [j.summary() for j in reversed(self.jobs.values())][:10]}

@@ -33,7 +33,8 @@ def attach_ui_routes(router: APIRouter) -> None:
     async def page(request: Request) -> FileResponse:
         _require_ui(request)
         return FileResponse(UI_DIR / "index.html", media_type="text/html",
-                            headers={"Cache-Control": "no-cache", "Content-Security-Policy": CSP})
+                            headers={"Cache-Control": "no-cache", "Content-Security-Policy": CSP,
+                                     "X-Frame-Options": "DENY"})
 
     @router.get("/plasticity/ui/{asset}", include_in_schema=False)
     async def asset(asset: str, request: Request) -> FileResponse:
@@ -43,5 +44,9 @@ def attach_ui_routes(router: APIRouter) -> None:
         return FileResponse(UI_DIR / asset, media_type=ASSETS[asset], headers={"Cache-Control": "no-cache"})
 
 
-# Only this server's own scripts, styles and routes: nothing is fetched from elsewhere.
-CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
+# Only this server's own scripts, styles and routes: nothing is fetched from elsewhere. No page may frame
+# this one (frame-ancestors; X-Frame-Options DENY says the same to browsers without CSP 2): a framing site
+# could otherwise trick a user into clicking the page's buttons ("teach" trains the model) under a decoy
+# (clickjacking); they act with the API key the page keeps.
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+       "frame-ancestors 'none'")

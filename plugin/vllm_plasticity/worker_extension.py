@@ -91,13 +91,16 @@ class PlasticityWorkerExtension:
         return engine
 
     def plasticity_readout_load(self, name: str, path: str | None = None, basis: list[int] | None = None,
-                                layers: list[int] | None = None) -> dict:
+                                layers: list[int] | None = None, calibrated: bool = True) -> dict:
         """Load bank `name` from a bank directory (already checked by the API server to lie inside the
-        vectors directory) or, with `basis=[start, stop]`, standard basis rows at `layers`."""
+        vectors directory) or, with `basis=[start, stop]`, standard basis rows at `layers`; `calibrated`
+        False ignores a bank's calibration (raw scores and raw steering)."""
         engine = self._plasticity_readout()
         if basis is not None:
             return engine.load_basis(name, basis[0], basis[1], list(layers or []))
         concepts, vectors, meta = read_bank_files(Path(path))
+        if not calibrated:
+            meta["calibration"] = None
         if layers:
             vectors = {L: v for L, v in vectors.items() if L in set(layers)}
         return engine.load(name, concepts, vectors, source=str(path), **meta)

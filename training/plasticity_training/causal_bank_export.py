@@ -10,6 +10,9 @@ its result JSON, loaded with the package's own `decepticons.loader.load_checkpoi
                         (the T x T `linear_kernel` and its index; the tied readout's alias of the embedding)
     tokenizer files     bytes (ids 0-255 are the byte values, as the package's ByteCodec) when the vocabulary
                         is 256, else the given sentencepiece model; both with a chat template
+    plasticity_files.json  the files written: a later write into the same directory removes only those
+                        (output_dir.py: a non-empty directory that is not a previous write is refused
+                        unless `force`)
 
     >>> from decepticons.models.causal_bank_torch import CausalBankModel
     >>> export_causal_bank(model, "served/my-bank")                       # in memory
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from plasticity_training.output_dir import check_output_dir, install_output_dir
 from vllm_plasticity.architectures.causal_bank_config import check_supported
 
 SKIPPED = ("linear_kernel", "_kernel_time_idx")
@@ -105,11 +109,12 @@ def sentencepiece_tokenizer(model_file: str | os.PathLike, max_length: int):
 
 
 def export_causal_bank(model, out_dir: str | os.PathLike, tokenizer=None, sentencepiece: str | None = None,
-                       dtype: torch.dtype = torch.float32) -> Path:
+                       dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
     """Write `model` (a decepticons CausalBankModel) as a servable directory; returns its path.
 
     The tokenizer: `tokenizer` if given, else bytes for a 256-token vocabulary, else `sentencepiece`.
-    Written to a temporary directory beside `out_dir` and renamed into place (never half-written).
+    Written to a temporary directory beside `out_dir` and renamed into place (never half-written); an
+    existing `out_dir` follows output_dir.py's rule (`force` writes into a directory of other files).
     """
     fields = config_fields(model.config)
     check_supported(fields)
@@ -125,16 +130,21 @@ def export_causal_bank(model, out_dir: str | os.PathLike, tokenizer=None, senten
                if k not in SKIPPED and not k.endswith("._embedding_weight")}
     from vllm_plasticity.architectures.causal_bank_hf import ARCHITECTURE, CausalBankConfig
 
-    return write_model_dir(CausalBankConfig, ARCHITECTURE, fields, vocab, tensors, tokenizer, out_dir, dtype)
+    return write_model_dir(CausalBankConfig, ARCHITECTURE, fields, vocab, tensors, tokenizer, out_dir, dtype,
+                           force=force)
 
 
 def write_model_dir(config_class, architecture: str, fields: dict, vocab_size: int, tensors: dict[str, torch.Tensor],
                     tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, force: bool = False) -> Path:
     """config.json (a project architecture's config class, its fields under `config_class.field`) +
     model.safetensors + tokenizer files in `out_dir`, written beside it and renamed into place (never
-    half-written). `extra` files (name -> text) are written too."""
+    half-written). `extra` files (name -> text) are written too. An existing `out_dir` follows
+    output_dir.py's rule: only a previous write is replaced, unless `force`."""
     from safetensors.torch import save_file
+
+    out_dir = Path(out_dir).expanduser().absolute()
+    check_output_dir(out_dir, force)  # before the work, and again when moving into place
 
     eos = tokenizer.eos_token_id
     config = config_class(vocab_size=vocab_size, **{config_class.field: fields}, eos_token_id=eos, pad_token_id=eos,
@@ -142,7 +152,6 @@ def write_model_dir(config_class, architecture: str, fields: dict, vocab_size: i
     config.architectures = [architecture]
     config.dtype = str(dtype).removeprefix("torch.")
     tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in tensors.items()}
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out_dir.parent))
     try:
@@ -152,9 +161,7 @@ def write_model_dir(config_class, architecture: str, fields: dict, vocab_size: i
         (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": eos}) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        install_output_dir(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,12 +169,14 @@ def write_model_dir(config_class, architecture: str, fields: dict, vocab_size: i
 
 
 def import_causal_bank(checkpoint: str | os.PathLike, out: str | os.PathLike, result_json: str | None = None,
-                       tokenizer: str | None = None) -> Path:
-    """The package's own checkpoint (state dict + result JSON) -> a servable directory at `out`."""
+                       tokenizer: str | None = None, force: bool = False) -> Path:
+    """The package's own checkpoint (state dict + result JSON) -> a servable directory at `out` (refused
+    before loading anything when `out` may not be written: output_dir.py)."""
+    check_output_dir(out, force)
     try:
         from decepticons.loader import load_checkpoint
     except ImportError as exc:
         raise RuntimeError("importing a causal-bank checkpoint needs the reference package: "
                            "pip install 'decepticons[torch]==0.1.3'") from exc
     loaded = load_checkpoint(str(checkpoint), result_json=result_json, tokenizer_path=tokenizer, device="cpu")
-    return export_causal_bank(loaded._model, out, sentencepiece=tokenizer)  # the package keeps its model there
+    return export_causal_bank(loaded._model, out, sentencepiece=tokenizer, force=force)  # the package keeps its model there

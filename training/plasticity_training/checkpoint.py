@@ -18,8 +18,14 @@ On-disk layout of a checkpoint directory (by default a directory of its own, not
         chat_template.jinja, ...    copied from the served model's directory (small known files only)
         plasticity_state/           the caller's extra files (optimizer.safetensors, trainer_state.json):
                                     they flip with the weights, so weights and optimizer never disagree
-        plasticity_checkpoint.json  generation number, layout, state files (written last)
+        plasticity_checkpoint.json  generation number, layout, state files, origin (written last)
       .lock                         flock held by the one writer
+
+Whose checkpoint: the manifest records the weights' origin, the model directory they descend from (a
+checkpoint served and trained on passes its own origin on). A sync into a checkpoint whose origin is
+another is refused (CheckpointOriginError, nothing written) unless the caller passes replace=True: two
+models sharing one checkpoint name never overwrite each other's work unasked, while a server resuming
+from `<checkpoint>/current` writes back into `<checkpoint>`.
 
 Crash safety: copy-on-write at the directory level (two generations and an atomic pointer), no journal.
 A sync writes only the generation `current` does not name (the standby), fsyncs every file and directory
@@ -67,6 +73,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -116,8 +123,17 @@ class CheckpointDiskFullError(CheckpointWriteError):
     """ENOSPC/EDQUOT while writing the standby generation."""
 
 
+class CheckpointOriginError(CheckpointError):
+    """The target is the checkpoint of another model (its recorded origin differs) and replace was not asked."""
+
+
 class CheckpointBusyError(CheckpointError):
     """Another process holds the checkpoint's lock (a sync is running)."""
+
+
+class CheckpointSpaceError(CheckpointError):
+    """Refused before writing anything: the disk has less free space than the files this sync writes whole,
+    or a new checkpoint name would pass the limit on names (`max_names`)."""
 
 
 @dataclasses.dataclass
@@ -220,10 +236,54 @@ def _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir: b
             "write checkpoints to a directory of their own, or pass allow_model_dir=True")
     if target.is_dir() and not allow_model_dir:
         entries = {p.name for p in target.iterdir()}
-        if entries and not entries & {CURRENT, LOCK, *GENERATIONS}:
+        if entries and not _is_ours(entries):
             raise CheckpointPathError(f"{target} is a non-empty directory that is not a plasticity checkpoint "
                                       f"(no {CURRENT!r}, {GENERATIONS[0]!r} or {GENERATIONS[1]!r})")
     return target
+
+
+def _is_ours(entries: set[str]) -> bool:
+    """Whether a directory with these entries was made by sync_checkpoint (complete or not)."""
+    return bool(entries & {CURRENT, LOCK, *GENERATIONS})
+
+
+def count_checkpoints(root: str | os.PathLike) -> int:
+    """The checkpoint names under `root`: directories sync_checkpoint made (not looking inside them)."""
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath != os.fspath(root) and _is_ours(set(dirnames) | set(filenames)):
+            count += 1
+            dirnames.clear()
+        else:
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+    return count
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of `path`."""
+    return shutil.disk_usage(path).free
+
+
+def _check_names(target: Path, allowed_root, max_names: int | None) -> None:
+    if max_names is None or target.is_dir() and _is_ours({p.name for p in target.iterdir()}):
+        return  # no limit, or a name that exists: writing it again adds nothing
+    root = Path(allowed_root).expanduser().resolve() if allowed_root is not None else target.parent
+    existing = count_checkpoints(root) if root.is_dir() else 0
+    if existing >= max_names:
+        raise CheckpointSpaceError(f"{root} already holds {existing} checkpoint names, the limit is {max_names} "
+                                   "(PLASTICITY_CHECKPOINT_MAX_NAMES); write to an existing name or delete one")
+
+
+def _check_space(target: Path, standby: Path, plans: list[FilePlan], small: dict[str, bytes], seeding: bool) -> None:
+    """Refuse, with the figures, a sync whose whole-file writes need more than the free space (a diff write
+    rewrites blocks in place and needs none; the first sync also copies its files to seed the standby)."""
+    whole = sum(p.size for p in plans if not same_layout(standby / p.name, p))
+    needed = whole * (2 if seeding else 1) + sum(map(len, small.values()))
+    free = free_bytes(target)
+    if needed > free:
+        raise CheckpointSpaceError(f"the checkpoint in {target} needs {needed} bytes ({needed / 2**20:.1f} MiB) of new "
+                                   f"files and the disk has {free} bytes ({free / 2**20:.1f} MiB) free; nothing was "
+                                   "written and the previous checkpoint is intact")
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -349,7 +409,8 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
                     allow_model_dir: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
                     seed_standby: bool = True,
                     progress: Callable[[int, int], None] | None = None,
-                    buffers: BufferPool | None = None, changes: ChangeTracker | None = None) -> SyncReport:
+                    buffers: BufferPool | None = None, changes: ChangeTracker | None = None,
+                    max_names: int | None = None, origin: str | None = None, replace: bool = False) -> SyncReport:
     """Write `tensors` (HF name -> tensor, e.g. `hf_tensors(model)`) as the next checkpoint generation.
 
     target_dir: the checkpoint directory (created); load `<target_dir>/current`. It may not be, or be
@@ -365,20 +426,29 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
     buffers: a BufferPool kept by a caller that syncs repeatedly (its window buffers are reused).
     changes: the caller's ChangeTracker: only tensors it reports as stepped since the standby generation
         was written are compared (a one-layer change reads about that layer, not the model).
+    max_names: how many checkpoints `allowed_root` may hold; a new name beyond that is refused.
+    origin: the model directory the weights descend from (default: `model_origin(source_model_dir)`; a
+        caller that serves one model for a long time passes the origin it read at start). Recorded in
+        the manifest; a target whose recorded origin differs is refused unless `replace`.
+    replace: overwrite the checkpoint of another model (its `current` then names these weights).
 
-    Raises CheckpointPathError, CheckpointBusyError, CheckpointDiskFullError, CheckpointWriteError
-    (the previous checkpoint intact in every case) and ValueError for tensors safetensors cannot hold.
+    Raises CheckpointPathError, CheckpointOriginError, CheckpointBusyError, CheckpointSpaceError (a new
+    name past `max_names`, or less free disk than the whole files to write), CheckpointDiskFullError,
+    CheckpointWriteError (the previous checkpoint intact in every case) and ValueError for tensors
+    safetensors cannot hold.
     """
     t0 = time.perf_counter()
     if block_size < 512 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 512, not {block_size}")
     target = _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir)
+    _check_names(target, allowed_root, max_names)
     plans = plan_layout(tensors, block_size, max_shard_bytes)
     index = index_bytes(plans, tensors)
     small, warnings = _read_source_files(source_model_dir)
     extras = _read_extra_files(extra_files or {})
 
     stats, committed = Stats(), False
+    created = not target.exists()
     try:
         target.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(target / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -392,13 +462,25 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
         live = _read_current(target)
         standby = GENERATIONS[1] if live == GENERATIONS[0] else GENERATIONS[0]
         previous = _read_manifest(target / live) if live else None
+        origin = origin or model_origin(source_model_dir)
+        if previous is not None and _origin(previous) != origin and not replace:
+            raise CheckpointOriginError(f"the checkpoint {target.name!r} ({target}) holds another model's weights: "
+                                        f"they descend from {_named(_origin(previous))}, these from {_named(origin)}; "
+                                        "nothing was written and that checkpoint is intact")
         generation = (previous["generation"] + 1) if previous else 1
         manifest = {
             "format": FORMAT, "generation": generation, "created": time.time(), "block_size": block_size,
             "files": {p.name: {"size": p.size, "tensors": len(p.tensors)} for p in plans},
             "state_files": sorted(extras), "source_files": sorted(small),
-            "source_model_dir": str(Path(source_model_dir).resolve()),
+            "source_model_dir": str(Path(source_model_dir).resolve()), "origin": origin,
         }
+        try:
+            _check_space(target, target / standby, plans, {**small, **extras}, live is None and seed_standby)
+        except CheckpointSpaceError:
+            if created:  # leave no empty name behind (it would count against max_names)
+                unlink(target / LOCK)
+                target.rmdir()
+            raise
         changed = changes.since(target, standby) if changes is not None else None
         # Never a wreck on disk: every tensor this sync may write is finite (those it will not touch were
         # checked when they were written; reading 400 MB to check them again cost more than the sync).
@@ -456,6 +538,25 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if _read_manifest(gen) is None:
         raise CheckpointError(f"{path} is not a complete plasticity checkpoint (no {MANIFEST})")
     return gen
+
+
+def model_origin(model_dir: str | os.PathLike) -> str:
+    """The model directory the weights served from `model_dir` descend from: a checkpoint's recorded origin,
+    any other directory itself (resolved, so two paths to one directory are one origin)."""
+    try:
+        return _origin(_read_manifest(resolve_checkpoint(model_dir)))
+    except CheckpointError:
+        return str(Path(model_dir).expanduser().resolve())
+
+
+def _named(origin: str) -> str:
+    # The name first: servers strip absolute paths from the messages clients see.
+    return f"{Path(origin).name!r} ({origin})" if os.path.isabs(origin) else origin
+
+
+def _origin(manifest: dict) -> str:
+    # Checkpoints written before origins were recorded: the directory their weights were read beside.
+    return manifest.get("origin") or manifest.get("source_model_dir") or "an unrecorded model"
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict:

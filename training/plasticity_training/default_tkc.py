@@ -79,7 +79,8 @@ def build_tkc(spec: TKCSpec, out_dir: str | os.PathLike, text: str | None = None
                       text_characters=len(text), build_seconds=round(time.monotonic() - t0, 1))
         out = write_model_dir(TKCConfig, ARCHITECTURE, spec.fields(), BYTE_VOCAB, model.state_dict(),
                               byte_tokenizer(spec.max_seq_len), out_dir,
-                              extra={"plasticity_spec.json": json.dumps(record, indent=1) + "\n"})
+                              extra={"plasticity_spec.json": json.dumps(record, indent=1) + "\n"},
+                              force=True)  # a rebuild of the cache's own entry (one from before manifests has none)
     log(f"[default-model] built {out} in {time.monotonic() - t0:.0f}s"
         + (f", final loss {final_loss:.3f}" if final_loss is not None else ""))
     return out

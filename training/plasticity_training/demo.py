@@ -79,13 +79,17 @@ def main() -> None:
 
         step("6. The served weights are shared memory: change one from this process, no restart")
         weights = map_shared_weights(WeightManifest.from_dict(json.loads(Path(info["weight_manifest"]).read_text())))
-        head = weights["lm_head.weight"]
-        saved = head.clone()
-        head.mul_(-1.0)
-        print(f"  lm_head negated -> {complete(server.url, model, prompt)!r}")
-        head.copy_(saved)
+        # The final norm: every forward reads it in place. (On a CPU training server linear layers, lm_head
+        # included, multiply with packed copies refreshed when a /train step is published: README,
+        # PLASTICITY_CPU_KERNELS.)
+        norm = weights["model.norm.weight"]
+        saved = norm.clone()
+        norm.mul_(-1.0)
+        changed = complete(server.url, model, prompt)
+        print(f"  final norm negated -> {changed!r} (differs: {changed != text})")
+        norm.copy_(saved)
         restored = complete(server.url, model, prompt)
-        print(f"  restored        -> {restored!r} (identical: {restored == text})")
+        print(f"  restored           -> {restored!r} (identical to step 4: {restored == text})")
 
         step("7. Extract concept vectors from amygdala_stories through the server (plasticity extract --server)")
         from plasticity_training.extract import ExtractOptions, run

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from plasticity_training.activations import DEFAULT_LAYERS, POOLINGS, resolve_layers
+from plasticity_training.calibration import CENTRES
 from plasticity_training.corpus import CorpusError, load_corpus
 from plasticity_training.methods import METHODS, TRAJECTORY_METHODS, get_method
 
@@ -31,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # training/plasticity_training/
 
 
 AUTO_RANK_MAX = 64
+CALIBRATIONS = (*CENTRES, "none")  # --calibration: a centre to calibrate on, or none (a raw bank)
 
 
 def auto_subspace_rank(hidden_size: int) -> int:
@@ -53,6 +55,7 @@ class ExtractOptions:
     method: str = "pooled"  # one of methods.METHODS
     layers: str = DEFAULT_LAYERS  # indices, relative depths, or "all" (activations.resolve_layers)
     pooling: str = "mean"  # "mean" over tokens or the "last" token
+    calibration: str = "corpus"  # the centre a calibrated score of 0 stands for: corpus | baselines | none (raw bank)
     skip_tokens: int = 1  # leading positions left out of mean pooling and subspace trajectories
     max_tokens: int | None = None  # truncate texts; None = the model's context, at most 2048
     batch_size: int = 8  # texts per forward pass
@@ -76,12 +79,17 @@ def run(options: ExtractOptions, log=None) -> Path:
         raise ValueError("Invalid source: give --model or --server, not both")
     if options.pooling not in POOLINGS:
         raise ValueError(f"Invalid pooling: {options.pooling!r} (expected one of {', '.join(POOLINGS)})")
+    if options.calibration not in CALIBRATIONS:
+        raise ValueError(f"Invalid calibration: {options.calibration!r} (expected one of {', '.join(CALIBRATIONS)})")
     corpus = load_corpus(options.corpus, options.min_positives, log=log)
     method = get_method(options.method, C=options.C, k=options.subspace_k)
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"Invalid --out {out}: exists and is not a directory")
     n_base = len(corpus.baselines())
+    if options.calibration == "baselines" and not n_base:
+        raise ValueError("Invalid calibration: 'baselines', but the corpus has no baseline texts "
+                         "(paired/<scenario>/baseline.txt); use --calibration corpus")
     log(f"[extract] corpus {corpus.root}: {len(corpus.concepts)} concepts, {len(corpus.texts)} distinct texts "
         f"({n_base} baselines); method {options.method}, pooling {options.pooling}")
 
@@ -97,6 +105,10 @@ def run(options: ExtractOptions, log=None) -> Path:
             from plasticity_training.default_model import default_model_path
 
             model_dir = str(default_model_path(log=log))
+        else:
+            from plasticity_training.pretrained import resolve_model
+
+            model_dir = resolve_model(model_dir, log=log)  # a known pretrained name -> its converted directory
         n_layers = _config_layers(model_dir)
         if n_layers is not None:
             resolve_layers(options.layers, n_layers)  # a bad --layers fails before the weights load
@@ -135,8 +147,24 @@ def run(options: ExtractOptions, log=None) -> Path:
     settings = dict(dataclasses.asdict(options), layers=layers, model=source.model_name,
                     n_texts=len(corpus.texts), n_tokens=sum(acts.n_tokens), truncated=acts.truncated,
                     forward_seconds=round(forward_s, 2))
+    calibration = None
+    if options.calibration != "none":
+        from plasticity_training.calibration import calibrate
+
+        calibrated = calibrate(contrasts, extraction, centre=options.calibration)
+        calibration = calibrated.calibration
+        settings["calibration_spread"] = {str(L): round(v, 6) for L, v in calibrated.spread.items()}
+        for L, names in calibrated.floored.items():
+            log(f"[extract] warning: layer {L}: {len(names)} concept(s) whose own texts do not lie beyond the "
+                f"{options.calibration} mean along their vector; their scale is floored: {', '.join(names[:10])}")
+        settings["calibration_floored"] = {str(L): v for L, v in calibrated.floored.items()}
+        for L in layers:
+            s = calibration.scale[L]
+            log(f"[extract] layer {L}: calibrated on the {options.calibration} mean; scale (natural steering unit) "
+                f"median {float(s.median()):.4g}, range {float(s.min()):.4g}..{float(s.max()):.4g}; texts lie "
+                f"{calibrated.spread[L]:.4g} from the centre (RMS)")
     save_bank(out, extraction.concepts, extraction.vectors, model=source.model_name, method=options.method,
-              extraction=settings)
+              extraction=settings, calibration=calibration)
     log(f"[extract] wrote {out}: {len(extraction.concepts)} concepts x {len(layers)} layer(s) "
         f"in {time.monotonic() - t0:.1f}s")
     if options.report:
@@ -163,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the project's amygdala_stories)")
     ex = src.add_mutually_exclusive_group()
     ex.add_argument("--model", metavar="MODEL_DIR",
-                    help="Hugging Face model directory whose activations to read (default: the built-in model, "
-                         "built on first use)")
+                    help="Hugging Face model directory whose activations to read, or a name from `plasticity "
+                         "pretrained --list` (default: the built-in model, built on first use)")
     ex.add_argument("--server", metavar="URL",
                     help="read activations through a running `plasticity serve` (started with --vectors-dir) so "
                          "the vectors come from exactly the served weights, after /train too; one pass over the "
@@ -187,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per text: mean over its tokens (what the readout sees on average across the text) or "
                         "its last token (default: %(default)s). The subspace method uses the whole trajectory and "
                         "pooling only to orient its vector")
+    m.add_argument("--calibration", choices=CALIBRATIONS, default=d.calibration,
+                   help="store per layer a centre and per concept a scale, so that a score of 0 means 'as the "
+                        "corpus' (or its neutral baselines') texts on average' and 1 'as the concept's own texts on "
+                        "average', and a steering strength of 1 is that separation; none: a raw bank (dot products, "
+                        "raw steering coefficients) (default: %(default)s)")
     m.add_argument("--skip-tokens", type=int, default=d.skip_tokens, metavar="N",
                    help="leading token positions left out of mean pooling and trajectories: position 0 is the "
                         "attention sink with an outsized norm (default: %(default)s)")
@@ -224,13 +257,18 @@ corpus roles: an emotion's positives are its story and its framings; its negativ
 positives and every baseline. Each distinct text is forwarded once. Empty files are skipped with a warning.
 
 output (BANK_DIR):
-  readout.safetensors  layer_<idx>.vectors: [n_concepts, hidden] fp32, unit rows; header metadata
+  readout.safetensors  layer_<idx>.vectors: [n_concepts, hidden] fp32, unit rows; layer_<idx>.centre:
+                       [hidden] and layer_<idx>.scale: [n_concepts] (calibrated banks); header metadata
                        "extraction" holds these options as JSON
-  readout.json         {"concepts", "layers", "hidden_size", "dtype", "model", "method", "created"}
+  readout.json         {"concepts", "layers", "hidden_size", "dtype", "model", "method", "created",
+                        "calibration" (calibrated banks: centre source, pooling)}
   with --report        quality.json (per concept and layer), summary.txt (triage: clean / fragmented /
                        redundant / thin, leave-one-story-out accuracy, valence/arousal correlation),
                        cosine_L<idx>.png, spectrum_L<idx>.png
-  A concept's readout score at layer L is hidden_state_L . vector.
+  A concept's readout score at layer L is (hidden_state_L - centre_L) . vector / scale: 0 = as the centre's
+  texts on average, 1 = as the concept's own texts on average (with --calibration none: hidden_state_L . vector).
+  A steering strength of 1 adds scale * vector (natural units; the server's steer_units "raw" takes a raw
+  coefficient instead).
 
 examples:
   plasticity extract --out banks/emotions --report
@@ -244,15 +282,17 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     options = ExtractOptions(
         out=args.out, corpus=args.corpus, model=args.model, server=args.server, api_key=args.api_key, method=args.method,
-        layers=args.layers, pooling=args.pooling, skip_tokens=args.skip_tokens, max_tokens=args.max_tokens,
+        layers=args.layers, pooling=args.pooling, calibration=args.calibration, skip_tokens=args.skip_tokens,
+        max_tokens=args.max_tokens,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, min_positives=args.min_positives,
         C=args.C, subspace_k=args.subspace_k, subspace_rank=args.subspace_rank, report=args.report,
         loso=not args.no_loso, progress=not args.no_progress)
     from plasticity_training.activations import ServerUnavailableError
+    from plasticity_training.pretrained import PretrainedError
 
     try:
         out = run(options)
-    except (CorpusError, ServerUnavailableError, ValueError) as e:
+    except (CorpusError, ServerUnavailableError, PretrainedError, ValueError) as e:
         print(f"plasticity extract: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(out)

@@ -33,11 +33,11 @@ HANDLERS: dict[type, Callable[[TrainerCore, object], Reply]] = {
     Ping: lambda core, m: Status(**core.status()),
     BeginJob: lambda core, m: JobBegun(**core.begin_job(
         [s.model_dump() for s in m.samples], m.optimizer, m.params, m.force, m.context_mode, m.weight_version,
-        m.objective, m.preference)),
+        m.objective, m.preference, m.rollback)),
     Step: lambda core, m: StepDone(**core.step()),
     EndJob: lambda core, m: JobEnded(**core.end_job(m.success)),
     Checkpoint: lambda core, m: CheckpointWritten(**core.checkpoint(
-        m.target, m.allowed_root, m.allow_model_dir, m.weight_version)),
+        m.target, m.allowed_root, m.allow_model_dir, m.weight_version, m.max_names, m.replace)),
     Shutdown: lambda core, m: core.shutdown() or Acknowledged(),
 }
 

@@ -6,11 +6,16 @@ directly on a private model. Requests arrive validated (contract.settings, contr
 server checked token ids, lengths, settings and the parameter filter at the edge, so nothing here checks
 them again. A refusal raises contract.messages.TrainerError with its kind.
 
-State files in the state directory (each written atomically, contract.files):
+State files, in the served model's own directory under the state directory (state_store.py; each written
+atomically, contract.files):
     trainer_state.json        weight version, step and job counts, hashes of trained samples (dedup)
     optimizer.safetensors     APOLLO state keyed by parameter name ("<name>::<key>")
 Both are also saved inside every checkpoint (checkpoint.py), and restored from it when the served model
-is a checkpoint: weights and optimizer state then always come from the same moment.
+is a checkpoint: weights and optimizer state then always come from the same moment. The weight version's
+high-water mark (state_store.VersionMark) keeps the version from counting backwards across restarts.
+
+A job whose loss diverges stops with the kind `diverged` and, where it kept a copy of what it trains,
+is rolled back to its start at end_job (divergence.py has the rule and the memory cost).
 
     >>> core = TrainerCore(model_dir, map_shared_weights(manifest), state_dir)
     >>> core.begin_job([{"context_ids": [1, 2], "continuation_ids": [3]}], optimizer={"lr": 1e-4})
@@ -30,9 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from plasticity_training import checkpoint as ckpt
+from plasticity_training.divergence import Rollback, divergence
 from plasticity_training.apollo import Apollo, NonFiniteGradientError, NonFiniteUpdateError, flatten_state, unflatten_state
 from plasticity_training.hf_view import build_hf_view
 from plasticity_training.objectives import ObjectiveResult, continuation_logprobs, dpo_loss, orpo_loss, sft_loss
+from plasticity_training.state_store import VersionMark, open_model_state
 from vllm_plasticity.contract.files import write_atomically, write_file_atomically
 from vllm_plasticity.contract.messages import TrainerError
 from vllm_plasticity.contract.settings import (
@@ -77,16 +84,20 @@ class TrainerCore:
 
     def __init__(self, model_path: str | Path, weights: dict[str, torch.Tensor], state_dir: str | Path) -> None:
         self.model_path = Path(model_path)
+        # Read once: a checkpoint served here may be overwritten later, its origin stays this model's.
+        self.origin = ckpt.model_origin(model_path)
         self.model = build_hf_view(model_path, weights)
         self.vocab_size = self.model.config.vocab_size
         self.pad_id = self.model.config.pad_token_id or 0
         # Tied weights appear once; an architecture's never-trained tensors (a frozen substrate) not at all.
         frozen = set(getattr(self.model, "frozen_parameters", ()))
         self.named = {n: p for n, p in self.model.named_parameters() if n not in frozen}
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # state_dir is the server's; this model's files live in a directory of its own inside it
+        self.state_dir = open_model_state(Path(state_dir), model_path, self._optimizer_state_fits)
+        self.version_mark = VersionMark(Path(state_dir))
         self.restored_from = self._restore_from_checkpoint()
         self.state = TrainerState.load(self.state_dir / "trainer_state.json")
+        self.state.weight_version = self.version_mark.starting_version(self.state.weight_version)
         self.trained = set(self.state.trained)
         self.optimizer: Apollo | None = None
         self.checkpoint_buffers = ckpt.BufferPool()  # a sync's window buffers, kept for the next one
@@ -117,6 +128,24 @@ class TrainerCore:
         return generation
 
     # ---- optimizer ---------------------------------------------------------------------------
+    def _optimizer_state_fits(self, path: Path) -> bool:
+        """Whether saved optimizer state could belong to this model: every name is one of its parameters and
+        every moment has the parameter's shape (AdamW) or (its longest side, rank) (APOLLO)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    name, _, kind = key.rpartition("::")
+                    if name not in self.named:
+                        return False
+                    shape, own = tuple(f.get_slice(key).get_shape()), tuple(self.named[name].shape)
+                    if kind.startswith("exp_avg") and shape != own and not (len(shape) == 2 and shape[0] == max(own)):
+                        return False
+        except Exception:  # unreadable: not ours to adopt
+            return False
+        return True
+
     def _ensure_optimizer(self, opt: OptimizerSettings) -> Apollo:
         shape, settings = opt.shape(), opt.model_dump()
         saved = self.state.optimizer_settings
@@ -124,12 +153,18 @@ class TrainerCore:
             if saved is not None and saved != shape:
                 raise TrainerError("conflict", f"optimizer state exists with {saved}; this job asks {shape} "
                                                "(rank and mini are fixed once state exists)")
-            self.optimizer = Apollo(list(self.named.items()), **settings)
+            optimizer = Apollo(list(self.named.items()), **settings)
             path = self.state_dir / "optimizer.safetensors"
             if path.exists():
                 from safetensors.torch import load_file
 
-                self.optimizer.load_named_state_dict(unflatten_state(load_file(path)))
+                try:
+                    optimizer.load_named_state_dict(unflatten_state(load_file(path)))
+                except ValueError as exc:  # a file that does not belong to these weights: refuse, keep it
+                    raise TrainerError("conflict", f"the optimizer state in {path} does not fit the served model "
+                                       f"({exc}); move that file away to start fresh, or serve with another "
+                                       "--state-dir") from None
+            self.optimizer = optimizer
             self.state.optimizer_settings = shape
         elif saved != shape:
             raise TrainerError("conflict", f"optimizer state exists with {saved}; this job asks {shape} "
@@ -144,12 +179,16 @@ class TrainerCore:
     def begin_job(self, samples: list[dict], optimizer: OptimizerSettings | dict | None = None,
                   params: ParamsFilter | dict | None = None, force: bool = False, context_mode: ContextMode = "masked",
                   weight_version: int = 0, objective: Objective = "sft",
-                  preference: PreferenceSettings | dict | None = None) -> dict:
+                  preference: PreferenceSettings | dict | None = None, rollback: bool | None = None) -> dict:
         """Open a job: choose the parameters that train, build or reuse the optimizer, drop samples trained
-        on before (unless `force`) and samples of weight 0, and for DPO fix the reference log-probs (the
-        weights as they are now, where the client gave none). Samples are dicts: {"context_ids",
-        "continuation_ids"} for sft, {"context_ids", "chosen_ids", "rejected_ids"} for orpo and dpo, each
-        with an optional "weight" (default 1)."""
+        on before (unless `force`) and samples of weight 0, for DPO fix the reference log-probs (the
+        weights as they are now, where the client gave none), and keep the rollback copy (`rollback`:
+        True always, refused when it does not fit; None where it fits; False never). Samples are dicts:
+        {"context_ids", "continuation_ids"} for sft, {"context_ids", "chosen_ids", "rejected_ids"} for orpo
+        and dpo, each with an optional "weight" (default 1).
+
+        All or nothing: the job is open only once everything above succeeded, so any failure here (a
+        reference forward out of memory included) leaves the trainer ready for the next job."""
         if self.job is not None:
             raise TrainerError("conflict", "a job is already running in the trainer")
         if objective != "sft" and context_mode != "masked":
@@ -173,14 +212,31 @@ class TrainerCore:
         for name, p in self.named.items():
             p.requires_grad_(name in selected_set)
         conts = ("continuation_ids",) if objective == "sft" else ("chosen_ids", "rejected_ids")
-        self.job = {"samples": keep, "hashes": [h for _, h in fresh], "context_mode": context_mode,
-                    "objective": objective, "preference": preference,
-                    "tokens": sum(len(s[k]) for s in keep for k in conts)}
+        job = {"samples": keep, "hashes": [h for _, h in fresh], "context_mode": context_mode,
+               "objective": objective, "preference": preference, "steps": 0, "start_loss": None,
+               "diverged": None, "rollback": None,
+               "tokens": sum(len(s[k]) for s in keep for k in conts)}
         if objective == "dpo" and keep:
-            self.job["reference"] = self._dpo_reference(keep)
-        return {"samples": len(keep), "tokens": self.job["tokens"], "skipped_duplicates": len(weighted) - len(keep),
+            job["reference"] = self._dpo_reference(keep)
+        note, nbytes = None, 0
+        if keep and rollback is not False:
+            trained = {name: self.named[name] for name in selected}
+            nbytes = Rollback.bytes_needed(trained, self.optimizer.state_bytes())
+            fits, figures = Rollback.fits(nbytes)
+            if fits:
+                job["rollback"] = Rollback(trained, self.optimizer.named_state_dict())
+            elif rollback:
+                raise TrainerError("out_of_memory", f"rollback needs a host-memory copy of the trained tensors and "
+                                   f"the optimizer state: {figures}; send \"rollback\": false, or train fewer "
+                                   "parameters (params filter)")
+            else:
+                note = f"no copy was kept, it would not fit host memory ({figures})"
+        elif keep:
+            note = "the job asked for rollback: false"
+        self.job = job
+        return {"samples": len(keep), "tokens": job["tokens"], "skipped_duplicates": len(weighted) - len(keep),
                 "skipped_zero_weight": len(samples) - len(weighted), "parameters": len(selected),
-                "trained": list(selected)}
+                "trained": list(selected), "rollback_bytes": nbytes if job["rollback"] else 0, "rollback_note": note}
 
     @torch.no_grad()
     def _dpo_reference(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,27 +301,52 @@ class TrainerCore:
         if not self.job["samples"]:
             return {"loss": None, "tokens": 0, "weight_version": self.state.weight_version, "seconds": 0.0}
         t0 = time.perf_counter()
+        job = self.job
         self.optimizer.zero_grad(set_to_none=True)
-        result = self._objective(self.job)
+        result = self._objective(job)
         loss = result.loss
-        if not torch.isfinite(loss):
-            raise TrainerError("rejected", f"non-finite loss ({loss.item()}); step rejected, weights unchanged")
+        if job["steps"] == 0:  # the weights as the job found them: a non-finite loss is theirs, not the job's
+            if not torch.isfinite(loss):
+                raise TrainerError("rejected", f"non-finite loss ({loss.item()}); step rejected, weights unchanged")
+            job["start_loss"] = loss.item()
+        else:
+            self._refuse_if_diverged(divergence(job["start_loss"], loss.item(), job["steps"] + 1))
         loss.backward()
         try:
             self.optimizer.step()  # checks every gradient and every updated value before it touches any weight
         except (NonFiniteGradientError, NonFiniteUpdateError) as exc:
             self.optimizer.zero_grad(set_to_none=True)
+            if job["steps"]:
+                self._refuse_if_diverged(f"step {job['steps'] + 1}: {exc}")
             raise TrainerError("rejected", f"{exc}; step rejected, weights unchanged") from exc
         self.optimizer.zero_grad(set_to_none=True)
         self.checkpoint_changes.stepped(name for name, p in self.named.items() if p.requires_grad)
-        self.state.weight_version += 1
+        job["steps"] += 1
+        self._new_version()
         self.state.total_steps += 1
         return {"loss": loss.item(), "tokens": self.job["tokens"], "weight_version": self.state.weight_version,
                 "seconds": time.perf_counter() - t0, "chosen_logp": result.chosen_logp,
                 "rejected_logp": result.rejected_logp, "margin": result.margin}
 
+    def _refuse_if_diverged(self, reason: str | None) -> None:
+        if reason is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.job["diverged"] = reason
+            raise TrainerError("diverged", f"diverged: {reason}; the step was not taken")
+
+    def _new_version(self) -> None:
+        """The weights changed: the next version, covered by the high-water mark before anyone sees it."""
+        self.state.weight_version += 1
+        self.version_mark.reach(self.state.weight_version)
+
     def end_job(self, success: bool = True) -> dict:
+        """Close the job: record its samples (success), or roll a diverged job back where it kept a copy."""
         job, self.job = self.job, None
+        rolled_back = False
+        if job is not None and job["diverged"] and job["rollback"] is not None and job["steps"]:
+            self.checkpoint_changes.stepped(job["rollback"].restore(self.named, self.optimizer))
+            self._new_version()  # other weights than the last step's: a new version (never an old number)
+            rolled_back = True
         if job is not None and success:
             self.state.total_jobs += 1
             self.state.total_tokens += job["tokens"]
@@ -274,7 +355,7 @@ class TrainerCore:
                     self.trained.add(h)
                     self.state.trained.append(h)
         self.save_state()
-        return {"weight_version": self.state.weight_version}
+        return {"weight_version": self.state.weight_version, "rolled_back": rolled_back}
 
     def shutdown(self) -> None:
         """Before the process exits: an open job ends unrecorded, and all state is saved."""
@@ -290,13 +371,16 @@ class TrainerCore:
             flat = {k: v.contiguous().cpu() for k, v in flatten_state(self.optimizer.named_state_dict()).items()}
             write_file_atomically(self.state_dir / "optimizer.safetensors", lambda p: save_file(flat, str(p)))
         self.state.save(self.state_dir / "trainer_state.json")
+        self.version_mark.settle(self.state.weight_version)
 
-    def checkpoint(self, target: str, allowed_root: str, allow_model_dir: bool = False, weight_version: int = 0) -> dict:
+    def checkpoint(self, target: str, allowed_root: str, allow_model_dir: bool = False, weight_version: int = 0,
+                   max_names: int | None = None, replace: bool = False) -> dict:
         """Write the live weights, trainer state and optimizer state as the next checkpoint generation.
 
         Allowed between two steps of a job (the server sends requests one at a time, so the weights are
         those of one whole version). `weight_version` is the server's: a trainer restarted from older saved
-        state adopts it, so a checkpoint is never labelled with a version older than its weights.
+        state adopts it, so a checkpoint is never labelled with a version older than its weights. The
+        checkpoint of another model (another origin) is refused as `other_model` unless `replace`.
         """
         self.state.weight_version = max(self.state.weight_version, weight_version)
         self.save_state()
@@ -305,12 +389,16 @@ class TrainerCore:
         try:
             report = ckpt.sync_checkpoint(ckpt.hf_tensors(self.model), target, self.model_path, extra_files=extra,
                                           buffers=self.checkpoint_buffers, changes=self.checkpoint_changes,
-                                          allowed_root=allowed_root, allow_model_dir=allow_model_dir)
+                                          allowed_root=allowed_root, allow_model_dir=allow_model_dir,
+                                          max_names=max_names, origin=self.origin, replace=replace)
+        except ckpt.CheckpointOriginError as exc:
+            raise TrainerError("other_model", f"{exc}; name another checkpoint (\"path\"), or send \"replace\": true "
+                                              "to overwrite it") from exc
         except ckpt.CheckpointPathError as exc:
             raise TrainerError("invalid", str(exc)) from exc
         except ckpt.CheckpointBusyError as exc:
             raise TrainerError("conflict", str(exc)) from exc
-        except ckpt.CheckpointDiskFullError as exc:
+        except (ckpt.CheckpointDiskFullError, ckpt.CheckpointSpaceError) as exc:
             raise TrainerError("disk_full", str(exc)) from exc
         except ckpt.CheckpointError as exc:
             raise TrainerError("internal", str(exc)) from exc

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import ClassVar
+
+from vllm_plasticity.architectures.config_fields import (
+    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, Ints, OneOf, Real, check_fields, check_vocab_size)
 
 # The reference's defaults (decepticons 0.1.3 CausalBankConfig) for the fields this file reads; a config.json
 # may omit a field only where the reference's default applies.
@@ -25,6 +29,21 @@ DEFAULTS: dict[str, object] = {
     "mix_mode": "additive", "share_embedding": False, "enable_linear": True, "enable_local": True,
     "substrate_mode": "frozen", "state_dim": 0, "state_impl": "scan", "num_heads": 1,
     "tied_readout_normalize": False,
+}
+
+# The type and valid range of every field the model reads (config_fields.py), checked after REFUSED (which
+# names the reason a value is not served) and before the relational rules in check_supported. The choices
+# of substrate_mode, linear_readout_kind and state_impl are REFUSED's.
+FIELDS = {
+    "embedding_dim": Int(1, MAX_WIDTH), "linear_modes": Int(1, MAX_WIDTH), "max_seq_len": Int(1, MAX_LENGTH),
+    "linear_hidden": Ints(1, MAX_WIDTH, 16), "linear_readout_depth": Int(1, MAX_COUNT),
+    # Experts and bands multiply (two modules per expert per band): 64 each bounds the build at 8192 modules.
+    "linear_readout_num_experts": Int(0, 64),  # fewer than 2: an MLP readout, as in this port
+    "readout_bands": Int(1, 64), "band_experts": Ints(0, 64, 64),
+    "local_window": Int(1, MAX_WIDTH), "local_hidden": Ints(1, MAX_WIDTH, 16), "local_scale": Real(-1e6, 1e6),
+    "mix_mode": OneOf(("additive", "gated")), "share_embedding": Flag(), "enable_linear": Flag(),
+    "enable_local": Flag(), "state_dim": Int(0, MAX_WIDTH), "num_heads": Int(1, MAX_COUNT),
+    "tied_readout_normalize": Flag(),
 }
 
 _false = (lambda v: not v, "it off")
@@ -77,6 +96,7 @@ def check_supported(fields: Mapping[str, object]) -> None:
     for name, (accepts, required, why) in REFUSED.items():
         if name in fields and not accepts(fields[name]):
             raise UnsupportedConfig(f"causal_bank.{name}={fields[name]!r} is not supported (needs {required}): {why}")
+    check_fields("causal_bank", fields, FIELDS, UnsupportedConfig)
     value = lambda k: fields.get(k, DEFAULTS[k])
     if not value("enable_linear") and not value("enable_local"):
         raise UnsupportedConfig("causal_bank: enable_linear and enable_local are both off (the reference refuses it too)")
@@ -84,11 +104,19 @@ def check_supported(fields: Mapping[str, object]) -> None:
         if len(tuple(value("linear_hidden"))) != 1:
             raise UnsupportedConfig(f"causal_bank.linear_hidden={value('linear_hidden')!r}: the "
                                     f"{value('linear_readout_kind')} readout takes exactly one hidden width")
+    if value("state_dim") % value("num_heads"):
+        raise UnsupportedConfig(f"causal_bank.state_dim={value('state_dim')} must be a multiple of "
+                                f"causal_bank.num_heads={value('num_heads')} (the reference refuses it too)")
+    if value("enable_linear") and value("readout_bands") > value("linear_modes"):
+        raise UnsupportedConfig(f"causal_bank.readout_bands={value('readout_bands')} is more than "
+                                f"causal_bank.linear_modes={value('linear_modes')}: every band needs a mode")
 
 
 @dataclasses.dataclass(frozen=True)
 class CausalBankShape:
     """The sizes a served causal bank needs, from its `causal_bank` fields (after `check_supported`)."""
+
+    MODULES: ClassVar[str] = "vllm_plasticity.architectures.causal_bank_modules:CausalBankModules"  # its builder (footprint.py)
 
     vocab_size: int
     embedding_dim: int
@@ -102,6 +130,7 @@ class CausalBankShape:
     @classmethod
     def from_fields(cls, fields: Mapping[str, object], vocab_size: int) -> "CausalBankShape":
         check_supported(fields)
+        check_vocab_size("causal_bank", vocab_size, UnsupportedConfig)
         value = lambda k: fields.get(k, DEFAULTS[k])
         linear, local = bool(value("enable_linear")), bool(value("enable_local"))
         heads = max(int(value("num_heads")), 1)

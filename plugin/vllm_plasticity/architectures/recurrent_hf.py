@@ -22,6 +22,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from vllm_plasticity.architectures.footprint import require_fits_in_host_memory
+
 
 class RecurrentConfig(PretrainedConfig):
     """config.json of a project recurrent architecture: its own fields live under `field` (a dict).
@@ -70,6 +72,7 @@ class RecurrentForCausalLM(PreTrainedModel):
 
     def __init__(self, config: RecurrentConfig) -> None:
         super().__init__(config)
+        require_fits_in_host_memory(config.shape)  # refused with the figure before anything is allocated
         self.build(config.shape)
         self.layers = nn.ModuleList([StreamLayer(self)])
         self.post_init()

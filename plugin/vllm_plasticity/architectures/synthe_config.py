@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import ClassVar
+
+from vllm_plasticity.architectures.config_fields import (
+    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, OneOf, Real, check_fields, check_vocab_size)
 
 DEFAULTS: dict[str, object] = {
     "d_model": 512, "n_blocks": 8, "state_dim": 128, "wiener_state_dim": 64, "n_heads": 8, "ffn_expand": 2.67,
@@ -32,6 +36,19 @@ DEFAULTS: dict[str, object] = {
 }
 PROBE_GATES = ("causal", "always", "never")
 MAX_WIENER_STATE = 96  # the reference caps the Kalman state per head here (WienerCore.max_state_dim)
+# Every field's type and valid range (config_fields.py); the relational rules are in SyntheShape.from_fields.
+FIELDS = {
+    "d_model": Int(1, MAX_WIDTH), "n_blocks": Int(1, MAX_COUNT), "state_dim": Int(1, MAX_WIDTH),
+    "wiener_state_dim": Int(1, MAX_WIDTH), "n_heads": Int(1, MAX_COUNT), "ffn_expand": Real(0, 64, open_lo=True),
+    "tier1_dim": Int(1, MAX_WIDTH), "tier2_dim": Int(1, MAX_WIDTH), "tier3_dim": Int(1, MAX_WIDTH),
+    "tier2_interval": Int(1, MAX_LENGTH), "tier3_interval": Int(1, MAX_LENGTH), "router_hidden": Int(1, MAX_WIDTH),
+    "min_depth": Int(0, MAX_COUNT),
+    # Thresholds on a confidence in (0, 1]: beyond it, the gate is always or never (any finite value means something).
+    "exit_threshold": Real(-1e6, 1e6), "probe_threshold": Real(-1e6, 1e6),
+    "probe_window": Int(1, MAX_LENGTH), "dropout": Real(0, 1, open_hi=True), "max_seq_len": Int(1, MAX_LENGTH),
+    "tie_embeddings": Flag(), "probe_gate": OneOf(PROBE_GATES, "is not a probe gating mode"),
+    "probe_confidence_decay": Real(0, 1, open_hi=True), "hub_buffer": Int(1, MAX_LENGTH),
+}
 # Fields the reference keeps that change nothing at inference: state_dim (its layers size their state from
 # d_model / n_heads) and exit_threshold (the router's exit mask is never used): accepted, recorded, unused.
 
@@ -42,6 +59,8 @@ class UnsupportedConfig(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SyntheShape:
+    MODULES: ClassVar[str] = "vllm_plasticity.architectures.synthe_modules:SyntheModules"  # its builder (footprint.py)
+
     vocab_size: int
     d_model: int
     n_blocks: int
@@ -57,23 +76,19 @@ class SyntheShape:
         unknown = sorted(set(fields) - set(DEFAULTS))
         if unknown:
             raise UnsupportedConfig(f"synthe.{unknown[0]} is not a SYNTHE field (fields: {sorted(DEFAULTS)})")
+        check_fields("synthe", fields, FIELDS, UnsupportedConfig)
+        check_vocab_size("synthe", vocab_size, UnsupportedConfig)
         f = {**DEFAULTS, **dict(fields)}
-        d, heads = int(f["d_model"]), int(f["n_heads"])
-        if f["probe_gate"] not in PROBE_GATES:
-            raise UnsupportedConfig(f"synthe.probe_gate={f['probe_gate']!r} is not a probe gating mode "
-                                    f"(needs one of {PROBE_GATES})")
-        if heads < 1 or d % heads:
+        d, heads = f["d_model"], f["n_heads"]
+        if d % heads:
             raise UnsupportedConfig(f"synthe.d_model={d} must be a multiple of synthe.n_heads={heads}")
-        if float(f["dropout"]) != 0.0:
+        if f["dropout"] != 0.0:
             raise UnsupportedConfig(f"synthe.dropout={f['dropout']} is not supported (needs 0.0): the served "
                                     "model is the inference-time model, and the trainer's forward is the same")
-        if not 0.0 <= float(f["probe_confidence_decay"]) < 1.0:
-            raise UnsupportedConfig(f"synthe.probe_confidence_decay={f['probe_confidence_decay']} must be in [0, 1)")
-        for name in ("n_blocks", "probe_window", "tier2_interval", "tier3_interval", "hub_buffer", "max_seq_len",
-                     "tier1_dim", "tier2_dim", "tier3_dim", "router_hidden", "wiener_state_dim"):
-            if int(f[name]) < 1:
-                raise UnsupportedConfig(f"synthe.{name}={f[name]} must be >= 1")
-        hidden = ((int(d * float(f["ffn_expand"])) + 63) // 64) * 64  # the reference rounds up to 64
+        hidden = ((int(d * f["ffn_expand"]) + 63) // 64) * 64  # the reference rounds up to 64
+        if hidden < 1:
+            raise UnsupportedConfig(f"synthe.ffn_expand={f['ffn_expand']} gives no feed-forward width: "
+                                    f"d_model * ffn_expand = {d * f['ffn_expand']:g} must be >= 1")
         return cls(vocab_size=int(vocab_size), d_model=d, n_blocks=int(f["n_blocks"]), n_heads=heads,
                    wiener_dim=min(int(f["wiener_state_dim"]), MAX_WIENER_STATE), ffn_hidden=hidden,
                    window=int(f["probe_window"]), max_seq_len=int(f["max_seq_len"]), fields=f)

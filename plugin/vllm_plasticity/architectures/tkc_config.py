@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import ClassVar
+
+from vllm_plasticity.architectures.config_fields import (
+    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, OneOf, Real, check_fields, check_vocab_size)
 
 DEFAULTS: dict[str, object] = {
     "d_model": 128, "n_layers": 2, "max_seq_len": 256, "backbone": "gru",
@@ -21,6 +25,15 @@ DEFAULTS: dict[str, object] = {
 # "mamba2" is the seed's backbone (served by vLLM's own MambaMixer2); "gru" its documented fallback.
 BACKBONES = ("gru", "mamba2")
 STATS = 6  # per-request scalars: fast pointer, deep pointer, tokens seen, surprise mean, surprise var, deep writes
+# Every field's type and valid range (config_fields.py); the relational rules are in TKCShape.from_fields.
+FIELDS = {
+    "d_model": Int(2, MAX_WIDTH), "n_layers": Int(1, MAX_COUNT), "max_seq_len": Int(1, MAX_LENGTH),
+    "backbone": OneOf(BACKBONES), "mem_slots": Int(1, MAX_WIDTH), "temperature": Real(0, 1e6, open_lo=True),
+    "surprise_threshold": Real(-1e6, 1e6),  # surprise is 1 - a cosine, in [0, 2]: below 0 every token writes
+    "use_ema": Flag(), "ema_decay": Real(0, 1, open_hi=True), "lr_fast": Real(0, 1000), "lr_deep": Real(0, 1000),
+    "mamba_d_state": Int(1, MAX_WIDTH), "mamba_d_conv": Int(2, 256), "mamba_expand": Int(1, 64),
+    "mamba_headdim": Int(1, MAX_WIDTH), "mamba_chunk_size": Int(1, MAX_LENGTH),
+}
 
 
 class UnsupportedConfig(ValueError):
@@ -29,6 +42,8 @@ class UnsupportedConfig(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TKCShape:
+    MODULES: ClassVar[str] = "vllm_plasticity.architectures.tkc_modules:TKCModules"  # its builder (footprint.py)
+
     vocab_size: int
     d_model: int
     n_layers: int
@@ -41,23 +56,15 @@ class TKCShape:
         unknown = sorted(set(fields) - set(DEFAULTS))
         if unknown:
             raise UnsupportedConfig(f"tkc.{unknown[0]} is not a TKC field (fields: {sorted(DEFAULTS)})")
+        check_fields("tkc", fields, FIELDS, UnsupportedConfig)
+        check_vocab_size("tkc", vocab_size, UnsupportedConfig)
         f = {**DEFAULTS, **dict(fields)}
-        if f["backbone"] not in BACKBONES:
-            raise UnsupportedConfig(f"tkc.backbone={f['backbone']!r} is not supported (needs one of {BACKBONES})")
-        inner = int(f["mamba_expand"]) * int(f["d_model"])
-        if f["backbone"] == "mamba2" and (int(f["mamba_headdim"]) < 1 or inner % int(f["mamba_headdim"])):
+        inner = f["mamba_expand"] * f["d_model"]
+        if f["backbone"] == "mamba2" and inner % f["mamba_headdim"]:
             raise UnsupportedConfig(f"tkc.mamba_headdim={f['mamba_headdim']} must divide mamba_expand * d_model "
                                     f"= {inner} (the Mamba2 heads)")
-        if f["backbone"] == "mamba2" and (int(f["mamba_d_conv"]) < 2 or int(f["mamba_d_state"]) < 1):
-            raise UnsupportedConfig("tkc.mamba_d_conv must be >= 2 and tkc.mamba_d_state >= 1")
-        if int(f["d_model"]) % 2:
+        if f["d_model"] % 2:
             raise UnsupportedConfig(f"tkc.d_model={f['d_model']} must be even (sinusoidal positions)")
-        if not 0.0 < float(f["temperature"]):
-            raise UnsupportedConfig(f"tkc.temperature={f['temperature']} must be > 0")
-        if not 0.0 <= float(f["ema_decay"]) < 1.0:
-            raise UnsupportedConfig(f"tkc.ema_decay={f['ema_decay']} must be in [0, 1)")
-        if int(f["mem_slots"]) < 1 or int(f["n_layers"]) < 1:
-            raise UnsupportedConfig("tkc.mem_slots and tkc.n_layers must be >= 1")
         return cls(vocab_size=int(vocab_size), d_model=int(f["d_model"]), n_layers=int(f["n_layers"]),
                    mem_slots=int(f["mem_slots"]), max_seq_len=int(f["max_seq_len"]), fields=f)
 

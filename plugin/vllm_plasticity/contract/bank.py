@@ -6,14 +6,24 @@ and safetensors, never vLLM.
 
     BANK_DIR/
       readout.safetensors   layer_<idx>.vectors: (n_concepts, hidden_size), one unit vector per concept
+                            layer_<idx>.centre:  (hidden_size,)   calibrated banks only
+                            layer_<idx>.scale:   (n_concepts,)    calibrated banks only, every entry > 0
       readout.json          {"concepts": [...], "layers": [...], "hidden_size", "dtype", "model",
-                             "method", "created"}
+                             "method", "created", "calibration"?: {"centre": ..., "scale": ..., ...}}
 
 The hidden state of layer L is the residual stream at the output of decoder layer L (before the final
-norm), layers indexed from 0; a concept's score is the dot product of that state with its unit vector.
-Row i of every layer's tensor belongs to `concepts[i]`. The extraction settings are kept
-in the safetensors header metadata under "extraction" (a JSON string), so readout.json stays exactly the
-keys above.
+norm), layers indexed from 0. A concept's raw score is the dot product of that state with its unit
+vector v. A calibrated bank (readout.json has "calibration") also carries, per layer, a centre c (the
+corpus's mean state, or its neutral baselines') and per concept a scale s > 0 (how far the concept's own
+texts lie beyond the centre along v, on average), and its score is
+
+    calibrated = (h - c) . v / s        0: as the centre's texts on average, 1: as the concept's own
+
+the same for every concept, layer and model (calibrated_scores). Steering in natural units adds
+strength * s * v, which raises the steered layer's calibrated score by `strength` (natural_coefficients).
+Row i of every layer's tensor belongs to `concepts[i]`. The extraction settings are kept in the
+safetensors header metadata under "extraction" (a JSON string); a bank without calibration has exactly
+the keys of MANIFEST_KEYS in readout.json and reads raw, as banks always did.
 
     >>> save_bank("bank", ["calm", "joy"], {12: vectors}, model="/models/x", method="pooled")
     >>> bank = load_bank("bank")
@@ -28,6 +38,7 @@ import dataclasses
 import datetime
 import json
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -39,10 +50,27 @@ VECTORS_FILE = "readout.safetensors"
 MANIFEST_FILE = "readout.json"
 BANK_FILES = (MANIFEST_FILE, VECTORS_FILE)  # every file load_bank opens
 UNIT_TOLERANCE = 1e-3  # |norm - 1| allowed on load (bf16 banks round to ~4e-3: stored fp32 here)
+MAX_MANIFEST_BYTES = 16 * 2**20  # readout.json of 100k concepts with long names is ~5 MB; beyond: not a bank
+MANIFEST_KEYS = ("concepts", "layers", "hidden_size", "dtype", "model", "method", "created")
+CALIBRATION_KEY = "calibration"  # optional readout.json key: how the bank's centre and scales were measured
 
 
 class BankError(ValueError):
     """A bank directory that does not follow the format; the message names the file and the fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What makes a bank's scores comparable across concepts, layers and models (module docstring)."""
+
+    centre: dict[int, Tensor]  # layer -> (hidden,) the state a score of 0 stands for
+    scale: dict[int, Tensor]  # layer -> (n_concepts,) > 0: own texts' mean projection beyond the centre
+    info: dict  # readout.json's "calibration": how they were measured (centre source, pooling, texts)
+
+    def offsets(self, vectors: dict[int, Tensor]) -> dict[int, Tensor]:
+        """layer -> (n_concepts,) c . v: a constant per concept, so a calibrated score costs the raw dot
+        product, one subtraction and one division (computed in float64: c . v can be large beside s)."""
+        return {L: (vectors[L].double() @ self.centre[L].double()).float() for L in vectors}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +84,19 @@ class Bank:
     method: str
     created: str
     extraction: dict  # settings the extraction ran with (may be empty)
+    calibration: Calibration | None = None  # None: raw scores and raw steering coefficients
+
+
+def calibrated_scores(raw: Tensor, offset: Tensor, scale: Tensor) -> Tensor:
+    """(raw - offset) / scale, broadcast over the leading dimensions: the one formula for a calibrated
+    score from the raw dot products h . v (offset = c . v, Calibration.offsets)."""
+    return (raw - offset) / scale
+
+
+def natural_coefficients(strength: float, scale: Tensor) -> Tensor:
+    """The raw steering coefficient per concept for `strength` in natural units: strength * s (adding
+    strength * s * v raises that layer's calibrated score by `strength`)."""
+    return strength * scale
 
 
 def free_columns(taken: list[range], n: int, capacity: int) -> range | None:
@@ -75,14 +116,17 @@ def capacity_message(name: str, n: int, capacity: int) -> str:
             f"{capacity} (unload a bank, or raise PLASTICITY_READOUT_CAPACITY)")
 
 
-def layer_key(layer: int) -> str:
-    return f"layer_{layer}.vectors"
+def layer_key(layer: int, part: str = "vectors") -> str:
+    """The safetensors key of a layer's `part`: vectors, centre or scale."""
+    return f"layer_{layer}.{part}"
 
 
 def save_bank(path: str | os.PathLike, concepts: list[str], vectors: dict[int, Tensor], *, model: str, method: str,
-              extraction: dict | None = None, created: str | None = None) -> Path:
-    """Write a bank (vectors are renormalised and stored fp32). Files are replaced atomically, the
-    safetensors file first, so a reader never sees a manifest naming layers the tensors lack."""
+              extraction: dict | None = None, created: str | None = None,
+              calibration: Calibration | None = None) -> Path:
+    """Write a bank (vectors are renormalised and stored fp32; `calibration`, when given, must measure
+    the renormalised vectors at every layer). Files are replaced atomically, the safetensors file first,
+    so a reader never sees a manifest naming layers the tensors lack."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -102,6 +146,10 @@ def save_bank(path: str | os.PathLike, concepts: list[str], vectors: dict[int, T
             raise ValueError(f"Invalid vectors for layer {L}: a row is zero or not finite")
         hidden = v.shape[1]
         tensors[layer_key(L)] = (v / v.norm(dim=1, keepdim=True)).contiguous()
+    if calibration is not None:
+        for L in layers:
+            centre, scale = _checked_calibration(calibration, L, len(concepts), hidden, ValueError, "Invalid calibration")
+            tensors[layer_key(L, "centre")], tensors[layer_key(L, "scale")] = centre, scale
     manifest = {
         "concepts": list(concepts),
         "layers": layers,
@@ -111,6 +159,8 @@ def save_bank(path: str | os.PathLike, concepts: list[str], vectors: dict[int, T
         "method": method,
         "created": created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if calibration is not None:
+        manifest[CALIBRATION_KEY] = dict(calibration.info)
     path.mkdir(parents=True, exist_ok=True)
     metadata = {"extraction": json.dumps(extraction or {}, sort_keys=True)}
     write_file_atomically(path / VECTORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -118,29 +168,60 @@ def save_bank(path: str | os.PathLike, concepts: list[str], vectors: dict[int, T
     return path
 
 
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The checked readout.json of bank directory `path`: a JSON object with every key of MANIFEST_KEYS,
+    `concepts` a non-empty list of distinct non-empty strings, `layers` a non-empty list of distinct
+    non-negative integers, `hidden_size` a positive integer. BankError names the file and the fault.
+
+    Reads a regular file only, and never waits on one: a FIFO or device named readout.json is refused
+    (opened non-blocking, checked before a byte is read), and so is one over MAX_MANIFEST_BYTES."""
+    file = Path(path) / MANIFEST_FILE
+    try:
+        manifest = json.loads(_read_regular_file(file, MAX_MANIFEST_BYTES))
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested deeper than the parser goes
+        raise BankError(f"{file}: not JSON ({str(e)[:200]})") from None
+    if not isinstance(manifest, dict):
+        raise BankError(f"{file}: must be a JSON object with keys {list(MANIFEST_KEYS)}, "
+                        f"got a JSON {type(manifest).__name__}")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise BankError(f"{file}: missing keys {missing}")
+    concepts, layers, hidden = manifest["concepts"], manifest["layers"], manifest["hidden_size"]
+    if not isinstance(concepts, list) or not all(isinstance(c, str) and c for c in concepts):
+        raise BankError(f"{file}: concepts must be a list of non-empty strings, got {_short(concepts)}")
+    if not isinstance(layers, list) or not all(_is_int(L) and L >= 0 for L in layers):
+        raise BankError(f"{file}: layers must be a list of layer indices (integers >= 0), got {_short(layers)}")
+    if not concepts or not layers:
+        raise BankError(f"{file}: an empty bank ({len(concepts)} concepts, {len(layers)} layers)")
+    if len(set(concepts)) != len(concepts):
+        seen: set[str] = set()
+        duplicates: set[str] = set()
+        for c in concepts:
+            (duplicates if c in seen else seen).add(c)
+        raise BankError(f"{file}: duplicate concept names {sorted(duplicates)[:5]}")
+    if len(set(layers)) != len(layers):
+        raise BankError(f"{file}: duplicate layers in {_short(layers)}")
+    if not _is_int(hidden) or hidden <= 0:
+        raise BankError(f"{file}: hidden_size must be a positive integer, got {_short(hidden)}")
+    if CALIBRATION_KEY in manifest and not isinstance(manifest[CALIBRATION_KEY], dict):
+        raise BankError(f"{file}: {CALIBRATION_KEY} must be a JSON object (how the centre and scales were "
+                        f"measured), got {_short(manifest[CALIBRATION_KEY])}")
+    return manifest
+
+
 def load_bank(path: str | os.PathLike) -> Bank:
-    """Read and check a bank: every listed layer present, shapes (n_concepts, hidden_size), unit rows."""
+    """Read and check a bank: the manifest (read_manifest), every listed layer present, shapes
+    (n_concepts, hidden_size), unit rows; a calibrated bank's centre and scale at every layer, finite,
+    scales > 0."""
     from safetensors import safe_open
 
     path = Path(path)
     for name in (VECTORS_FILE, MANIFEST_FILE):
         if not (path / name).is_file():
-            raise BankError(f"{path / name}: missing (a bank is a directory with {VECTORS_FILE} and {MANIFEST_FILE})")
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise BankError(f"{path / MANIFEST_FILE}: not JSON ({e})") from None
-    missing = [k for k in ("concepts", "layers", "hidden_size", "dtype", "model", "method", "created") if k not in manifest]
-    if missing:
-        raise BankError(f"{path / MANIFEST_FILE}: missing keys {missing}")
-    concepts, layers, hidden = list(manifest["concepts"]), [int(L) for L in manifest["layers"]], int(manifest["hidden_size"])
-    if not concepts or not layers:
-        raise BankError(f"{path / MANIFEST_FILE}: an empty bank ({len(concepts)} concepts, {len(layers)} layers)")
-    if not all(isinstance(c, str) and c for c in concepts):
-        raise BankError(f"{path / MANIFEST_FILE}: concept names must be non-empty strings")
-    duplicates = sorted({c for c in concepts if concepts.count(c) > 1})
-    if duplicates:
-        raise BankError(f"{path / MANIFEST_FILE}: duplicate concept names {duplicates[:5]}")
+            raise BankError(f"{path / name}: missing or not a regular file (a bank is a directory with "
+                            f"{VECTORS_FILE} and {MANIFEST_FILE})")
+    manifest = read_manifest(path)
+    concepts, layers, hidden = manifest["concepts"], manifest["layers"], manifest["hidden_size"]
     vectors = {}
     with safe_open(str(path / VECTORS_FILE), framework="pt") as f:
         extraction = json.loads((f.metadata() or {}).get("extraction", "{}"))
@@ -158,6 +239,64 @@ def load_bank(path: str | os.PathLike) -> Bank:
                 raise BankError(f"{path / VECTORS_FILE}: {layer_key(L)} row {worst} ({concepts[worst]}) has norm "
                                 f"{float(norms[worst]):.4f}, expected unit vectors")
             vectors[L] = v
+        calibration = None
+        if CALIBRATION_KEY in manifest:
+            centre, scale = {}, {}
+            for L in layers:
+                missing = [layer_key(L, part) for part in ("centre", "scale") if layer_key(L, part) not in keys]
+                if missing:
+                    raise BankError(f"{path / VECTORS_FILE}: readout.json says the bank is calibrated but "
+                                    f"{missing} are missing")
+                stored = Calibration({L: f.get_tensor(layer_key(L, "centre"))},
+                                     {L: f.get_tensor(layer_key(L, "scale"))}, {})
+                centre[L], scale[L] = _checked_calibration(stored, L, len(concepts), hidden, BankError,
+                                                           str(path / VECTORS_FILE))
+            calibration = Calibration(centre, scale, dict(manifest[CALIBRATION_KEY]))
     return Bank(concepts=concepts, layers=layers, vectors=vectors, hidden_size=hidden, dtype=str(manifest["dtype"]),
                 model=str(manifest["model"]), method=str(manifest["method"]), created=str(manifest["created"]),
-                extraction=extraction)
+                extraction=extraction, calibration=calibration)
+
+
+def _checked_calibration(calibration: Calibration, layer: int, n_concepts: int, hidden: int, error: type,
+                         where: str) -> tuple[Tensor, Tensor]:
+    """Layer `layer`'s (centre, scale) as contiguous fp32, or `error` naming `where`, the layer and the
+    fault: centre (hidden,) finite, scale (n_concepts,) finite and > 0 (a score divides by it)."""
+    centre, scale = calibration.centre.get(layer), calibration.scale.get(layer)
+    if centre is None or scale is None:
+        raise error(f"{where}: no centre or scale for layer {layer}")
+    centre, scale = centre.detach().float().cpu().contiguous(), scale.detach().float().cpu().contiguous()
+    if tuple(centre.shape) != (hidden,) or tuple(scale.shape) != (n_concepts,):
+        raise error(f"{where}: layer {layer} centre {tuple(centre.shape)} / scale {tuple(scale.shape)}, expected "
+                    f"({hidden},) / ({n_concepts},)")
+    if not bool(torch.isfinite(centre).all()) or not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise error(f"{where}: layer {layer} centre not finite, or a scale not a finite number > 0")
+    return centre, scale
+
+
+def _is_int(value: object) -> bool:
+    """A JSON integer (never a bool: JSON `true` is not layer 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _read_regular_file(file: Path, limit: int) -> bytes:
+    """The bytes of `file` (symlinks followed) if it is a regular file of at most `limit` bytes, else
+    BankError. O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise BankError(f"{file}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BankError(f"{file}: not a regular file")
+        if info.st_size > limit:
+            raise BankError(f"{file}: {info.st_size} bytes, more than a manifest may have ({limit})")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while being read
+        raise BankError(f"{file}: more than {limit} bytes, more than a manifest may have")
+    return data

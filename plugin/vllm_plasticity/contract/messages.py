@@ -5,10 +5,11 @@ Any process: the API server (trainer_client.py, training_service.py) sends reque
 pause generation, reset the prefix cache, take a checkpoint or stop a cancelled job between steps:
 
     Ping                                  -> Status
-    BeginJob(samples, objective, preference, optimizer, params, force, context_mode, weight_version) -> JobBegun
+    BeginJob(samples, objective, preference, optimizer, params, force, context_mode, weight_version,
+             rollback)                    -> JobBegun
     Step                                  -> StepDone       (one optimizer step, in place)
-    EndJob(success)                       -> JobEnded       (state saved)
-    Checkpoint(target, allowed_root, allow_model_dir, weight_version) -> CheckpointWritten
+    EndJob(success)                       -> JobEnded       (state saved; a diverged job rolled back)
+    Checkpoint(target, allowed_root, allow_model_dir, weight_version, max_names, replace) -> CheckpointWritten
     Shutdown                              -> Acknowledged   (state saved, the trainer exits)
 
 On the wire: the request's JSON (its `op` names the type); the reply is {"ok": true, "reply": {...}} or
@@ -34,10 +35,15 @@ from vllm_plasticity.contract.settings import (
 #   invalid        the request cannot be done as asked (a filter that selects nothing, a bad path)
 #   conflict       it clashes with state (optimizer shape fixed, a job already open, a concurrent writer)
 #   rejected       the step was computed and refused: non-finite loss, gradients or updated weights
+#   diverged       the job's loss diverged (training/plasticity_training/divergence.py); the step not taken
 #   out_of_memory  the trainer ran out of memory beside vLLM (nothing changed)
-#   disk_full      the checkpoint ran out of disk (previous checkpoint intact)
+#   disk_full      the checkpoint ran out of disk, or would (free space, the limit on checkpoint names);
+#                  the previous checkpoint intact
+#   other_model    the checkpoint named holds another model's weights (its recorded origin differs) and
+#                  replace was not asked; nothing written
 #   internal       a bug or an unexpected state
-ErrorKind = Literal["invalid", "conflict", "rejected", "out_of_memory", "disk_full", "internal"]
+ErrorKind = Literal["invalid", "conflict", "rejected", "diverged", "out_of_memory", "disk_full", "other_model",
+                    "internal"]
 
 
 class TrainerError(Exception):
@@ -65,6 +71,7 @@ class BeginJob(Strict):
     force: bool = False  # train samples already trained on
     context_mode: ContextMode = "masked"
     weight_version: int = 0  # the server's: a restarted trainer adopts it (versions never count backwards)
+    rollback: bool | None = None  # keep a copy to undo a diverged job: True always, None where it fits, False never
 
 
 class Step(Strict):
@@ -82,6 +89,8 @@ class Checkpoint(Strict):
     allowed_root: str
     allow_model_dir: bool = False
     weight_version: int = 0
+    max_names: int | None = None  # checkpoints allowed under allowed_root (a new name beyond it: disk_full)
+    replace: bool = False  # overwrite the checkpoint of another model (else: other_model)
 
 
 class Shutdown(Strict):
@@ -116,6 +125,8 @@ class JobBegun(Reply):
     skipped_zero_weight: int = 0
     parameters: int  # parameter tensors the filter selected
     trained: list[str] = []  # their names (the server packs their layers again after each step on CPU)
+    rollback_bytes: int = 0  # host memory of the copy kept to undo the job if it diverges (0: none kept)
+    rollback_note: str | None = None  # why no copy was kept
 
 
 class StepDone(Reply):
@@ -130,6 +141,7 @@ class StepDone(Reply):
 
 class JobEnded(Reply):
     weight_version: int
+    rolled_back: bool = False  # a diverged job's trained tensors and optimizer state restored to its start
 
 
 class CheckpointWritten(Reply):

@@ -3,8 +3,9 @@ defaults and bounds.
 
 Any process. The API server validates request bodies with these models (a bad value is a 4xx with the
 reason, nothing queued); the trainer receives them validated and builds its optimizer from them, so a
-default or a bound lives here and nowhere else. Numbers are JSON numbers, never booleans (pydantic would
-read `true` as 1.0), and never NaN/Inf.
+default or a bound lives here and nowhere else. Numbers are JSON numbers (an integer is fine where a float
+is asked), never strings or booleans (pydantic's lax mode would read "1e-3" as 0.001 and `true` as 1.0),
+and never NaN/Inf.
 
     >>> OptimizerSettings(lr=1e-4).model_dump()["grad_clip"]
     1.0
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 # Settings that fix the optimizer state's shapes: a job may not change them once state exists.
 SHAPE_SETTINGS = ("rank", "mini")
@@ -23,13 +24,39 @@ PARAM_KINDS = ("attention", "mlp", "embeddings", "norms")
 ContextMode = Literal["masked", "no_grad"]
 
 
-def _not_bool(value):
+# The largest finite float32: a value the trainer puts in a float32 tensor must not be beyond it.
+FLOAT32_MAX = 3.4028234663852886e38
+# A sample's weight is 0 (skipped) or in [MIN_WEIGHT, MAX_WEIGHT]. The losses divide by sums of weights in
+# float32, where a weight like 1e-50 is 0: the job would end 422 "non-finite loss" instead of a 400 here.
+MIN_WEIGHT = 1e-6
+MAX_WEIGHT = 1e6
+
+
+_JSON_KINDS = {str: "a string", type(None): "null", list: "an array", dict: "an object"}
+
+
+def _json_number(value):
+    """Only what JSON calls a number reaches float(): ints and floats, not booleans, not strings."""
     if isinstance(value, bool):
         raise ValueError("must be a number, not a boolean")
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"must be a JSON number, not {_JSON_KINDS.get(type(value), type(value).__name__)}")
     return value
 
 
-Number = Annotated[float, BeforeValidator(_not_bool)]
+def _zero_or_at_least_min(weight: float) -> float:
+    if 0 < weight < MIN_WEIGHT:
+        raise ValueError(f"weight {weight!r} is too small: 0 (skip the sample) or in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}]")
+    return weight
+
+
+def _in_float32(value: float) -> float:
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{value!r} is beyond float32's range [{-FLOAT32_MAX:.7g}, {FLOAT32_MAX:.7g}]")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_json_number)]
 
 
 class Strict(BaseModel):
@@ -39,7 +66,10 @@ class Strict(BaseModel):
 
 
 Objective = Literal["sft", "orpo", "dpo"]
-Weight = Annotated[Number, Field(ge=0, le=1e6, description="the sample's weight in the loss (0: skipped)")]
+Weight = Annotated[Number, Field(ge=0, le=MAX_WEIGHT, description=f"the sample's weight in the loss: 0 (skipped) or "
+                                 f"in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}]"), AfterValidator(_zero_or_at_least_min)]
+# A summed log-prob: <= 0, and no further below than float32 reaches (the trainer holds it in float32).
+LogProb = Annotated[Number, Field(le=0), AfterValidator(_in_float32)]
 
 
 class Sample(Strict):
@@ -62,8 +92,8 @@ class PreferenceSample(Strict):
     chosen_ids: list[StrictInt] = Field(min_length=1, description="the preferred continuation")
     rejected_ids: list[StrictInt] = Field(min_length=1, description="the rejected continuation")
     weight: Weight = 1.0
-    ref_chosen_logp: Number | None = Field(None, le=0, description="dpo: reference log p(chosen | context)")
-    ref_rejected_logp: Number | None = Field(None, le=0, description="dpo: reference log p(rejected | context)")
+    ref_chosen_logp: LogProb | None = Field(None, description="dpo: reference log p(chosen | context)")
+    ref_rejected_logp: LogProb | None = Field(None, description="dpo: reference log p(rejected | context)")
 
     @model_validator(mode="after")
     def _both_references_or_neither(self):
@@ -73,6 +103,19 @@ class PreferenceSample(Strict):
 
     def sequences(self) -> list[list[int]]:
         return [self.chosen_ids, self.rejected_ids]
+
+
+def sample_tokens(sample: Sample | PreferenceSample) -> int:
+    """What a sample costs against a request's token limit (PLASTICITY_TRAIN_MAX_TOKENS): its context once per
+    continuation (each continuation is a forward of its own), plus the continuations."""
+    sequences = sample.sequences()
+    return len(sample.context_ids) * len(sequences) + sum(map(len, sequences))
+
+
+def sample_length(sample: Sample | PreferenceSample) -> int:
+    """The longest sequence a sample feeds the model (context + its longest continuation): at most the
+    model's maximum length."""
+    return len(sample.context_ids) + max(map(len, sample.sequences()))
 
 
 class PreferenceSettings(Strict):
