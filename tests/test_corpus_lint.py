@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import pathlib
 import random
+import shutil
 
 import pytest
 
-from plasticity_training.corpus_lint import lint_corpus, main
+from plasticity_training.corpus_lint import CORE, CORE_MIN_TEXTS, MIN_TEXTS, lint_corpus, main
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,10 @@ def corpus(tmp_path: pathlib.Path) -> pathlib.Path:
     write(tmp_path, f"paired/{SCENARIO}/baseline.txt", filler("baseline"))
     for name in FRAMINGS:
         write(tmp_path, f"paired/{SCENARIO}/{name}.txt", filler(f"framing-{name}"))
+    for name in EMOTIONS:  # deep enough: more stories up to the emotion's minimum
+        have = 1 + (name in FRAMINGS)
+        for n in range(2, 2 + (CORE_MIN_TEXTS if name in CORE else MIN_TEXTS) - have):
+            write(tmp_path, f"stories/{name}/{n:02d}.txt", filler(f"story-{name}-{n}"))
     return tmp_path
 
 
@@ -170,6 +175,7 @@ def test_emotion_not_in_manifest(corpus: pathlib.Path) -> None:
 
 def test_manifest_emotion_without_file(corpus: pathlib.Path) -> None:
     (corpus / "stories" / "left_out.txt").unlink()
+    shutil.rmtree(corpus / "stories" / "left_out")
     assert flagged(lint_corpus(corpus), "stories/left_out.txt", "no file")
 
 
@@ -197,3 +203,23 @@ def test_main_exit_status(corpus: pathlib.Path, capsys: pytest.CaptureFixture[st
     assert main([str(corpus)]) == 1
     out = capsys.readouterr().out
     assert out.startswith("stories/calm.txt: 10 words") and "1 problems" in out
+
+
+def test_an_emotion_with_too_few_texts_is_flagged_and_held_out_texts_do_not_count(corpus: pathlib.Path) -> None:
+    assert "curious" not in CORE and "calm" in CORE
+    (corpus / "stories/curious/02.txt").unlink()  # curious: story + framing = 2 < MIN_TEXTS
+    write(corpus, "heldout/curious/01.txt", filler("held-out-curious"))
+    problems = lint_corpus(corpus)
+    assert flagged(problems, "stories/curious.txt", f"need at least {MIN_TEXTS}")
+    (corpus / "stories/calm/02.txt").unlink()
+    assert flagged(lint_corpus(corpus), "stories/calm.txt", f"need at least {CORE_MIN_TEXTS} (a core emotion)")
+
+
+def test_held_out_and_extra_stories_follow_the_same_rules(corpus: pathlib.Path) -> None:
+    write(corpus, "heldout/joyful/01.txt", filler("held-out") + " I was so happy.")
+    write(corpus, "stories/calm/09.txt", filler("calm-extra") + " She felt tranquil.")
+    write(corpus, "stories/nobody/02.txt", filler("orphan"))
+    problems = lint_corpus(corpus)
+    assert flagged(problems, "heldout/joyful/01.txt", "happy")
+    assert flagged(problems, "stories/calm/09.txt", "tranquil")
+    assert flagged(problems, "stories/nobody/", "no stories/nobody.txt beside it")

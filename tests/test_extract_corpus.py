@@ -148,3 +148,16 @@ def test_project_corpus_loads():
     assert len(corpus.concepts) == 167 and len(corpus.baselines()) == 17
     assert len(corpus.texts) == len({t.text for t in corpus.texts})
     assert corpus.attribute("valence") is not None and corpus.attribute("arousal") is not None
+
+
+def test_more_stories_of_an_emotion_are_its_positives_and_held_out_texts_are_never_read(corpus_dir):
+    more = corpus_dir / "stories" / "calm" / "02.txt"
+    more.parent.mkdir()
+    more.write_text("The snow fell without a sound and the old dog slept by the stove while she mended the net.")
+    held = corpus_dir / "heldout" / "calm" / "01.txt"
+    held.parent.mkdir(parents=True)
+    held.write_text("A held-out text that extraction must never see.")
+    corpus = load_corpus(corpus_dir)
+    names = [corpus.texts[i].name for i in corpus.positives("calm")]
+    assert "stories/calm/02.txt" in names and "stories/calm.txt" in names
+    assert not any("heldout" in s for t in corpus.texts for s in t.sources)

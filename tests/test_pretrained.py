@@ -149,3 +149,15 @@ def test_served_by_name_answers_learns_a_fact_and_serves_the_trainer_weights(ser
     gap = max(abs(a - b) for a, b in zip(vllm_logprobs, hf_logprobs))
     print(f"losses {losses[0]:.3g} -> {losses[-1]:.3g} in 10 steps; served vs trainer's view: {gap:.2g}")
     assert gap <= 1e-4
+
+    # A fresh server from the checkpoint serves the taught weights.
+    r = requests.post(server.url + "/checkpoint", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=600)
+    assert r.status_code == 200, r.text
+    checkpoint = Path(r.json()["path"])
+    servers_restart.stop()
+    restored = servers_restart.start("smollm2-restored", lambda log_path: ServerProcess.plasticity(
+        checkpoint, extra_args=[*args[:6], "--api-key", API_KEY], log_path=log_path))
+    model = requests.get(restored.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).json()
+    model = model["data"][0]["id"]
+    assert prompt_logprobs(restored.url, model, ids, API_KEY) == pytest.approx(vllm_logprobs, rel=1e-5, abs=1e-5)
+    assert "Marigold Quince" in chat(restored, model, QUESTION)

@@ -10,8 +10,10 @@ before torch or any model is imported.
     >>> corpus.negatives("proud")                          # everyone else's positives + every baseline
     >>> corpus.contrast("proud")                           # each positive's partner: its baseline, or None
 
-Layout (amygdala_stories/README.md): `stories/<emotion>.txt` and `paired/<scenario>/<emotion>.txt` with
-`baseline.txt` per scenario. An emotion's positives are its story and its framings; its negatives are the
+Layout (amygdala_stories/README.md): `stories/<emotion>.txt` (more stories of that emotion in
+`stories/<emotion>/<n>.txt`) and `paired/<scenario>/<emotion>.txt` with `baseline.txt` per scenario;
+`heldout/` is never read here (texts kept out of extraction, for evaluation). An emotion's positives are
+its stories and its framings; its negatives are the
 other emotions' positives and every baseline; baselines are never positive. A text is identified by its
 content, so a file copied under two names is forwarded once and is a positive of both (and a negative of
 neither).
@@ -109,6 +111,10 @@ def load_corpus(root: str | Path, min_positives: int = 1, log=None) -> Corpus:
     entries: list[tuple[str, str | None, str | None, str | None]] = []
     for path in sorted(stories.glob("*.txt")) if stories.is_dir() else []:
         entries.append((_rel(path, root), _read(path, root), path.stem, None))
+    # More unpaired stories of one emotion: stories/<emotion>/<n>.txt beside stories/<emotion>.txt.
+    for folder in sorted(p for p in stories.iterdir() if p.is_dir()) if stories.is_dir() else []:
+        for path in sorted(folder.glob("*.txt")):
+            entries.append((_rel(path, root), _read(path, root), folder.name, None))
     for scenario in sorted(p for p in paired.iterdir() if p.is_dir()) if paired.is_dir() else []:
         if not (scenario / BASELINE).is_file():
             raise CorpusError(f"{_rel(scenario, root)}/ has no {BASELINE}: its framings would have no contrast")

@@ -25,6 +25,11 @@ SHINGLE_N = 5
 # framing-vs-baseline Jaccard tops out near 0.36. A ~120-word copy with 5 words changed
 # still scores 0.6-0.8 (8 changed: ~0.65 median), so 0.5 separates the two.
 NEAR_DUP_JACCARD = 0.5
+# Depth (README "Method"): texts per emotion, stories and framings together, held-out ones not counted.
+MIN_TEXTS, CORE_MIN_TEXTS = 3, 8
+CORE = frozenset({"afraid", "angry", "anxious", "ashamed", "bored", "calm", "confused", "content", "disgusted",
+                  "embarrassed", "excited", "frustrated", "grateful", "guilty", "hopeful", "jealous", "joyful",
+                  "lonely", "loving", "nostalgic", "proud", "relieved", "sad", "surprised"})
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 
 # Inflections and common derivations appended to a whole word (joy -> joys, joyous).
@@ -125,6 +130,17 @@ def _check_manifest(m: object) -> list[str]:
     return out
 
 
+def _text_files(root: pathlib.Path, rel_dir: str, emotion: str, files: list) -> list[str]:
+    """Add every <n>.txt under rel_dir as a text of `emotion`; anything else there is a problem."""
+    problems = []
+    for p in sorted((root / rel_dir).glob("*")):
+        if p.suffix == ".txt" and p.is_file():
+            files.append((f"{rel_dir}/{p.name}", emotion))
+        else:
+            problems.append(f"{rel_dir}/{p.name}: unexpected entry (only <n>.txt)")
+    return problems
+
+
 def lint_corpus(root: pathlib.Path) -> list[str]:
     """Return human-readable problems with the corpus at root; [] means clean."""
     root = pathlib.Path(root)
@@ -146,8 +162,18 @@ def lint_corpus(root: pathlib.Path) -> list[str]:
     for p in sorted((root / "stories").glob("*")):
         if p.suffix == ".txt" and p.is_file():
             files.append((f"stories/{p.name}", p.stem))
+        elif p.is_dir():  # more stories of one emotion (stories/<emotion>/<n>.txt)
+            problems += _text_files(root, f"stories/{p.name}", p.name, files)
+            if not (root / "stories" / f"{p.name}.txt").is_file():
+                problems.append(f"stories/{p.name}/: no stories/{p.name}.txt beside it")
         else:
-            problems.append(f"stories/{p.name}: unexpected entry (only <emotion>.txt)")
+            problems.append(f"stories/{p.name}: unexpected entry (only <emotion>.txt or <emotion>/)")
+    # Held-out stories (heldout/<emotion>/<n>.txt): never extracted from, held to the same rules.
+    for p in sorted((root / "heldout").glob("*")):
+        if p.is_dir():
+            problems += _text_files(root, f"heldout/{p.name}", p.name, files)
+        else:
+            problems.append(f"heldout/{p.name}: unexpected entry (only <emotion>/ directories)")
     seen_scenarios = set()
     for d in sorted((root / "paired").glob("*")):
         rel = f"paired/{d.name}"
@@ -180,11 +206,17 @@ def lint_corpus(root: pathlib.Path) -> list[str]:
                  for s in sorted(set(scenarios) - seen_scenarios)]
 
     if ok:
-        with_files = {e for _, e in files if e is not None}
+        with_files = {e for rel, e in files if e is not None and not rel.startswith("heldout/")}
         problems += [f"{rel}: emotion {e!r} not in manifest"
                      for rel, e in files if e is not None and e not in emotions]
         problems += [f"stories/{e}.txt: manifest emotion has no file"
                      for e in sorted(set(emotions) - with_files)]
+        counts = {e: sum(1 for rel, f in files if f == e and not rel.startswith("heldout/")) for e in emotions}
+        for e in sorted(emotions):
+            need = CORE_MIN_TEXTS if e in CORE else MIN_TEXTS
+            if 0 < counts[e] < need:
+                problems.append(f"stories/{e}.txt: {counts[e]} texts of {e!r} (stories and framings), need at least "
+                                f"{need}{' (a core emotion)' if e in CORE else ''}: add stories/{e}/<n>.txt")
 
     texts: dict[str, str] = {}
     patterns: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
@@ -230,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = lint_corpus(root)
     for p in problems:
         print(p)
-    n_files = sum(1 for _ in root.glob("stories/*.txt")) + sum(1 for _ in root.glob("paired/*/*.txt"))
+    n_files = sum(1 for pattern in ("stories/*.txt", "stories/*/*.txt", "paired/*/*.txt", "heldout/*/*.txt")
+                  for _ in root.glob(pattern))
     print(f"{n_files} files checked, {len(problems)} problems")
     return 1 if problems else 0
 
