@@ -198,7 +198,7 @@ def test_manifest_values(corpus: pathlib.Path, fields: dict, needle: str) -> Non
 
 def test_main_exit_status(corpus: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(corpus)]) == 0
-    assert "10 files checked, 0 problems" in capsys.readouterr().out
+    assert "26 files checked, 0 problems" in capsys.readouterr().out  # 10 + 16 more stories (depth)
     write(corpus, "stories/calm.txt", filler("short", 10))
     assert main([str(corpus)]) == 1
     out = capsys.readouterr().out
