@@ -41,7 +41,9 @@ def test_default_model_shape_tokenizer_and_template(default_model):
     assert cfg.architectures == ["LlamaForCausalLM"]
     assert cfg.head_dim >= 32
     record = json.loads((default_model / "plasticity_spec.json").read_text())
-    assert record["final_loss"] is not None and record["final_loss"] < 4.0
+    # Trained, not random (ln 2048 = 7.6): 400 steps over the 600k-character corpus reach ~4.2 (3.3 when the
+    # corpus was 255k characters); whether it writes words is checked through the server.
+    assert record["final_loss"] is not None and record["final_loss"] < 4.6
     tok = AutoTokenizer.from_pretrained(default_model)
     ids = tok("the old house")["input_ids"]
     assert tok.decode(ids) == "the old house"

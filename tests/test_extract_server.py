@@ -11,7 +11,7 @@ from plasticity_training.activations import HFSource, ServerSource
 from vllm_plasticity.contract.bank import load_bank, save_bank
 from plasticity_training.extract import main
 from test_extract_corpus import write_corpus
-from test_readout import AUTH, assert_scores_match, complete, hf_forward, live_hf, sequence
+from test_readout import AUTH, complete, hf_forward, live_hf, sequence
 from tests.conftest import API_KEY
 
 TOL = 1e-4
@@ -72,8 +72,12 @@ def test_extracted_bank_loads_into_the_server_and_gives_readouts(plasticity_serv
         result = complete(plasticity_server, str(default_model), "The letter said she had won.", max_tokens=4,
                           vllm_xargs={"readout": "emotions"})
         readout = result["choices"][0]["readout"]
-        assert readout["concepts"] == bank.concepts
+        assert readout["concepts"] == bank.concepts and readout["calibrated"] is True  # extract calibrates
         states, _ = hf_forward(live_hf(plasticity_server), sequence(result))
-        assert_scores_match(readout, states, bank.vectors)
+        cal = bank.calibration
+        for j, L in enumerate(readout["layers"]):  # (h - c) . v / s, compared at the raw dot product's precision
+            expected = (states[L][: len(readout["positions"])] - cal.centre[L]) @ bank.vectors[L].T / cal.scale[L]
+            got = torch.tensor([row[j] for row in readout["scores"]])
+            assert ((got - expected) * cal.scale[L]).abs().max().item() <= 1e-4, L
     finally:
         requests.delete(plasticity_server.url + "/readout/emotions", headers=AUTH, timeout=10)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 PLUGIN, TRAINING = REPO / "plugin" / "vllm_plasticity", REPO / "training" / "plasticity_training"
 TRAINER_PROCESS = ("trainer", "trainer_core", "hf_view", "checkpoint", "checkpoint_io", "checkpoint_layout", "apollo")
 ARCHITECTURES = PLUGIN / "architectures"
-VLLM_PLUMBING = ("recurrent_layer", "recurrent_config")  # the architectures' vLLM side, beside every <arch>_vllm.py
+VLLM_PLUMBING = ("recurrent_layer", "recurrent_config", "recurrent_metadata")  # the architectures' vLLM side, beside every <arch>_vllm.py
 
 
 def vllm_side(stem: str) -> bool:

@@ -184,6 +184,54 @@ def test_a_steering_slider_changes_the_output(page, plasticity_server, default_m
     assert page.errors == []
 
 
+@pytest.fixture(scope="module")
+def ui_calibrated_bank(plasticity_server, ui_bank):
+    """ui-bank's vectors with a calibration: scale 4 for every concept and layer, so natural strength 10 is
+    the raw coefficient 40 the test above steers with."""
+    from vllm_plasticity.contract.bank import Calibration, load_bank
+
+    raw = load_bank(Path(plasticity_server.vectors_dir) / ui_bank)
+    g = torch.Generator().manual_seed(8)
+    calibration = Calibration({L: torch.randn(128, generator=g) for L in raw.layers},
+                              {L: torch.full((len(CONCEPTS),), 4.0) for L in raw.layers}, {"centre": "corpus"})
+    save_bank(Path(plasticity_server.vectors_dir) / "ui-cal", CONCEPTS, raw.vectors, model="test", method="random",
+              calibration=calibration)
+    return "ui-cal"
+
+
+def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_server, default_model, ui_calibrated_bank):
+    model, bank = str(default_model), ui_calibrated_bank
+    load_in_page(page, bank)
+    assert "natural units" in page.locator("#steer-units").inner_text()
+    assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "10"
+    page.fill("#prompt", PROMPT)
+    page.fill("#max-tokens", "10")
+    page.click("#generate")
+    wait_status(page, "scored")
+    assert page.locator("#legend-units").inner_text().startswith("calibrated: 0 = as the corpus on average")
+    readout = api_completion(plasticity_server, model, max_tokens=10, vllm_xargs={"readout": bank})["readout"]
+    assert readout["calibrated"] is True
+    shown = shown_scores(page)
+    assert sorted(shown) == readout["positions"]
+    for p in readout["positions"]:
+        assert abs(shown[p] - readout["scores"][p][0][0]) <= TOL
+    page.fill("#max-tokens", "12")
+    page.eval_on_selector("#sliders input[name='storm']", "el => { el.value = el.max; el.dispatchEvent(new Event('input')); }")
+    page.click("#steer-generate")
+    wait_status(page, "steered with 1 concept")
+    steered = page.locator("#steered-out").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "4b-calibrated.png"), full_page=True)
+    assert steered == api_completion(plasticity_server, model, max_tokens=12,
+                                     vllm_xargs={"steer": [f"{bank}/storm", 10.0]})["text"]
+    # natural strength 10 at scale 4 is the raw 40 of the raw bank's slider end
+    r = requests.post(plasticity_server.url + "/readout/load", headers=AUTH, timeout=60,
+                      json={"name": "ui-bank", "path": "ui-bank"})
+    assert r.status_code == 200, r.text
+    assert steered == api_completion(plasticity_server, model, max_tokens=12,
+                                     vllm_xargs={"steer": ["ui-bank/storm", 40.0]})["text"]
+    assert page.errors == []
+
+
 def test_the_training_panel_teaches_a_fact_and_checkpoints(page):
     assert page.locator("#train-panel").is_visible()
     page.fill("#train-context", "The keeper of the lighthouse was called")

@@ -23,6 +23,7 @@ ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "PlasticityLlamaForCausalLM",
     "Qwen2ForCausalLM": "PlasticityQwen2ForCausalLM",
     "Qwen3ForCausalLM": "PlasticityQwen3ForCausalLM",
+    "Qwen3NextForCausalLM": "PlasticityQwen3NextForCausalLM",  # Gated DeltaNet hybrid (bfloat16 on CPU)
 }
 # Architectures stock vLLM cannot serve, written in this project (plugin/vllm_plasticity/architectures/):
 # registered name -> (vLLM class "module:Class", transformers model_type registered for the same model).

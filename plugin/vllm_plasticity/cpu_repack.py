@@ -56,6 +56,8 @@ class RepackedLinearMethod(UnquantizedLinearMethod):
     """vLLM's unquantized linear method, but the layer keeps its weight and a repackable oneDNN handle."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if layer.weight.ndim != 2:  # not a GEMM (a GDN conv1d): vLLM's own handling (packed_copies.py)
+            return super().process_weights_after_loading(layer)
         layer.cpu_linear = RepackableGemm(layer.weight.data)
 
 

@@ -40,10 +40,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.qwen3_next import Qwen3NextForCausalLM
 from vllm.platforms import current_platform
 
 from vllm_plasticity.config import PlasticityConfig
 from vllm_plasticity.cpu_repack import use_repacked_kernels
+from vllm_plasticity.packed_copies import PackedCopies, may_pack_a_copy
 from vllm_plasticity.residual_tap import install_buffers_for, tap_layers, tapped_layer_class
 from vllm_plasticity.contract.weights import WeightManifest, share_cpu_parameters
 
@@ -60,6 +62,8 @@ class PlainEmbeddingMethod(UnquantizedEmbeddingMethod):
 def keep_weights_in_place(model: torch.nn.Module) -> None:
     """Mark `model`'s layers so no weight is repacked, copied or dropped after loading."""
     for module in model.modules():
+        if may_pack_a_copy(module):
+            continue  # no CPU kernel reads it in place: served from a copy packed again after a step (packed_copies.py)
         if isinstance(module, LinearBase):
             module._cpu_skip_gemm_dispatch = True
         elif isinstance(module, VocabParallelEmbedding) and type(module.quant_method) is UnquantizedEmbeddingMethod:
@@ -74,6 +78,8 @@ class SharedWeightsMixin:
     plasticity_in_place = False
     plasticity_repacked = False  # linear layers multiply with oneDNN handles packed again after each step
     plasticity_tapped_layer_arg: dict = {}  # the constructor's own layer-type argument, where it has one
+    plasticity_shared_views: dict | None = None  # CPU sharing: {vLLM name: its arena view} as loaded
+    _plasticity_packed_copies: PackedCopies | None = None
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         config = PlasticityConfig.from_env()
@@ -95,7 +101,17 @@ class SharedWeightsMixin:
         loaded = super().load_weights(weights)
         if PlasticityConfig.from_env().share_weights and current_platform.is_cpu():
             self.plasticity_manifest = share_cpu_parameters(self)
+            # kept before vLLM's process_weights_after_loading may serve some of them from packed copies
+            self.plasticity_shared_views = {name: p.data for name, p in self.named_parameters()}
+            if any(may_pack_a_copy(m) for m in self.modules()):
+                self.plasticity_repacked = True  # each published step goes through `plasticity_repack`
         return loaded
+
+    def plasticity_packed_copies(self) -> PackedCopies | None:
+        """The weights served from packed copies (found once, after loading), or None without sharing."""
+        if self._plasticity_packed_copies is None and self.plasticity_shared_views is not None:
+            self._plasticity_packed_copies = PackedCopies(self, self.plasticity_shared_views)
+        return self._plasticity_packed_copies
 
 
 class PlasticityLlamaForCausalLM(SharedWeightsMixin, LlamaForCausalLM):
@@ -108,3 +124,8 @@ class PlasticityQwen2ForCausalLM(SharedWeightsMixin, Qwen2ForCausalLM):
 
 class PlasticityQwen3ForCausalLM(SharedWeightsMixin, Qwen3ForCausalLM):
     pass
+
+
+class PlasticityQwen3NextForCausalLM(SharedWeightsMixin, Qwen3NextForCausalLM):
+    """Gated DeltaNet + attention hybrid with MoE. On CPU vLLM serves its conv1d (AVX512-BF16) and its
+    experts from packed copies; with sharing on they are packed again after each step (packed_copies.py)."""

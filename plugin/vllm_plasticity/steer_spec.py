@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 
-# The largest |coefficient| a steering term may have. Concept vectors are unit vectors, so this is the
-# norm added to the residual stream; real models' streams have norms in the tens to thousands, so 1e6
-# is far beyond any useful strength while the sum of many such terms over many layers stays many orders
-# of magnitude inside the float32 steering buffer and a bf16/fp32 stream (the tap also clamps what it
-# adds, see residual_tap.py).
+# The largest |coefficient| a steering term may have, in the units the request gives. Concept vectors are
+# unit vectors, so in raw units this is the norm added to the residual stream (natural units multiply it
+# by the concept's scale, itself a typical distance between states of the stream); real models' streams
+# have norms in the tens to thousands, so 1e6 is far beyond any useful strength while the sum of many such
+# terms over many layers stays many orders of magnitude inside the float32 steering buffer and a bf16/fp32
+# stream (the tap also clamps what it adds, see residual_tap.py).
 MAX_STEER_COEFFICIENT = 1e6
 
 # The most terms one request may steer with. The page sends one term per slider (a bank has at most the

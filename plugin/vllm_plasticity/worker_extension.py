@@ -56,7 +56,12 @@ class PlasticityWorkerExtension:
             return {"layers": 0, "seconds": 0.0}
         from vllm_plasticity.cpu_repack import repack
 
-        return repack(model, trained)
+        done = repack(model, trained)
+        copies = model.plasticity_packed_copies() if hasattr(model, "plasticity_packed_copies") else None
+        if copies:  # conv1d / MoE experts served from packed copies (packed_copies.py)
+            more = copies.refresh(trained)
+            done = {"layers": done["layers"] + more["layers"], "seconds": done["seconds"] + more["seconds"]}
+        return done
 
     def plasticity_weight_manifest(self) -> dict | None:
         """The manifest a trainer maps the live weights with, or None when they are not shareable."""

@@ -66,9 +66,11 @@ class ModelSpec:
 def project_text_files(root: Path = REPO_ROOT) -> list[Path]:
     """The project's own prose, in a fixed order: the story corpus and its README.
 
-    Only the corpus, not the code docs, so that editing README.md or DESIGN.md does not change the model.
+    Only the corpus, not the code docs, so that editing README.md or DESIGN.md does not change the model; not
+    its held-out stories (heldout/), which no model or bank of the project may have seen.
     """
-    files = sorted((root / "amygdala_stories").rglob("*.txt"))
+    corpus = root / "amygdala_stories"
+    files = sorted(p for p in corpus.rglob("*.txt") if p.relative_to(corpus).parts[0] != "heldout")
     readme = root / "amygdala_stories" / "README.md"
     return files + ([readme] if readme.exists() else [])
 

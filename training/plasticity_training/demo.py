@@ -114,12 +114,14 @@ def main() -> None:
         prompt = "She opened the letter and"
         plain = complete(server.url, model, prompt, 16)
         print(f"  plain:             {plain!r}")
-        for concept, coef in (("joyful", 8.0), ("terrified", 8.0)):
+        # Natural units (the extracted bank is calibrated): strength 1 = the concept's typical separation at
+        # the layer; on the built-in model that is ~2 in raw norm, so 4 is about the raw 8 this step once used.
+        for concept, coef in (("joyful", 4.0), ("terrified", 4.0)):
             r = requests.post(server.url + "/v1/completions", timeout=120, json={
                 "model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0,
                 "vllm_xargs": {"steer": [f"emotions/{concept}", coef]}})
             r.raise_for_status()
-            print(f"  steer {concept} x{coef:<4}: {r.json()['choices'][0]['text']!r}")
+            print(f"  steer {concept} strength {coef:g}: {r.json()['choices'][0]['text']!r}")
         step("10. Teach it a fact: POST /train with token IDs (loss on the continuation only)")
         context, target = tok("The name of the cat was")["input_ids"], tok(" Marigold Quince")["input_ids"]
         print(f"  before: 'The name of the cat was' -> {complete(server.url, model, 'The name of the cat was', len(target))!r}")

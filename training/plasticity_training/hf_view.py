@@ -7,8 +7,9 @@ Runs in the trainer process (and in tests). Imports torch and transformers, neve
     >>> model(input_ids).logits                                 # = vLLM's logits for the same weights
 
 vLLM fuses some projections: `qkv_proj` holds q, k, v stacked by rows and `gate_up_proj` holds gate, up
-(see `packed_modules_mapping` in vLLM's Llama/Qwen2/Qwen3; at tensor-parallel size 1 these are contiguous
-row blocks). Each HF projection becomes a row slice of the fused tensor, so a gradient step on the HF
+(see `packed_modules_mapping` in vLLM's Llama/Qwen2/Qwen3/Qwen3-Next; at tensor-parallel size 1 these are
+contiguous row blocks; Qwen3-Next's q_proj is q and its output gate interleaved per head on both sides).
+Qwen3-Next's fused experts are whole tensors under other names (RENAMED). Each HF projection becomes a row slice of the fused tensor, so a gradient step on the HF
 `q_proj.weight` writes straight into vLLM's `qkv_proj.weight`. vLLM may pad the vocabulary dimension of
 the embedding and lm_head; the HF view takes the first `vocab_size` rows. Tied embeddings stay tied:
 vLLM has one tensor and HF's lm_head points at the same Parameter.
@@ -29,7 +30,17 @@ FUSED = {
     "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
     "up_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
 }
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# HF parameter -> vLLM parameter of another name, whole (same shape and layout). Qwen3-Next's experts:
+# transformers stacks them as gate_up_proj [E, 2I, H] (gate rows, then up) and down_proj [E, H, I]; vLLM's
+# fused-MoE loader fills w13 with w1 (gate) then w3 (up) per expert, the same layout, held by the MoE
+# runner's `routed_experts` (vllm/model_executor/layers/fused_moe). Its Gated DeltaNet parameters
+# (in_proj_qkvz, in_proj_ba: interleaved per key-head group in both; conv1d [dim, 1, width]; A_log;
+# dt_bias; the gated norm; out_proj) have the same names and shapes on both sides.
+RENAMED = {
+    "mlp.experts.gate_up_proj": "mlp.experts.routed_experts.w13_weight",
+    "mlp.experts.down_proj": "mlp.experts.routed_experts.w2_weight",
+}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_next")
 # The project's own architectures (vllm_plasticity.architectures): served under the same parameter names
 # as their Hugging Face form, unfused, so each HF parameter is the whole vLLM tensor of the same name.
 PROJECT_MODEL_TYPES = ("causal_bank", "tkc", "synthe")
@@ -54,7 +65,11 @@ def vllm_source(hf_name: str, shapes: dict[str, torch.Size]) -> tuple[str, int, 
             if sibling == parts[-2]:
                 return f"{prefix}.{fused}.{leaf}", start, rows
             start += rows
-    return hf_name, 0, shapes[hf_name][0] if len(shapes[hf_name]) else 0
+    rows = shapes[hf_name][0] if len(shapes[hf_name]) else 0
+    for hf_suffix, vllm_suffix in RENAMED.items():
+        if hf_name.endswith("." + hf_suffix):
+            return hf_name.removesuffix(hf_suffix) + vllm_suffix, 0, rows
+    return hf_name, 0, rows
 
 
 def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn_implementation: str = "sdpa") -> nn.Module:

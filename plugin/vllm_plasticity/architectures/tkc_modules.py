@@ -152,7 +152,9 @@ class TKCModules:
 
         def write(keys, values, tier, gate, scale):
             pointer = stats[:, tier]
-            slot = F.one_hot(pointer.long(), M).float() * gate[:, None]  # (R, M): the slot written, or none
+            # (R, M): the slot written, or none. A comparison, not F.one_hot: on CPU one_hot reads the
+            # pointers' range on the host, which the served step must not do (recurrent_layer.py).
+            slot = (torch.arange(M, device=pointer.device) == pointer.long()[:, None]).float() * gate[:, None]
             used = strength[:, tier]
             step = (slot * (1 - ema * (used > 0).float()))[..., None]  # overwrite, or blend into a used slot
             keys = keys + step * (key[:, None] - keys)

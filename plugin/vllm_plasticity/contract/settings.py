@@ -20,7 +20,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 # Settings that fix the optimizer state's shapes: a job may not change them once state exists.
 SHAPE_SETTINGS = ("rank", "mini")
-PARAM_KINDS = ("attention", "mlp", "embeddings", "norms")
+PARAM_KINDS = ("attention", "mlp", "embeddings", "norms", "linear_attention", "decay")
+# Gated DeltaNet (Qwen3-Next) decay parameters: g = -exp(A_log) * softplus(a + dt_bias); kind "decay".
+DECAY_PARAMS = ("A_log", "dt_bias")
 ContextMode = Literal["masked", "no_grad"]
 
 
@@ -160,6 +162,8 @@ class ParamsFilter(Strict):
     mlp: StrictBool = True
     embeddings: StrictBool = True
     norms: StrictBool = True
+    linear_attention: StrictBool = True  # Gated DeltaNet projections and conv1d (in_proj_qkvz/_ba, conv1d, out_proj)
+    decay: StrictBool = True  # Gated DeltaNet A_log and dt_bias
 
     @model_validator(mode="after")
     def _layer_range(self):
@@ -169,8 +173,9 @@ class ParamsFilter(Strict):
 
 
 def param_kind(name: str) -> str:
-    """attention, mlp, embeddings or norms, for a Llama/Qwen parameter name (HF's or vLLM's: the fused
-    qkv_proj/gate_up_proj sit under the same `self_attn`/`mlp` modules). In the project's attention-free
+    """attention, mlp, embeddings, norms, linear_attention or decay, for a Llama/Qwen/Qwen3-Next parameter
+    name (HF's or vLLM's: the fused qkv_proj/gate_up_proj sit under the same `self_attn`/`mlp` modules; MoE
+    routers and experts are mlp). In the project's attention-free
     architectures (names outside `model.`), the token embedding tables are embeddings and every other
     weight (substrate, state projections, readouts) counts as mlp."""
     if "embed_tokens" in name or name.startswith("lm_head"):
@@ -178,8 +183,12 @@ def param_kind(name: str) -> str:
     if not name.startswith("model."):
         table = name.split(".")[0]  # causal bank: linear_embedding; TKC: embed; SYNTHE: embedding, pos_embedding
         return "embeddings" if table in ("embed", "embedding") or table.endswith("_embedding") else "mlp"
-    if "norm" in name:  # input/post-attention norms, q_norm/k_norm, the final norm
+    if name.rpartition(".")[2] in DECAY_PARAMS:
+        return "decay"
+    if "norm" in name:  # input/post-attention norms, q_norm/k_norm, the final norm, GDN's gated norm
         return "norms"
+    if ".linear_attn." in name:
+        return "linear_attention"
     if ".self_attn." in name:
         return "attention"
     if ".mlp." in name:

@@ -14,6 +14,7 @@ const state = {
   tokens: [],         // [{id, text, prompt}] for the last generation, in position order
   scores: new Map(),  // position -> scores[layer index][concept index] for the last generation
   readLayers: [], readConcepts: [],  // the layers and concepts the scores are for
+  readCalibrated: false,  // the scores are calibrated (0 = as the corpus on average, 1 = as the concept's texts)
 };
 
 class ApiError extends Error {
@@ -87,7 +88,7 @@ function chooseBank(name) {
   $("layer-select").replaceChildren(...layers.map((L, i) => new Option(`layer ${L}`, i)));
   $("chart-concepts").replaceChildren(...concepts.map((c, i) => {
     const o = new Option(c, i); o.selected = i < 3; return o; }));
-  buildSliders(concepts);
+  buildSliders(concepts, Boolean(state.bank && state.bank.calibrated));
   render();
 }
 
@@ -169,6 +170,7 @@ async function addPromptTokens(choice) {
 function addScores(readout) {
   if (readout.error) setStatus(readout.error, true);
   state.readLayers = readout.layers; state.readConcepts = readout.concepts;
+  state.readCalibrated = Boolean(readout.calibrated);
   readout.positions.forEach((p, i) => state.scores.set(p, readout.scores[i]));
 }
 
@@ -191,9 +193,14 @@ function selection() {
 function render() {
   const { layer, concept } = selection();
   const values = [...state.scores.keys()].map((p) => score(p, layer, concept)).filter((v) => v !== undefined);
-  const scale = values.length ? Math.max(...values.map(Math.abs)) : 0;
+  const largest = values.length ? Math.max(...values.map(Math.abs)) : 0;
+  // Calibrated scores mean the same for every concept: 1 (as its own texts) is full colour unless exceeded.
+  const scale = state.readCalibrated ? Math.max(1, largest) : largest;
   $("legend-min").textContent = (-scale).toFixed(2);
   $("legend-max").textContent = "+" + scale.toFixed(2);
+  $("legend-units").textContent = !values.length ? "" : state.readCalibrated
+    ? "calibrated: 0 = as the corpus on average, 1 = as this concept's own texts"
+    : "raw: hidden state · unit vector (this bank has no calibration)";
   const spans = state.tokens.map((tok, position) => {
     const span = document.createElement("span");
     span.className = "tok" + (tok.prompt ? " prompt" : "");
@@ -270,13 +277,25 @@ function drawChart() {
 
 // ---- steer ----------------------------------------------------------------------------------------
 
-function buildSliders(concepts) {
+// The units the sliders count, as the server's steer_units: natural (1 = the concept's typical separation at
+// the layer, its calibration scale) for a calibrated bank, raw (the norm added to the stream) otherwise.
+const SLIDER_UNITS = {
+  natural: { min: -10, max: 10, step: 0.1,
+             text: "strength in natural units: 1 adds the concept's typical separation at each steered layer " +
+                   "(it raises that layer's calibrated score by 1)" },
+  raw: { min: -40, max: 40, step: 0.5,
+         text: "raw coefficient: the norm added to the residual stream (this bank has no calibration)" },
+};
+
+function buildSliders(concepts, calibrated) {
+  const units = SLIDER_UNITS[calibrated ? "natural" : "raw"];
+  $("steer-units").textContent = concepts.length ? units.text : "";
   $("sliders").replaceChildren(...concepts.map((c) => {
     const row = document.createElement("label");
     row.className = "slider"; row.dataset.concept = c;
     const name = document.createElement("span"); name.className = "name"; name.textContent = c; name.title = c;
     const input = Object.assign(document.createElement("input"),
-      { type: "range", min: -40, max: 40, step: 0.5, value: 0, name: c });
+      { type: "range", min: units.min, max: units.max, step: units.step, value: 0, name: c });
     const out = document.createElement("output"); out.textContent = "0";
     input.addEventListener("input", () => { out.textContent = input.value; });
     row.append(name, input, out);
@@ -303,7 +322,7 @@ async function steerGenerate() {
   if (!state.bank) return setStatus("load a bank first: steering uses its concept vectors", true);
   const terms = steerTerms();
   if (!terms.length) return setStatus("move a slider away from 0 to steer", true);
-  const xargs = { steer: terms };
+  const xargs = { steer: terms, steer_units: state.bank.calibrated ? "natural" : "raw" };
   const layers = $("steer-layers").value.trim();
   if (layers) xargs.steer_layers = layers.split(",").map((s) => Number(s.trim()));
   const prompt = $("prompt").value, n = Number($("max-tokens").value);
