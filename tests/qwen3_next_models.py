@@ -21,16 +21,15 @@ def tiny_qwen3_next_config(vocab_size: int):
     """4 layers: 3 Gated DeltaNet + 1 full attention, every layer MoE (4 experts, 2 per token) with a
     shared expert. Sizes vLLM's CPU kernels take: GDN head dims 128 (the chunked delta-rule kernel refused
     32: "Unexpected head dim size"), hidden and expert sizes multiples of 32 (the AMX MoE kernel's
-    alignment). vLLM makes the attention block at least one layer's GDN state (a page each): 4 KV heads of
-    64 keep that block near 80 tokens (2176 with one head of 32), so a prompt of a few hundred tokens
-    fills a block the prefix cache can keep."""
+    alignment). vLLM makes the attention block hold at least one layer's GDN state: 2176 tokens here, more
+    than max_model_len, so the prefix cache never keeps a block of this model (see test_qwen3_next)."""
     from transformers import Qwen3NextConfig
 
     return Qwen3NextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        num_attention_heads=4, num_key_value_heads=4, head_dim=64,
-        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=128, linear_value_head_dim=128,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=32, decoder_sparse_step=1, norm_topk_prob=True,
         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,

@@ -79,10 +79,10 @@ def test_hf_view_on_vllm_layout_is_the_hf_model(tiny_qwen3_next, tok):
     layer0 = view.model.layers[0]
     with torch.no_grad():
         layer0.mlp.experts.gate_up_proj[1, 0, 0] = 3.0
-        layer0.linear_attn.A_log[2] = 0.5
+        layer0.linear_attn.A_log[1] = 0.5
         view.model.layers[3].self_attn.k_proj.weight[0, 0] = 2.0
     assert weights["model.layers.0.mlp.experts.routed_experts.w13_weight"][1, 0, 0] == 3.0
-    assert weights["model.layers.0.linear_attn.A_log"][2] == 0.5
+    assert weights["model.layers.0.linear_attn.A_log"][1] == 0.5
     q_rows = view.model.layers[3].self_attn.q_proj.weight.shape[0]
     assert weights["model.layers.3.self_attn.qkv_proj.weight"][q_rows, 0] == 2.0
 
@@ -182,15 +182,14 @@ def test_learns_a_fact_and_serves_the_trainers_weights(server, tiny_qwen3_next, 
 
 @pytest.mark.slow
 def test_no_stale_state_after_a_publish(server, tiny_qwen3_next, tok):
-    """A prompt served before a step, long enough that the prefix cache keeps its KV and GDN state, is
-    computed with the new weights after it: the step (GDN layers only) makes the prompt predict another
-    token, and the served log-prob equals the HF form's on the live weights, not a mix with old state."""
-    from qwen3_next_models import TEXT
-
+    """A prompt served before a step is computed with the new weights after it: the step (GDN layers
+    only) makes the prompt predict another token, and the served log-prob equals the HF form's on the
+    live weights. At this tiny shape vLLM's hybrid block is 2176 tokens (> max_model_len), so no prefix
+    block is ever cached: what a cached GDN state would do is not exercised here (kv_generations salts
+    every request's cache key with the weights' generation, for every layer type alike)."""
     model = str(tiny_qwen3_next)
-    ids = tok(TEXT)["input_ids"][:200]
+    ids = tok("The owl saw the gate near the lake, and the story went on. The boat saw the")["input_ids"]
     token, before = next_token_logprob(server, model, ids)
-    next_token_logprob(server, model, ids)  # served again: now from the prefix cache where it keeps blocks
     assert abs(before - hf_next_token_logprob(server, ids, token)) <= BF16_LOGPROB_TOL
     target = (token + 1) % len(tok)
     r = requests.post(server.url + "/train", headers=HEADERS, timeout=600,
