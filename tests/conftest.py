@@ -29,8 +29,14 @@ SERVER_FIXTURES = {"servers", "servers_restart", "stock_reference", "plasticity_
 @pytest.hookimpl(tryfirst=True)  # before pytest's -m selection reads the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if SERVER_FIXTURES & names:
             item.add_marker(pytest.mark.server)
+        # A test that starts a server of its own stops the shared one: it must say so (servers_restart), so that
+        # it runs after every test that shares it.
+        if "servers" in names and not names & {"servers_restart", "plasticity_server", "stock_reference"}:
+            raise pytest.UsageError(f"{item.nodeid} takes `servers`: a test starting a server of its own takes "
+                                    "`servers_restart` (ordered after the tests that share the plugin server)")
     # Stock-server tests first: the stock engine then runs once and is gone before the plugin's starts.
     # Tests that replace the shared server run last; among them, those that still use it first.
     def order(item):

@@ -104,13 +104,13 @@ def test_param_kinds_select_gdn_parts():
 # ---- one served model: training on, bfloat16 (the full tier) --------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(servers, tiny_qwen3_next, tmp_path_factory):
+def server(servers_restart, tiny_qwen3_next, tmp_path_factory):
     from vllm_plasticity.launcher import ServerProcess
 
     state_dir = tmp_path_factory.mktemp("qwen3-next-state")
     args = ["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4", "--training",
             "--api-key", API_KEY, "--state-dir", str(state_dir)]
-    return servers.start("qwen3-next", lambda log_path: ServerProcess.plasticity(tiny_qwen3_next, extra_args=args, log_path=log_path))
+    return servers_restart.start("qwen3-next", lambda log_path: ServerProcess.plasticity(tiny_qwen3_next, extra_args=args, log_path=log_path))
 
 
 def live_view(server):
