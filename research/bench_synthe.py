@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_causal_bank import served_latency  # noqa: E402  (one way to time decode, shared)
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
 
-from plasticity_training.default_model import ModelSpec, build_model, project_text_files  # noqa: E402
-from plasticity_training.default_synthe import SyntheSpec, build_synthe, default_synthe_path  # noqa: E402
+from plasticity_training.default_model import (  # noqa: E402
+    ModelSpec, build_model, default_model_path, project_text_files)
+from plasticity_training.default_synthe import SyntheSpec  # noqa: E402
 from vllm_plasticity.launcher import ServerProcess  # noqa: E402
 
 CONTEXT = 4096
@@ -105,7 +106,7 @@ def main() -> None:
                            max_position_embeddings=CONTEXT, train_steps=0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        synthe_dir = build_synthe(synthe_spec, work / "synthe", text="", log=lambda m: None)
+        synthe_dir = build_model(synthe_spec, work / "synthe", text="", log=lambda m: None)
         llama_dir = build_model(llama_spec, work / "llama", log=lambda m: None)
         params = {name: json.loads((d / "plasticity_spec.json").read_text())["parameters"]
                   for name, d in (("synthe", synthe_dir), ("llama", llama_dir))}
@@ -116,7 +117,7 @@ def main() -> None:
         llama, llama_tps = measure(llama_dir, llama_prompts, range(4, 300), args, work / "llama.log")
         print(f"[bench] served llama: {llama}, {llama_tps:.1f} tok/s", flush=True)
 
-    built = default_synthe_path(log=lambda m: print(m, flush=True))
+    built = default_model_path(SyntheSpec(), log=lambda m: print(m, flush=True))
     stories = sorted(p for p in project_text_files() if "stories" in p.parts)[: args.stories]
     texts = [p.read_bytes()[:1024] for p in stories]
     noise = [bytes(rng.randrange(256) for _ in range(1024)) for _ in range(len(texts))]

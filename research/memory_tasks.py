@@ -53,26 +53,26 @@ def settings(quick: bool) -> dict:
 
 def build(arch: str, out: Path) -> Path:
     """A random-init model directory of `arch` with about 0.1-0.2M parameters and byte-sized vocabulary."""
-    if arch == "llama":
-        from plasticity_training.default_model import ModelSpec, build_model
+    from plasticity_training.default_model import ModelSpec, build_model
 
+    if arch == "llama":
         return build_model(ModelSpec(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=3,
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                                      max_position_embeddings=512, train_steps=0), out, log=lambda m: None)
     if arch == "causal-bank":
-        from plasticity_training.default_causal_bank import CausalBankSpec, build_causal_bank
+        from plasticity_training.default_causal_bank import CausalBankSpec
 
-        return build_causal_bank(CausalBankSpec(train_steps=0, linear_hidden=(128,)), out, text="", log=lambda m: None)
+        return build_model(CausalBankSpec(train_steps=0, linear_hidden=(128,)), out, text="", log=lambda m: None)
     if arch == "synthe":
-        from plasticity_training.default_synthe import SyntheSpec, build_synthe
+        from plasticity_training.default_synthe import SyntheSpec
 
-        return build_synthe(SyntheSpec(d_model=64, wiener_state_dim=8, tier_dims=(32, 16, 8), train_steps=0), out,
-                            text="", log=lambda m: None)
-    from plasticity_training.default_tkc import TKCSpec, build_tkc
+        return build_model(SyntheSpec(d_model=64, wiener_state_dim=8, tier_dims=(32, 16, 8), train_steps=0), out,
+                           text="", log=lambda m: None)
+    from plasticity_training.default_tkc import TKCSpec
 
     backbone = "mamba2" if arch == "tkc-mamba2" else "gru"
-    return build_tkc(TKCSpec(d_model=80, mem_slots=32, train_steps=0, backbone=backbone, mamba_d_state=32,
-                             mamba_headdim=32), out, text="", log=lambda m: None)
+    return build_model(TKCSpec(d_model=80, mem_slots=32, train_steps=0, backbone=backbone, mamba_d_state=32,
+                               mamba_headdim=32), out, text="", log=lambda m: None)
 
 
 def load(model_dir: Path):

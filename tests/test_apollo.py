@@ -22,6 +22,9 @@ from plasticity_training.apollo import (Apollo, NonFiniteGradientError,
                                         unflatten_state, uses_projection)
 
 SEED = 7
+# The settings' ceilings (contract.settings.OptimizerSettings, the one set of bounds): far above anything these
+# tests reach, so no clipping (a factor of exactly 1.0) and no norm-growth limit.
+NO_CLIP, NO_LIMIT = 1e6, 1000.0
 
 
 def make_grad(idx: int, shape, step: int) -> torch.Tensor:
@@ -96,7 +99,7 @@ def test_known_answer_matrix(shape, mini):
         alpha=cfg["scale"] * (math.sqrt(128) if mini else 1.0), rank=rank,
         refresh=cfg["proj_refresh"], limit=cfg["norm_growth_limit"], tensorwise=mini)
     assert fired > 0, "test must exercise the norm-growth limiter"
-    opt = Apollo([("w", p)], rank=3, mini=mini, seed=SEED, **cfg)
+    opt = Apollo([("w", p)], rank=3, mini=mini, seed=SEED, grad_clip=NO_CLIP, **cfg)
     for g, want in zip(grads, expected):
         p.grad = g
         opt.step()
@@ -109,7 +112,7 @@ def test_adamw_path_matches_torch_adamw(shape):
     cfg = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
     p = make_param(1, shape)
     q = p.clone().requires_grad_(True)
-    opt = Apollo([("b", p)], rank=3, **cfg)
+    opt = Apollo([("b", p)], rank=3, grad_clip=NO_CLIP, **cfg)
     ref = torch.optim.AdamW([q], **cfg)
     for t in range(1, 6):
         p.grad = make_grad(1, shape, t)
@@ -153,7 +156,7 @@ def test_matches_reference(reference, mini, case):
     ref_apollo, ref_proj = reference
     limiter = case == "limiter_on_betas_0"
     betas = (0.0, 0.0) if limiter else (0.9, 0.999)
-    eps = 1e-6 if limiter else 0.0
+    eps = 1e-6 if limiter else 1e-30  # "eps 0": the smallest the settings allow (eps > 0) changes nothing here
     lr, refresh, steps = 0.05, 3, 7
     rank, ref_scale = (1, 128.0) if mini else (3, 4.0)  # reference applies sqrt(scale)
     names, shapes = ["w_tall", "w_wide"], [(12, 5), (6, 10)]
@@ -179,10 +182,10 @@ def test_matches_reference(reference, mini, case):
     ref._initialize_projector = lambda group, state: InjectedProjector(
         names[state["seed"] - 1], group["rank"], group["update_proj_gap"])
     kw = dict(lr=lr, betas=betas, eps=eps, rank=rank, mini=mini, proj_refresh=refresh,
-              scale=1.0 if mini else math.sqrt(ref_scale), seed=SEED)
-    opt = Apollo(list(zip(names, ours)), norm_growth_limit=1.01 if limiter else math.inf, **kw)
+              scale=1.0 if mini else math.sqrt(ref_scale), seed=SEED, grad_clip=NO_CLIP)
+    opt = Apollo(list(zip(names, ours)), norm_growth_limit=1.01 if limiter else NO_LIMIT, **kw)
     unlimited = [p.clone() for p in ours]
-    opt_unlimited = Apollo(list(zip(names, unlimited)), norm_growth_limit=math.inf, **kw)
+    opt_unlimited = Apollo(list(zip(names, unlimited)), norm_growth_limit=NO_LIMIT, **kw)
     for t in range(1, steps + 1):
         for i, (a, b, c) in enumerate(zip(ours, theirs, unlimited)):
             a.grad = make_grad(i, shapes[i], t)
@@ -344,7 +347,7 @@ def test_grad_clip_scales_the_global_norm():
     shapes = [(8, 6), (6,)]
     clipped, plain, manual = ([make_param(i, s) for i, s in enumerate(shapes)] for _ in range(3))
     opts = [Apollo([(f"p{i}", p) for i, p in enumerate(ps)], lr=0.01, rank=2, grad_clip=gc)
-            for ps, gc in ((clipped, 1.0), (plain, None), (manual, None))]
+            for ps, gc in ((clipped, 1.0), (plain, NO_CLIP), (manual, NO_CLIP))]
     for t, factor in ((1, 100.0), (2, 0.01)):  # big (clipped) then small (untouched) grads
         grads = [make_grad(i, s, t) * factor for i, s in enumerate(shapes)]
         coef = min(1.0, 1.0 / (torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item() + 1e-6))
@@ -384,3 +387,21 @@ def test_invalid_settings_raise(kwargs):
 def test_invalid_params_raise(params):
     with pytest.raises(ValueError, match="Invalid"):
         Apollo(params)
+
+
+# ---- 8. one set of defaults and bounds (issue #31 item 4) ----------------------------------------
+def test_defaults_and_bounds_are_the_settings_models():
+    """APOLLO takes the /train job's defaults and bounds (contract.settings.OptimizerSettings): a value the
+    route refuses is refused here too, and an optimizer built with no arguments is a job's default one."""
+    from vllm_plasticity.contract.settings import OptimizerSettings
+
+    opt = Apollo([("w", torch.zeros(4, 4))])
+    defaults = OptimizerSettings().model_dump()
+    assert opt.grad_clip == defaults.pop("grad_clip") == 1.0  # was None (no clipping) here, 1.0 on the route
+    assert {k: opt.defaults[k] for k in defaults} == defaults
+    for bad in (dict(lr=2.0), dict(lr=0.0), dict(eps=0.0), dict(rank=4097), dict(weight_decay=1.5),
+                dict(grad_clip=1e7), dict(norm_growth_limit=math.inf)):
+        with pytest.raises(ValueError, match="Invalid"):
+            Apollo([("w", torch.zeros(4, 4))], **bad)
+        with pytest.raises(ValueError):
+            OptimizerSettings(**bad)

@@ -129,11 +129,12 @@ def test_the_byte_tokenizer_maps_text_to_its_utf8_bytes():
 def test_the_built_in_causal_bank_builds_deterministically(tmp_path):
     from safetensors.torch import load_file
 
-    from plasticity_training.default_causal_bank import CausalBankSpec, build_causal_bank
+    from plasticity_training.default_causal_bank import CausalBankSpec
+    from plasticity_training.default_model import build_model
 
     spec = CausalBankSpec(train_steps=3, seq_len=32, batch_size=2)
-    a = load_file(str(build_causal_bank(spec, tmp_path / "a", text="abc " * 200, log=lambda m: None) / "model.safetensors"))
-    b = load_file(str(build_causal_bank(spec, tmp_path / "b", text="abc " * 200, log=lambda m: None) / "model.safetensors"))
+    a = load_file(str(build_model(spec, tmp_path / "a", text="abc " * 200, log=lambda m: None) / "model.safetensors"))
+    b = load_file(str(build_model(spec, tmp_path / "b", text="abc " * 200, log=lambda m: None) / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     decays = a["linear_decays"]
     assert 0 < decays.min() and decays.max() < 1 and torch.all(decays[1:] > decays[:-1])  # half-lives grow

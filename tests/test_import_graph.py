@@ -12,7 +12,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN, TRAINING = REPO / "plugin" / "vllm_plasticity", REPO / "training" / "plasticity_training"
-TRAINER_PROCESS = ("trainer", "trainer_core", "hf_view", "checkpoint", "checkpoint_io", "checkpoint_layout", "apollo")
+TRAINER_PROCESS = ("trainer", "trainer_core", "hf_view", "checkpoint", "checkpoint_io", "checkpoint_layout", "checkpoint_paths",
+                   "checkpoint_changes", "checkpoint_tensors", "checkpoint_errors", "apollo")
 ARCHITECTURES = PLUGIN / "architectures"
 VLLM_PLUMBING = ("recurrent_layer", "recurrent_config", "recurrent_metadata")  # the architectures' vLLM side, beside every <arch>_vllm.py
 

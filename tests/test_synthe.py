@@ -35,7 +35,8 @@ def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]
 
 
 def build(out_dir: Path, gate: str) -> Path:
-    from plasticity_training.default_synthe import SyntheSpec, build_synthe
+    from plasticity_training.default_model import build_model
+    from plasticity_training.default_synthe import SyntheSpec
 
     # PyTorch's initial weights, larger than the reference's N(0, 0.02): every part's effect on the
     # log-probs is far above the tolerance. probe_threshold 0.31: about the median Kalman confidence of this
@@ -43,7 +44,7 @@ def build(out_dir: Path, gate: str) -> Path:
     spec = SyntheSpec(d_model=WIDTH, n_blocks=3, n_heads=2, wiener_state_dim=8, tier_dims=(16, 8, 4), probe_window=8,
                       probe_gate=gate, probe_threshold=0.31, max_seq_len=MAX_SEQ_LEN, reference_init=False,
                       train_steps=0, seed=3)
-    return build_synthe(spec, out_dir, text="unused", log=lambda m: None)
+    return build_model(spec, out_dir, text="unused", log=lambda m: None)
 
 
 @pytest.fixture(scope="module")

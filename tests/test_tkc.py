@@ -34,12 +34,13 @@ def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]
 # The Mamba2 backbone (a second server, and a 2.5-minute build) is in the full tier.
 @pytest.fixture(scope="module", params=["gru", pytest.param("mamba2", marks=pytest.mark.slow)])
 def tkc_model(request, tmp_path_factory):
-    from plasticity_training.default_tkc import TKCSpec, build_tkc
+    from plasticity_training.default_model import build_model
+    from plasticity_training.default_tkc import TKCSpec
 
     # Mamba2: 6 heads of 16 channels, SSM state 16 per channel.
     spec = TKCSpec(d_model=WIDTH, n_layers=2, mem_slots=8, max_seq_len=MAX_SEQ_LEN, train_steps=0, seed=3,
                    backbone=request.param, mamba_d_state=16, mamba_headdim=16)
-    return build_tkc(spec, tmp_path_factory.mktemp("tkc") / "model", text="unused", log=lambda m: None)
+    return build_model(spec, tmp_path_factory.mktemp("tkc") / "model", text="unused", log=lambda m: None)
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ class InProcessTrainer:
 def service(core, tmp_path):
     from vllm_plasticity.training_service import TrainingService
 
-    engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(add_request_async=None))
+    engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(add_request_async=lambda request: None))
     return TrainingService(engine, InProcessTrainer(core), vocab_size=300, max_model_len=512,
                            checkpoint_dir=tmp_path / "ckpts")
 

@@ -16,24 +16,15 @@ from __future__ import annotations
 
 import os
 
+from vllm_plasticity.contract.architectures import REGISTRY
+
 __version__ = "0.1.0"
 
-# Base Hugging Face architecture -> the registered subclass that keeps weights shareable in place.
-ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "PlasticityLlamaForCausalLM",
-    "Qwen2ForCausalLM": "PlasticityQwen2ForCausalLM",
-    "Qwen3ForCausalLM": "PlasticityQwen3ForCausalLM",
-    "Qwen3NextForCausalLM": "PlasticityQwen3NextForCausalLM",  # Gated DeltaNet hybrid (bfloat16 on CPU)
-}
-# Architectures stock vLLM cannot serve, written in this project (plugin/vllm_plasticity/architectures/):
-# registered name -> (vLLM class "module:Class", transformers model_type registered for the same model).
-CUSTOM_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "CausalBankForCausalLM": ("vllm_plasticity.architectures.causal_bank_vllm:CausalBankForCausalLM", "causal_bank"),
-    "TKCForCausalLM": ("vllm_plasticity.architectures.tkc_vllm:TKCForCausalLM", "tkc"),
-    "SyntheForCausalLM": ("vllm_plasticity.architectures.synthe_vllm:SyntheForCausalLM", "synthe"),
-}
-# Every architecture the plugin serves with training, readout and steering.
-SERVED_ARCHITECTURES = frozenset(ARCHITECTURES.values()) | frozenset(CUSTOM_ARCHITECTURES)
+# Derived from the one architecture table (contract/architectures.py), for the CLI and the worker extension:
+# a stock Hugging Face architecture -> the registered subclass that keeps weights shareable in place, and
+# every architecture the plugin serves with training, readout and steering.
+ARCHITECTURES: dict[str, str] = {arch.extends: arch.name for arch in REGISTRY if arch.extends}
+SERVED_ARCHITECTURES = frozenset(arch.name for arch in REGISTRY)
 WORKER_EXTENSION = "vllm_plasticity.worker_extension.PlasticityWorkerExtension"
 
 
@@ -47,20 +38,18 @@ def register() -> None:
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())
-    for name in ARCHITECTURES.values():
-        if name not in supported:
-            ModelRegistry.register_model(name, f"vllm_plasticity.models:{name}")
-    if CUSTOM_ARCHITECTURES:
+    for arch in REGISTRY:
+        if arch.name not in supported:
+            ModelRegistry.register_model(arch.name, arch.vllm_class)
+    own = [arch.name for arch in REGISTRY if arch.hf_form]  # the project's own architectures
+    if own:
         # vLLM reads config.json with transformers' AutoConfig (the model types must be known to it), and
         # applies MODELS_CONFIG_MAP's hook per architecture: ours turns prefix caching off and sizes the
         # per-request state block (architectures/recurrent_layer.py). The hook module is light (no model code).
-        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-
         from vllm_plasticity.architectures import register_with_transformers
         from vllm_plasticity.architectures.recurrent_config import RecurrentModelConfig
+        from vllm_plasticity.vllm_patches import register_config_hook
 
         register_with_transformers()
-        for name, (target, _) in CUSTOM_ARCHITECTURES.items():
-            if name not in supported:
-                ModelRegistry.register_model(name, target)
-            MODELS_CONFIG_MAP.setdefault(name, RecurrentModelConfig)
+        for name in own:
+            register_config_hook(name, RecurrentModelConfig)

@@ -4,13 +4,15 @@ Environment variables are the one channel that reaches all of vLLM's processes (
 core, workers) without patching vLLM's argument parser; `plasticity serve` sets them from its flags, and
 people who launch `vllm serve` themselves set them directly (see README). Imports no vLLM.
 
-    >>> cfg = PlasticityConfig.from_env()
+    >>> cfg = process_config()              # PlasticityConfig.from_env(), once per process
     >>> cfg.training, cfg.state_dir
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from pathlib import Path
 
@@ -145,6 +147,11 @@ class PlasticityConfig:
         _refuse_unknown_variables()  # after every field is read: what was read is what is known
         return config
 
+    def as_json(self) -> dict:
+        """Every setting as JSON values (paths as strings): what a checkpoint records beside the weights it
+        holds (plasticity_state/plasticity_config.json), so the switches a model was trained under are known."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
     @property
     def resolved_checkpoint_dir(self) -> Path:
         return self.checkpoint_dir or self.state_dir / "checkpoints"
@@ -158,6 +165,13 @@ class PlasticityConfig:
             "steering": self.vectors_dir is not None,
             "ui": self.vectors_dir is not None and self.ui,
         }
+
+
+@functools.cache
+def process_config() -> PlasticityConfig:
+    """This process's configuration, read from the environment once (the environment of a process does not
+    change under it; a bad variable raises here, at the first use)."""
+    return PlasticityConfig.from_env()
 
 
 def _refuse_unknown_variables() -> None:

@@ -3,8 +3,8 @@
 Runs in vLLM's worker process. vLLM on CPU multiplies every linear layer (and the lm_head) with a oneDNN
 handle that holds its own reordered copy of the weight, made once after loading. A trainer writing the
 shared weight tensor changes nothing such a handle reads, so until this module existed training servers
-kept every layer in place and multiplied with `F.linear` (0.77 of stock throughput at a 105M shape on 2
-cores). Here each layer keeps its weight tensor (the trainer's view) and a handle of its own; after a step
+kept every layer in place and multiplied with `F.linear` (0.67 of stock throughput at a 105M shape on 2
+cores, against 1.01 with this module: research/serving_results.md). Here each layer keeps its weight tensor (the trainer's view) and a handle of its own; after a step
 the API server asks the worker to pack again the layers that step wrote (`repack`), between two engine
 steps, so a forward never sees half a step.
 

@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from vllm_plasticity import __version__, metrics
-from vllm_plasticity.config import PlasticityConfig, training_needs_one_shard
+from vllm_plasticity.config import PlasticityConfig, process_config, training_needs_one_shard
 from vllm_plasticity.contract.files import write_atomically
 from vllm_plasticity.readout_routes import attach_readout_routes
 from vllm_plasticity.readout_service import ReadoutService
@@ -53,6 +53,14 @@ def stored_parameter_count(model_path: str) -> int | None:
         with safe_open(str(file), "pt") as f:
             total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return total or None
+
+
+def trainable_architectures() -> str:
+    """The architectures a training server takes, for refusal messages: every row of the architecture table
+    (a stock one by the name its checkpoints carry), so the project's own architectures are named too."""
+    from vllm_plasticity.contract.architectures import REGISTRY
+
+    return ", ".join(arch.extends or arch.name for arch in REGISTRY)
 
 
 class ServerState:
@@ -116,7 +124,8 @@ class ServerState:
             return
         if self.weight_manifest_path is None:
             self.training_unavailable = (f"training needs weights shared in place, and {self.worker_info.get('architecture')} "
-                                         "does not share them (serve a Llama/Qwen2/Qwen3 or causal-bank model with plasticity serve)")
+                                         f"does not share them (serve one of {trainable_architectures()} with "
+                                         "plasticity serve)")
             return
         model_config = self.engine_client.model_config
         trainer = TrainerClient(self.config.state_dir, self.weight_manifest_path, self.model_path)
@@ -128,7 +137,8 @@ class ServerState:
                                         [t["name"] for t in self.weight_manifest["tensors"]],
                                         repack=(lambda trained: self.rpc("plasticity_repack", trained))
                                         if self.worker_info.get("repacked_after_step") else None,
-                                        checkpoint_max_names=self.config.checkpoint_max_names)
+                                        checkpoint_max_names=self.config.checkpoint_max_names,
+                                        process_config=self.config.as_json())
         atexit.register(self.training.checkpoint_at_exit)  # runs before trainer.kill (atexit is LIFO)
         self.training.start()
 
@@ -263,6 +273,6 @@ class PlasticityEndpoints:
         app.include_router(readout_router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
-        server = ServerState(engine_client, args, PlasticityConfig.from_env())
+        server = ServerState(engine_client, args, process_config())
         state.plasticity = server
         await server.start()

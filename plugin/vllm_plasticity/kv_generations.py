@@ -22,6 +22,8 @@ see the new weights over the KV they already have).
 
 from __future__ import annotations
 
+from vllm_plasticity.vllm_patches import hook_add_request
+
 SALT_PREFIX = "plasticity-w"
 
 
@@ -33,15 +35,10 @@ class KVGenerations:
 
     @classmethod
     def install(cls, engine_client) -> "KVGenerations":
+        """Salt every request `engine_client` sends from now on (vllm_patches.hook_add_request: installed
+        again, the one wrapper salts with the new generations)."""
         generations = cls()
-        core = engine_client.engine_core
-        send = core.add_request_async
-
-        async def add_request_salted(request, *args, **kwargs):
-            generations.salt(request)
-            return await send(request, *args, **kwargs)
-
-        core.add_request_async = add_request_salted
+        hook_add_request(engine_client, generations.salt)
         return generations
 
     def salt(self, request) -> None:

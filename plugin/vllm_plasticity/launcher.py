@@ -26,6 +26,17 @@ from pathlib import Path
 from vllm_plasticity.contract.weights import SHM_DIR, pid_alive, sweep_stale_arenas
 
 
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA device (False where torch is missing or broken): the one test of
+    "CPU or GPU" for starting vLLM here and in `plasticity serve` (cli.py)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,7 +75,7 @@ class ServerProcess:
         port = port or free_port()
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port), *extra_args]
         base = {k: v for k, v in os.environ.items() if not k.startswith("PLASTICITY_") and k != "VLLM_PLUGINS"}
-        if not _cuda():  # the same two CPU settings `plasticity serve` makes (see cli.py)
+        if not cuda_available():  # the same two CPU settings `plasticity serve` makes (see cli.py)
             base.setdefault("VLLM_TARGET_DEVICE", "cpu")
             base.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         return cls(cmd, port, {**base, **(env or {})}, log_path)
@@ -148,11 +159,3 @@ def _loky_pid(name: str) -> int:
     except (IndexError, ValueError):
         return -1
 
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False

@@ -7,11 +7,10 @@ Stock vLLM on CPU repacks every linear weight for oneDNN after loading and drops
 [0]); `lm_head` keeps its tensor but multiplies with a packed copy. Either way a write to the weight
 tensor from another process changes nothing. These subclasses keep vLLM's signatures, parameter names
 and `packed_modules_mapping` (the trainer's view builder relies on them). Only when weights are shared
-(PLASTICITY_TRAINING or PLASTICITY_SHARE_WEIGHTS) do they change two things, because the packed kernels are
-faster (a 99M-parameter Llama on 2 cores served 0.62x of stock with every layer kept in place):
-  1. every linear layer carries vLLM's own `_cpu_skip_gemm_dispatch` flag (made for MLA's kv_b_proj),
-     so it keeps its weight and multiplies with `F.linear` on it;
-  2. the embedding / lm_head quant method does the same for the logits matmul;
+(PLASTICITY_TRAINING or PLASTICITY_SHARE_WEIGHTS) do they keep every weight in place (weights_in_place.py:
+linear layers and the lm_head multiply with `F.linear` on their own weight), because the packed kernels are
+faster (a 105M-parameter Llama on 2 cores, research/serving_results.md: 0.67 of stock with every layer kept
+in place, 0.95 with vLLM's packed kernels, 1.01 on a training server that packs them again after each step);
 except on a CPU training server where vLLM would use oneDNN (PLASTICITY_CPU_KERNELS=repacked, the
 default): there the linear layers and lm_head keep their weight *and* a oneDNN handle of their own,
 packed again after each published step (cpu_repack.py);
@@ -31,12 +30,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
-from vllm.model_executor.layers.linear import LinearBase
-from vllm.model_executor.layers.vocab_parallel_embedding import (
-    UnquantizedEmbeddingMethod,
-    VocabParallelEmbedding,
-)
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
@@ -47,27 +40,8 @@ from vllm_plasticity.config import PlasticityConfig
 from vllm_plasticity.cpu_repack import use_repacked_kernels
 from vllm_plasticity.packed_copies import PackedCopies, may_pack_a_copy
 from vllm_plasticity.residual_tap import install_buffers_for, tap_layers, tapped_layer_class
+from vllm_plasticity.weights_in_place import keep_weights_in_place
 from vllm_plasticity.contract.weights import WeightManifest, share_cpu_parameters
-
-
-class PlainEmbeddingMethod(UnquantizedEmbeddingMethod):
-    """Unquantized embedding / lm_head whose logits matmul reads `layer.weight` itself on CPU."""
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if current_platform.is_cpu():
-            # vLLM's CPU path would build a packed copy here (dispatch_cpu_unquantized_gemm).
-            layer.cpu_linear = F.linear
-
-
-def keep_weights_in_place(model: torch.nn.Module) -> None:
-    """Mark `model`'s layers so no weight is repacked, copied or dropped after loading."""
-    for module in model.modules():
-        if may_pack_a_copy(module):
-            continue  # no CPU kernel reads it in place: served from a copy packed again after a step (packed_copies.py)
-        if isinstance(module, LinearBase):
-            module._cpu_skip_gemm_dispatch = True
-        elif isinstance(module, VocabParallelEmbedding) and type(module.quant_method) is UnquantizedEmbeddingMethod:
-            module.quant_method = PlainEmbeddingMethod()
 
 
 class SharedWeightsMixin:

@@ -1,7 +1,7 @@
 """Weights vLLM's CPU kernels read only as a packed copy: packed again from the shared tensor after a step.
 
 Runs in vLLM's worker process. Two CPU kernels in vLLM 0.32 have no path that reads the loaded layout, so
-keeping their weight in place (as `models.keep_weights_in_place` does for linear layers) would compute
+keeping their weight in place (as `weights_in_place.keep_weights_in_place` does for linear layers) would compute
 garbage or is not offered at all:
   - Gated DeltaNet's causal conv1d on AVX512-BF16 / Arm-bf16 CPUs: `dispatch_cpu_unquantized_gemm` packs
     `conv1d.weight` ([dim, 1, width] -> a packed [dim, width]) and the GDN op always passes

@@ -26,124 +26,21 @@ report per-token signals, e.g. SYNTHE's Kalman confidence and probe gate) adds `
 `signals[i][k]` = signal k for the token at `positions[i]` to the same object (with or without a bank;
 base64 likewise, with `signals_shape`).
 
-The banks and each request's plan (checks, tag, prefix-cache salt) are readout_service.py's.
+The banks and each request's plan (checks, tag, prefix-cache salt) are readout_service.py's; adding the
+scores to vLLM's JSON or server-sent-event response is readout_response.py's.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import re
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+from vllm_plasticity.readout_response import with_readout
 from vllm_plasticity.readout_service import READOUT_FIELDS, DefaultSteering, LoadBankRequest, ReadoutService
-
-
-def choice_index(req_id: str, n: int, completions: bool) -> int:
-    """The response choice an internal request id belongs to.
-
-    vLLM offers no mapping, so this is the one place that reads its private request-id format (vLLM 0.32:
-    a completion prompt's request is `<id>-<prompt index>`, a parallel-sampling child `<child index>_<parent
-    id>`, and the engine appends `-<8 hex>`; tests/test_readout_choices.py fails when vLLM's format strings
-    change). Choices are numbered prompt * n + child. An id that does not fit raises ValueError.
-    """
-    child = re.match(r"^(\d+)_", req_id)
-    stem = re.sub(r"-[0-9a-f]{8}$", "", req_id[child.end():] if child else req_id)
-    prompt = re.search(r"-(\d+)$", stem) if completions else None
-    if completions and prompt is None:
-        raise ValueError(f"internal request id {req_id!r} has no prompt index: vLLM's request-id format changed "
-                         "(see choice_index)")
-    return (int(prompt.group(1)) if prompt else 0) * n + (int(child.group(1)) if child else 0)
-
-
-def scores_array(result: dict) -> np.ndarray:
-    return np.frombuffer(result["scores"], dtype="<f4").reshape(result["shape"])
-
-
-def signals_array(result: dict) -> np.ndarray | None:
-    if "signal_names" not in result:
-        return None
-    return np.frombuffer(result["signals"], dtype="<f4").reshape(len(result["positions"]), len(result["signal_names"]))
-
-
-def readout_field(result: dict | None, encoding: str, scores: np.ndarray | None = None,
-                  signals: np.ndarray | None = None) -> dict:
-    """The `readout` object of one choice: scores (and signals, when asked for) as nested lists, or base64
-    of float32 when asked."""
-    if result is None:
-        return {"error": "no scores were collected for this choice"}
-    scores = scores_array(result) if scores is None else scores
-    signals = signals_array(result) if signals is None else signals
-    out = {k: result[k] for k in ("bank", "layers", "concepts", "positions")}
-    out["calibrated"] = bool(result.get("calibrated"))  # scores are (h - c) . v / s, not raw dot products
-    arrays = {"scores": scores, **({"signals": signals} if signals is not None else {})}
-    if signals is not None:
-        out["signal_names"] = result["signal_names"]
-    for name, array in arrays.items():
-        if encoding == "base64":
-            out.update({name: base64.b64encode(array.astype("<f4").tobytes()).decode(),
-                        f"{name}_shape": list(array.shape), f"{name}_dtype": "float32"})
-        else:
-            out[name] = array.tolist()
-    if "error" in result:
-        out["error"] = result["error"]
-    return out
-
-
-async def with_readout(service: ReadoutService, plan: dict, response: Any, completions: bool) -> Any:
-    """Add each choice's scores to vLLM's response (JSON or server-sent events)."""
-    if isinstance(response, StreamingResponse):
-        return StreamingResponse(stream_with_readout(service, plan, response.body_iterator, completions),
-                                 media_type=response.media_type, status_code=response.status_code)
-    if not isinstance(response, JSONResponse) or response.status_code != 200:
-        await service.fetch(plan["key"], True)
-        return response
-    body = json.loads(response.body)
-    results = await service.fetch(plan["key"], True)
-    by_choice = {choice_index(rid, plan["n"], completions): r for rid, r in results.items()}
-    for choice in body.get("choices", []):
-        choice["readout"] = readout_field(by_choice.get(choice.get("index", 0)), plan["encoding"])
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-    return JSONResponse(body, status_code=200, headers=headers)
-
-
-async def stream_with_readout(service: ReadoutService, plan: dict, events: Any, completions: bool):
-    pending: dict[int, dict] = {}  # scores fetched but not yet sent, by choice
-    try:
-        async for chunk in events:
-            text = chunk.decode() if isinstance(chunk, bytes) else chunk
-            parts = []
-            for event in text.split("\n\n"):
-                if event.startswith("data: {"):
-                    data = json.loads(event[len("data: "):])
-                    if data.get("choices"):
-                        for rid, result in (await service.fetch(plan["key"], False)).items():
-                            index = choice_index(rid, plan["n"], completions)
-                            held = pending.setdefault(index, {**result, "positions": [], "arrays": [], "signal_rows": []})
-                            held["signal_rows"].append(signals_array(result))
-                            held["positions"] += result["positions"]
-                            held["arrays"].append(scores_array(result))
-                            if "error" in result:
-                                held["error"] = result["error"]
-                        for choice in data["choices"]:
-                            held = pending.pop(choice.get("index", 0), None)
-                            if held is not None and (held["positions"] or "error" in held):
-                                rows = held["signal_rows"]
-                                choice["readout"] = readout_field(
-                                    held, plan["encoding"], np.concatenate(held["arrays"]),
-                                    None if rows[0] is None else np.concatenate(rows))
-                        event = "data: " + json.dumps(data)
-                parts.append(event)
-            yield "\n\n".join(parts)
-    finally:
-        await service.fetch(plan["key"], True)
 
 
 def get_readout(request: Request) -> ReadoutService:

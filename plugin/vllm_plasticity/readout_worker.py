@@ -2,7 +2,8 @@
 
 Runs in vLLM's worker process, driven by the worker-extension verbs (`plasticity_readout_*`) and by a
 wrapper around the model runner's `_model_forward` (vLLM documents that method as the override point for
-model execution; the worker extension installs the wrapper on its own runner when the first bank loads).
+model execution; the worker extension installs the wrapper on its own runner when the first bank loads,
+through vllm_patches.wrap_model_forward).
 
 Per step, before the forward: each request in the batch is planned once from its `extra_args`
 (`vllm_xargs` over HTTP): `readout` (a bank name), `signals` (true: the architecture's per-token signals),
@@ -43,6 +44,7 @@ from vllm_plasticity.contract.bank import (Calibration, calibrated_scores, capac
                                            natural_coefficients)
 from vllm_plasticity.residual_tap import TapBuffers
 from vllm_plasticity.steer_spec import SteeringError, SteerTerm, check_steer
+from vllm_plasticity.vllm_patches import wrap_model_forward
 
 MAX_STORED_REQUESTS = 4096  # scores nobody fetched (client gone) are dropped oldest first beyond this
 
@@ -180,8 +182,7 @@ class ReadoutEngine:
         self.stats = {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0}
         self._logged: set[str] = set()  # failures already logged with their traceback
         check_batch_layout(runner)
-        self._original_forward = runner._model_forward
-        runner._model_forward = self._model_forward
+        self._original_forward = wrap_model_forward(runner, self._model_forward)  # vLLM's own, called below
 
     # ---- banks -------------------------------------------------------------------------------------
 

@@ -43,8 +43,9 @@ import functools
 
 import torch
 from torch.library import Library
-from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_plasticity.vllm_patches import mark_compile_hash, retype_decoder_layers
 
 CAPTURE_BUDGET_BYTES = 64 * 2**20  # default capture buffer: raw states of as many layers as this holds
 
@@ -155,8 +156,7 @@ def install_buffers_for(vllm_config, num_layers: int, hidden_size: int, capacity
     taps calls this from its __init__)."""
     # vLLM keys its on-disk compile cache by the config's hash, not by the layer classes: mark the config
     # so a graph compiled without the tap is never loaded for a tapped model (or the reverse).
-    if isinstance(vllm_config.additional_config, dict):
-        vllm_config.additional_config["plasticity_residual_tap"] = 1
+    mark_compile_hash(vllm_config, "plasticity_residual_tap")
     scheduler = vllm_config.scheduler_config
     buffers = TapBuffers(
         num_layers=num_layers, hidden_size=hidden_size, max_tokens=scheduler.max_num_batched_tokens,
@@ -214,12 +214,8 @@ def tap_layers(layers: torch.nn.ModuleList) -> None:
     """Make every decoder layer in `layers` a tapped one, in place (no new parameters, no copies), and
     give each its index (its position in the full list; pipeline stages hold placeholders elsewhere).
 
-    Used where the architecture offers no layer-type argument (Qwen2/Qwen3 build their model inline);
+    Qwen2/Qwen3/Qwen3-Next layers get their class changed (vllm_patches.retype_decoder_layers says why);
     Llama takes `layer_type=` and is tapped from the start, so only the indices are set here.
     """
-    for index, module in enumerate(layers):
-        if isinstance(module, PPMissingLayer):
-            continue
-        if not isinstance(module, ResidualTapMixin):
-            module.__class__ = tapped_layer_class(type(module))
+    for index, module in retype_decoder_layers(layers, ResidualTapMixin, tapped_layer_class):
         module.plasticity_layer = index

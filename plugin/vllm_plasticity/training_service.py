@@ -41,7 +41,7 @@ from pathlib import Path
 from fastapi import HTTPException
 from pydantic import Field, StrictBool, StrictInt, model_validator
 
-from vllm_plasticity.config import TrainLimits
+from vllm_plasticity.config import PlasticityConfig, TrainLimits
 from vllm_plasticity.contract.files import is_inside
 from vllm_plasticity.contract.messages import BeginJob, Checkpoint, EndJob, Ping, Step, TrainerError
 from vllm_plasticity.kv_generations import KVGenerations
@@ -51,7 +51,6 @@ from vllm_plasticity.contract.settings import (
 from vllm_plasticity import metrics
 from vllm_plasticity.trainer_client import TrainerClient, TrainerUnavailable
 
-MAX_STEPS = 1000  # the schema's ceiling; the server's own limit (PLASTICITY_TRAIN_MAX_STEPS) may be lower
 RECENT_JOBS = 50
 # The one place a trainer failure becomes an HTTP status (contract.messages.ErrorKind).
 HTTP_STATUS: dict[str, int] = {"invalid": 400, "conflict": 409, "rejected": 422, "diverged": 422,
@@ -63,7 +62,8 @@ class TrainRequest(Strict):
     samples: list[Sample | PreferenceSample] | None = Field(None, min_length=1)
     context_ids: list[StrictInt] | None = Field(None, min_length=1, description="single-sample shorthand")
     continuation_ids: list[StrictInt] | None = Field(None, min_length=1, description="single-sample shorthand")
-    steps: StrictInt = Field(1, ge=1, le=MAX_STEPS)
+    steps: StrictInt = Field(1, ge=1, description="at most the server's limit (PLASTICITY_TRAIN_MAX_STEPS; "
+                             "TrainingService.validate)")
     optimizer: OptimizerSettings = OptimizerSettings()
     params: ParamsFilter = ParamsFilter()
     force: StrictBool = Field(False, description="train even on samples already trained on")
@@ -160,13 +160,19 @@ class TrainJob:
                 "finished": self.finished}
 
 
+# The operator's defaults are PlasticityConfig's (config.py), written there once.
+_DEFAULTS = PlasticityConfig()
+
+
 class TrainingService:
     """The job queue and its single runner task; owns the TrainerClient and the weight version."""
 
     def __init__(self, engine_client, trainer: TrainerClient, vocab_size: int, max_model_len: int,
-                 checkpoint_dir: Path, quiet_seconds: float = 600.0, allow_model_dir: bool = False,
-                 limits: TrainLimits = TrainLimits(), param_names: list[str] = (), repack=None,
-                 checkpoint_max_names: int | None = None) -> None:
+                 checkpoint_dir: Path, quiet_seconds: float = _DEFAULTS.checkpoint_quiet_seconds,
+                 allow_model_dir: bool = _DEFAULTS.checkpoint_into_model_dir,
+                 limits: TrainLimits = _DEFAULTS.train_limits, param_names: list[str] = (), repack=None,
+                 checkpoint_max_names: int | None = _DEFAULTS.checkpoint_max_names,
+                 process_config: dict | None = None) -> None:
         self.engine_client, self.trainer = engine_client, trainer
         # async (trained names) -> {"layers", "seconds"}: on a CPU server with packed kernels, the worker packs
         # the layers a step wrote again (cpu_repack.py); None where the served kernels read the weights in place
@@ -177,6 +183,8 @@ class TrainingService:
         self._job_numbers = itertools.count(1)
         self.checkpoint_dir, self.quiet_seconds, self.allow_model_dir = Path(checkpoint_dir), quiet_seconds, allow_model_dir
         self.checkpoint_max_names = checkpoint_max_names  # PLASTICITY_CHECKPOINT_MAX_NAMES
+        # The server's PlasticityConfig (as_json): every checkpoint records it beside the weights.
+        self.process_config = process_config if process_config is not None else _DEFAULTS.as_json()
         # Why the automatic checkpoints are held: the served weights come from a diverged job that was not
         # rolled back. Cleared by a checkpoint a client asks for (POST /checkpoint).
         self.checkpoints_held: str | None = None
@@ -202,13 +210,19 @@ class TrainingService:
         loop.create_task(self._start_trainer())
 
     async def _start_trainer(self) -> None:
+        """Start the trainer with the server, so the first job does not wait for it. A failure does not stop
+        the server: it is logged and shown in GET /train/status (trainer.state, last_error), and the next
+        job starts the trainer again."""
         try:
             await self.trainer.ensure_started()
             # The weights served at start are already on disk (the model, or the checkpoint served).
             self.weight_version = self.checkpointed_version = (await self.trainer.request(Ping())).weight_version
             metrics.weight_version(self.weight_version)
-        except Exception:  # reported through /train/status; the next job retries
-            pass
+        except Exception as exc:  # TrainerUnavailable, a TrainerError to the ping, a bug: all reported
+            reason = str(exc) if isinstance(exc, (TrainerUnavailable, TrainerError)) else f"{type(exc).__name__}: {exc}"
+            self.trainer.state, self.trainer.last_error = "failed", reason
+            print(f"plasticity: ERROR: the trainer did not start: {reason}; the next /train job tries again "
+                  "(GET /train/status)", file=sys.stderr, flush=True)
 
     def _advance_version(self, version: int | None) -> int | None:
         """The server owns the weight version: it only moves forward (a trainer restarted from older saved
@@ -409,7 +423,7 @@ class TrainingService:
     def _checkpoint_message(self, target: Path, replace: bool = False) -> Checkpoint:
         return Checkpoint(target=str(target), allowed_root=str(self.checkpoint_dir.resolve()),
                           allow_model_dir=self.allow_model_dir, weight_version=self.weight_version or 0,
-                          max_names=self.checkpoint_max_names, replace=replace)
+                          max_names=self.checkpoint_max_names, replace=replace, config=self.process_config)
 
     @property
     def automatic_held(self) -> str | None:
@@ -460,13 +474,34 @@ class TrainingService:
                     self.last_checkpoint = {"error": exc.detail, "reason": "scheduled", "time": time.time()}
                     self.next_checkpoint_at = time.time() + self.quiet_seconds
 
-    def checkpoint_at_exit(self, timeout: float = 600.0) -> None:
-        """Synchronous, for the API server's exit handler: write a checkpoint if training changed weights."""
-        if not self.dirty or not self.trainer.alive() or self.current is not None:
-            return
+    def checkpoint_at_exit(self, timeout: float = 600.0) -> str | None:
+        """Synchronous, for the API server's exit handler: write a checkpoint if training changed weights.
+
+        Returns None when the weights on disk are the served ones (written now, or nothing to write), else
+        the reason the trained weights were not written, which is also logged as an ERROR (a held
+        checkpoint, which was asked for, only as a note): training since the last checkpoint is lost with
+        this process, and the operator must learn it from the log rather than on the next start."""
+        if not self.dirty:
+            return None
         if self.automatic_held:
             print(f"plasticity: no checkpoint at exit: {self.automatic_held}", file=sys.stderr, flush=True)
-            return
+            return self.automatic_held
+        if self.current is not None:
+            reason = f"job {self.current.id} was still running"
+        elif not self.trainer.alive():
+            reason = f"the trainer is not running ({self.trainer.last_error or self.trainer.state})"
+        else:
+            reason = self._exit_checkpoint(timeout)
+        if reason is None:
+            return None
+        lost = f"weight version {self.weight_version} (last checkpoint: version {self.checkpointed_version})"
+        print(f"plasticity: ERROR: no checkpoint at exit: {reason}; the trained weights of {lost} are not on disk",
+              file=sys.stderr, flush=True)
+        return reason
+
+    def _exit_checkpoint(self, timeout: float) -> str | None:
+        """Ask the trainer for a checkpoint of the default name over a blocking socket (the event loop is
+        gone at exit); None when it was written, else why not."""
         import zmq
 
         from vllm_plasticity.contract.messages import decode_reply, encode
@@ -478,14 +513,20 @@ class TrainingService:
             sock.connect(self.trainer.endpoint)
             message = self._checkpoint_message(self.checkpoint_target(None))
             sock.send(encode(message))
-            if sock.poll(int(timeout * 1000)):
-                try:
-                    decode_reply(message, sock.recv())
-                except TrainerError as exc:  # refused (another model's checkpoint, a full disk): say so
-                    print(f"plasticity: no checkpoint at exit: {exc}", file=sys.stderr, flush=True)
+            if not sock.poll(int(timeout * 1000)):
+                return f"the trainer did not answer within {timeout:.0f}s"
+            written = decode_reply(message, sock.recv())
+        except TrainerError as exc:  # refused (another model's checkpoint, a full disk)
+            return f"the trainer refused it ({exc.kind}): {exc}"
+        except Exception as exc:  # the socket, a reply that is not one
+            return f"{type(exc).__name__}: {exc}"
         finally:
             sock.close()
             ctx.term()
+        self.checkpointed_version = self._advance_version(written.weight_version)
+        print(f"plasticity: checkpoint at exit: {written.path} (generation {written.generation}, weight version "
+              f"{written.weight_version})", file=sys.stderr, flush=True)
+        return None
 
     def checkpoint_status(self) -> dict:
         return {"directory": str(self.checkpoint_dir), "quiet_seconds": self.quiet_seconds, "dirty": self.dirty,

@@ -15,7 +15,9 @@ plugin touches in vLLM is `render_markdown()` (a test keeps the two equal). A se
 
     >>> problems = check(SEAMS[0], "/path/to/site-packages/vllm")   # [] when the seam holds
 
-When a seam breaks, its `why` says what the plugin does there; the module's code is where to fix it.
+When a seam breaks, its `why` says what the plugin does there; the module's code is where to fix it. Every
+change the plugin makes to vLLM's objects and registries is made in vllm_patches.py, whose PATCHES name the
+seams each one relies on.
 """
 
 from __future__ import annotations
@@ -59,28 +61,30 @@ S = Seam
 SEAMS: tuple[Seam, ...] = (
     # ---- replaced on vLLM objects ----------------------------------------------------------------------
     S("engine core add_request_async", "vllm.v1.engine.core_client", "AsyncMPClient.add_request_async", "replaces",
-      "kv_generations.py", "wrapped on the API server's engine client: every route's EngineCoreRequest passes through "
-      "it, so one wrapper salts each request's prefix-cache key with the weights' generation", params=("request",)),
-    S("engine client core", "vllm.v1.engine.async_llm", "AsyncLLM", "reads", "kv_generations.py, endpoints.py",
-      "`engine_client.engine_core` is where add_request_async is wrapped; `model_config` gives vocab size, "
-      "context length and the served name", assigns=("engine_core", "model_config")),
+      "vllm_patches.py, kv_generations.py", "wrapped on the API server's engine client: every route's "
+      "EngineCoreRequest passes through it, so one wrapper salts each request's prefix-cache key with the weights' "
+      "generation", params=("request",)),
+    S("engine client core", "vllm.v1.engine.async_llm", "AsyncLLM", "reads",
+      "vllm_patches.py, endpoints.py", "`engine_client.engine_core` is where add_request_async is wrapped; "
+      "`model_config` gives vocab size, context length and the served name", assigns=("engine_core", "model_config")),
     S("runner _model_forward", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", "replaces",
-      "readout_worker.py", "the readout engine wraps its own runner's `_model_forward` (vLLM's documented override "
-      "point) to fill steering rows before and copy scores out after each forward; it reads the V1 batch layout",
+      "vllm_patches.py, readout_worker.py", "the readout engine wraps its own runner's `_model_forward` (vLLM's "
+      "documented override point) to fill steering rows before and copy scores out after each forward; it reads the "
+      "V1 batch layout",
       reads=("_model_forward",), assigns=("_model_forward", "requests", "input_batch", "query_start_loc", "get_model")),
     S("CPU runner is the V1 runner", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "reads", "readout_worker.py",
       "on CPU the runner whose `_model_forward` is wrapped (it inherits the V1 layout)",
       assigns=("_model_forward", "requests", "input_batch", "query_start_loc")),
     S("Qwen2 decoder layer class", "vllm.model_executor.models.qwen2", "Qwen2DecoderLayer.forward", "replaces",
-      "residual_tap.py, models.py", "Qwen2 layers get the tapped subclass assigned to `__class__` after the model is "
-      "built (Qwen2ForCausalLM passes no layer type; Qwen2Model's `decoder_layer_type=` would be the seam); the "
-      "mixin calls forward(positions, hidden_states, residual) and taps the returned pair",
+      "vllm_patches.py, residual_tap.py", "Qwen2 layers get the tapped subclass assigned to `__class__` after the "
+      "model is built (Qwen2ForCausalLM passes no layer type to Qwen2Model's `decoder_layer_type=`); the mixin "
+      "calls forward(positions, hidden_states, residual) and taps the returned pair",
       params=("positions", "hidden_states", "residual"), ordered=True),
     S("Qwen3 decoder layer class", "vllm.model_executor.models.qwen3", "Qwen3DecoderLayer.forward", "replaces",
-      "residual_tap.py, models.py", "as Qwen2 (Qwen3Model has `decoder_layer_type` as a class attribute)",
+      "vllm_patches.py, residual_tap.py", "as Qwen2 (Qwen3Model has `decoder_layer_type` as a class attribute)",
       params=("positions", "hidden_states", "residual"), ordered=True),
     S("Qwen3-Next decoder layer class", "vllm.model_executor.models.qwen3_next", "Qwen3NextDecoderLayer.forward",
-      "replaces", "residual_tap.py, models.py", "as Qwen2; its parameters come in another order "
+      "replaces", "vllm_patches.py, residual_tap.py", "as Qwen2; its parameters come in another order "
       "(hidden_states, residual, positions): the tap works only because Qwen3NextModel calls its layers by keyword",
       params=("positions", "hidden_states", "residual")),
     S("Qwen3-Next calls layers by keyword", "vllm.model_executor.models.qwen3_next", "Qwen3NextModel.forward", "reads",
@@ -88,9 +92,9 @@ SEAMS: tuple[Seam, ...] = (
       "positional call would hand it Qwen3-Next's other order", contains=("positions=positions,",),
       assigns=("layers",)),
     # ---- written into vLLM's state -----------------------------------------------------------------------
-    S("MODELS_CONFIG_MAP", "vllm.model_executor.models.config", "MODELS_CONFIG_MAP", "writes", "__init__.py",
-      "register() adds the recurrent architectures' config hook (setdefault: idempotent) so vLLM turns prefix "
-      "caching off and sizes their state block"),
+    S("MODELS_CONFIG_MAP", "vllm.model_executor.models.config", "MODELS_CONFIG_MAP", "writes",
+      "vllm_patches.py, __init__.py", "register() adds the recurrent architectures' config hook (setdefault: "
+      "idempotent) so vLLM turns prefix caching off and sizes their state block"),
     S("config hook lookup", "vllm.config.vllm", "VllmConfig.try_verify_and_update_config", "reads",
       "__init__.py, architectures/recurrent_config.py", "vLLM looks the hook up by architecture and calls it",
       reads=("MODELS_CONFIG_MAP", "verify_and_update_config")),
@@ -100,8 +104,8 @@ SEAMS: tuple[Seam, ...] = (
       "the hook turns prefix caching off and sets the Mamba state mode and block size; it reads the memory share",
       assigns=("enable_prefix_caching", "mamba_cache_mode", "mamba_block_size", "gpu_memory_utilization")),
     S("additional_config in the compile hash", "vllm.config.vllm", "VllmConfig.compute_hash", "writes",
-      "residual_tap.py", "`additional_config['plasticity_residual_tap']` keeps a graph compiled without the tap from "
-      "being loaded for a tapped model; the plugin also reads the sub-configs named here",
+      "vllm_patches.py, residual_tap.py", "`additional_config['plasticity_residual_tap']` keeps a graph compiled "
+      "without the tap from being loaded for a tapped model; the plugin also reads the sub-configs named here",
       reads=("additional_config",), assigns=("additional_config", "scheduler_config", "device_config", "model_config",
                                              "cache_config", "parallel_config", "compilation_config")),
     S("request cache_salt", "vllm.v1.engine", "EngineCoreRequest", "writes", "kv_generations.py",
@@ -129,7 +133,7 @@ SEAMS: tuple[Seam, ...] = (
     S("Qwen2 causal LM", "vllm.model_executor.models.qwen2", "Qwen2ForCausalLM.__init__", "subclasses", "models.py",
       "PlasticityQwen2ForCausalLM", params=("vllm_config", "prefix"),
       assigns=("model", "packed_modules_mapping", "load_weights")),
-    S("Qwen2 model layers", "vllm.model_executor.models.qwen2", "Qwen2Model", "reads", "models.py, residual_tap.py",
+    S("Qwen2 model layers", "vllm.model_executor.models.qwen2", "Qwen2Model", "reads", "models.py, vllm_patches.py",
       "`model.layers` is the list whose layers are tapped in place", assigns=("layers",)),
     S("Qwen3 causal LM", "vllm.model_executor.models.qwen3", "Qwen3ForCausalLM.__init__", "subclasses", "models.py",
       "PlasticityQwen3ForCausalLM", params=("vllm_config", "prefix"),
@@ -182,11 +186,11 @@ SEAMS: tuple[Seam, ...] = (
       "architectures/recurrent_metadata.py", "prefill ranges come from these host tensors",
       assigns=("num_reqs", "query_start_loc_cpu", "seq_lens_cpu_upper_bound")),
     # ---- private attributes and formats read ---------------------------------------------------------------
-    S("request-id format: per prompt", "vllm.entrypoints.openai.completion.serving", "", "reads", "readout_routes.py",
+    S("request-id format: per prompt", "vllm.entrypoints.openai.completion.serving", "", "reads", "vllm_patches.py",
       "choice_index parses `<id>-<prompt index>` to label each choice's scores", contains=('f"{request_id}-{i}"',)),
-    S("request-id format: parallel sampling", "vllm.v1.engine.parallel_sampling", "", "reads", "readout_routes.py",
+    S("request-id format: parallel sampling", "vllm.v1.engine.parallel_sampling", "", "reads", "vllm_patches.py",
       "choice_index parses `<child index>_<parent id>`", contains=('f"{index}_{self.request_id}"',)),
-    S("request-id format: engine suffix", "vllm.v1.engine.input_processor", "", "reads", "readout_routes.py",
+    S("request-id format: engine suffix", "vllm.v1.engine.input_processor", "", "reads", "vllm_patches.py",
       "choice_index strips the engine's `-<8 hex>` suffix",
       contains=('f"{request.external_req_id}-{random_uuid():.8}"',)),
     S("V1 runner switch", "vllm.envs", "", "reads", "readout_worker.py",
@@ -248,7 +252,7 @@ SEAMS: tuple[Seam, ...] = (
       "architectures/recurrent_layer.py", "the recurrent op runs eagerly between captured segments"),
     S("forward context accessor", "vllm.forward_context", "get_forward_context", "calls",
       "architectures/recurrent_layer.py", "the state layer's metadata during the forward"),
-    S("pipeline placeholder", "vllm.model_executor.models.utils", "PPMissingLayer", "calls", "residual_tap.py",
+    S("pipeline placeholder", "vllm.model_executor.models.utils", "PPMissingLayer", "calls", "vllm_patches.py",
       "layers of other pipeline stages are skipped when tapping"),
     S("sgl kernel test", "vllm.model_executor.layers.utils", "check_cpu_sgl_kernel", "calls", "cpu_repack.py",
       "onednn_serves asks vLLM's own size test", params=("n", "k", "dtype"), ordered=True),

@@ -30,6 +30,9 @@ import hashlib
 import math
 
 import torch
+from pydantic import ValidationError
+
+from vllm_plasticity.contract.settings import OptimizerSettings
 
 __all__ = ["Apollo", "NonFiniteGradientError", "NonFiniteUpdateError", "add_stochastic_", "projection_matrix",
            "uses_projection", "flatten_state", "unflatten_state", "MINI_SCALE"]
@@ -43,6 +46,8 @@ MINI_SCALE = math.sqrt(128.0)
 _SEP = "::"  # flatten_state key separator: "<param name>::<state key>"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _DTYPES = (torch.float32, torch.float64) + _LOW_PRECISION
+# The defaults and bounds of every setting are a /train job's (contract.settings.OptimizerSettings): one set.
+_DEFAULTS = OptimizerSettings()
 
 
 class NonFiniteGradientError(ValueError):
@@ -128,31 +133,20 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _validate(s: dict) -> None:
-    """Raise ValueError naming the value and the valid range for any bad setting."""
-    def check(ok, what, value, valid):
-        if not ok:
-            raise ValueError(f"Invalid {what}: {value!r} (must be {valid})")
-    fin = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    check(fin(s["lr"]) and s["lr"] >= 0, "learning rate", s["lr"], "a finite float >= 0")
-    betas = s["betas"]
-    check(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas, "a pair")
-    for i, b in enumerate(betas):
-        check(fin(b) and 0.0 <= b < 1.0, f"beta{i + 1}", b, "in [0, 1)")
-    check(fin(s["eps"]) and s["eps"] >= 0, "eps", s["eps"], "a finite float >= 0")
-    check(fin(s["weight_decay"]) and s["weight_decay"] >= 0, "weight_decay",
-          s["weight_decay"], "a finite float >= 0")
-    check(_is_int(s["warmup_steps"]) and s["warmup_steps"] >= 0, "warmup_steps",
-          s["warmup_steps"], "an int >= 0")
-    check(_is_int(s["rank"]) and s["rank"] >= 1, "rank", s["rank"], "an int >= 1")
-    check(fin(s["scale"]) and s["scale"] > 0, "scale", s["scale"], "a finite float > 0")
-    check(_is_int(s["proj_refresh"]) and s["proj_refresh"] >= 1, "proj_refresh",
-          s["proj_refresh"], "an int >= 1")
-    lim = s["norm_growth_limit"]
-    check(isinstance(lim, (int, float)) and not isinstance(lim, bool) and lim >= 1.0,
-          "norm_growth_limit", lim, ">= 1.0; math.inf disables the limiter")
-    check(isinstance(s["mini"], bool), "mini", s["mini"], "a bool")
-    check(isinstance(s["apollo"], bool), "apollo", s["apollo"], "a bool")
+def _settings(values: dict) -> OptimizerSettings:
+    """`values` as OptimizerSettings: its defaults and bounds are the ones a /train job gets (one set,
+    contract.settings). A bad value raises ValueError naming the setting, the value and the valid range."""
+    try:
+        return OptimizerSettings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        what = ".".join(map(str, first["loc"])) or "settings"
+        raise ValueError(f"Invalid {what}: {first.get('input')!r} ({first['msg']})") from None
+
+
+def _group_settings(group: dict) -> dict:
+    """The OptimizerSettings fields of a parameter group (grad_clip is global, not per group)."""
+    return {k: group[k] for k in OptimizerSettings.model_fields if k in group and k != "grad_clip"}
 
 
 def _adamw_direction(grad, exp_avg, exp_avg_sq, *, step, beta1, beta2, eps):
@@ -204,28 +198,40 @@ class Apollo(torch.optim.Optimizer):
     alpha = scale * MINI_SCALE; `rank` is then ignored). Tensors failing
     `uses_projection(shape, rank)` get AdamW. See the module docstring."""
 
-    def __init__(self, named_params, lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 warmup_steps=0, rank=64, scale=1.0, proj_refresh=200, norm_growth_limit=1.01,
-                 mini=False, grad_clip=None, seed=0):
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-                        eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, rank=rank,
-                        scale=scale, proj_refresh=proj_refresh,
-                        norm_growth_limit=norm_growth_limit, mini=mini, apollo=True)
-        _validate(defaults)
-        # Global, not per group: clipping is over the norm of *all* gradients together.
-        if grad_clip is not None and not (isinstance(grad_clip, (int, float))
-                                          and math.isfinite(grad_clip) and grad_clip > 0):
-            raise ValueError(f"Invalid grad_clip: {grad_clip!r} (must be None or a finite float > 0)")
+    def __init__(self, named_params, lr=_DEFAULTS.lr, betas=_DEFAULTS.betas, eps=_DEFAULTS.eps,
+                 weight_decay=_DEFAULTS.weight_decay, warmup_steps=_DEFAULTS.warmup_steps, rank=_DEFAULTS.rank,
+                 scale=_DEFAULTS.scale, proj_refresh=_DEFAULTS.proj_refresh,
+                 norm_growth_limit=_DEFAULTS.norm_growth_limit, mini=_DEFAULTS.mini, grad_clip=_DEFAULTS.grad_clip,
+                 seed=0):
+        settings = _settings(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                  rank=rank, scale=scale, proj_refresh=proj_refresh,
+                                  norm_growth_limit=norm_growth_limit, mini=mini, grad_clip=grad_clip))
         if not (_is_int(seed) and seed >= 0):
             raise ValueError(f"Invalid seed: {seed!r} (must be an int >= 0)")
-        self.grad_clip, self.seed = grad_clip, seed
+        # Global, not per group: clipping is over the norm of *all* gradients together.
+        self.grad_clip, self.seed = settings.grad_clip, seed
         self._names: set = set()
         self._proj_cache: dict = {}   # name -> (refresh index, P on device); derived, not state
         self._round_gens: dict = {}   # device -> generator, reseeded per (name, step)
-        super().__init__(named_params, defaults)
+        super().__init__(named_params, {**_group_settings(settings.model_dump()), "apollo": True})
+
+    @classmethod
+    def from_settings(cls, named_params, settings: OptimizerSettings, seed: int = 0) -> "Apollo":
+        """An optimizer with a job's settings (contract.settings.OptimizerSettings)."""
+        return cls(named_params, **settings.model_dump(), seed=seed)
+
+    def apply_settings(self, settings: OptimizerSettings) -> None:
+        """Take a new job's settings (lr, betas, ...) for every group; rank and mini must be those the state
+        was made with (the caller refuses a job that changes them: contract.settings.SHAPE_SETTINGS)."""
+        for group in self.param_groups:
+            group.update(_group_settings(settings.model_dump()))
+        self.grad_clip = settings.grad_clip
 
     def add_param_group(self, param_group):
-        _validate({**self.defaults, **param_group})  # group overrides are checked too
+        # Group overrides are checked by the same rules; "apollo": False puts the group on plain AdamW.
+        _settings({**_group_settings(self.defaults), **_group_settings(param_group), "grad_clip": self.grad_clip})
+        if not isinstance(param_group.get("apollo", True), bool):
+            raise ValueError(f"Invalid apollo: {param_group['apollo']!r} (must be a bool)")
         params = param_group["params"]
         single = isinstance(params, tuple) and len(params) == 2 and isinstance(params[0], str)
         params = [params] if single else list(params)
@@ -341,11 +347,10 @@ class Apollo(torch.optim.Optimizer):
             bad = [n for n, p, _ in work if not bool(p.grad.isfinite().all())]
             raise NonFiniteGradientError(f"Non-finite gradient in {bad}: step refused, "
                                          "parameters and optimizer state unchanged")
-        clip = None
-        if self.grad_clip is not None:  # like clip_grad_norm_, but without mutating .grad
-            total = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.grad, dtype=torch.float32).to(dev0) for _, p, _ in work]))
-            clip = (self.grad_clip / (total + 1e-6)).clamp_(max=1.0)
+        # Like clip_grad_norm_, but without mutating .grad (a factor of exactly 1.0 below the limit).
+        total = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad, dtype=torch.float32).to(dev0) for _, p, _ in work]))
+        clip = (self.grad_clip / (total + 1e-6)).clamp_(max=1.0)
         # A finite gradient can still give a non-finite weight (a huge lr, an overflowing bf16 sum): every
         # update is computed once on copies of the state and checked before any parameter is written, so a
         # refused step leaves weights and state bitwise as they were without an undo copy of the model.
@@ -381,8 +386,7 @@ class Apollo(torch.optim.Optimizer):
     def _delta(self, name, p, group, clip, state) -> torch.Tensor:
         """This step's fp32 update of `p`; advances `state` (step count, moments) in place."""
         grad = p.grad.to(torch.float32)  # may alias p.grad: never modified in place below
-        if clip is not None:
-            grad = grad * clip.to(grad.device)
+        grad = grad * clip.to(grad.device)
         state["step"] += 1
         t = int(state["step"])
         lr = group["lr"] * (min(1.0, t / group["warmup_steps"]) if group["warmup_steps"] else 1.0)

@@ -36,6 +36,7 @@ import torch
 
 from plasticity_training.output_dir import check_output_dir, install_output_dir
 from vllm_plasticity.architectures.causal_bank_config import check_supported
+from vllm_plasticity.contract.architectures import of_model_type
 
 SKIPPED = ("linear_kernel", "_kernel_time_idx")
 BYTE_VOCAB = 256
@@ -128,16 +129,16 @@ def export_causal_bank(model, out_dir: str | os.PathLike, tokenizer=None, senten
             raise ValueError(f"vocab_size {vocab} is not bytes (256): pass the sentencepiece model (--tokenizer)")
     tensors = {k: v for k, v in model.state_dict().items()
                if k not in SKIPPED and not k.endswith("._embedding_weight")}
-    from vllm_plasticity.architectures.causal_bank_hf import ARCHITECTURE, CausalBankConfig
+    from vllm_plasticity.architectures.causal_bank_hf import CausalBankConfig
 
-    return write_model_dir(CausalBankConfig, ARCHITECTURE, fields, vocab, tensors, tokenizer, out_dir, dtype,
-                           force=force)
+    return write_model_dir(CausalBankConfig, fields, vocab, tensors, tokenizer, out_dir, dtype, force=force)
 
 
-def write_model_dir(config_class, architecture: str, fields: dict, vocab_size: int, tensors: dict[str, torch.Tensor],
-                    tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    extra: dict | None = None, force: bool = False) -> Path:
-    """config.json (a project architecture's config class, its fields under `config_class.field`) +
+def write_model_dir(config_class, fields: dict, vocab_size: int, tensors: dict[str, torch.Tensor], tokenizer,
+                    out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, extra: dict | None = None,
+                    force: bool = False) -> Path:
+    """config.json (a project architecture's config class, its fields under `config_class.field`, the
+    architecture its model type is registered as in contract/architectures.py) +
     model.safetensors + tokenizer files in `out_dir`, written beside it and renamed into place (never
     half-written). `extra` files (name -> text) are written too. An existing `out_dir` follows
     output_dir.py's rule: only a previous write is replaced, unless `force`."""
@@ -149,7 +150,7 @@ def write_model_dir(config_class, architecture: str, fields: dict, vocab_size: i
     eos = tokenizer.eos_token_id
     config = config_class(vocab_size=vocab_size, **{config_class.field: fields}, eos_token_id=eos, pad_token_id=eos,
                           bos_token_id=eos)
-    config.architectures = [architecture]
+    config.architectures = [of_model_type(config_class.model_type).name]
     config.dtype = str(dtype).removeprefix("torch.")
     tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in tensors.items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)

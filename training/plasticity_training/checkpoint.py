@@ -6,6 +6,14 @@ weights through the HF view (hf_view.build_hf_view: HF names, views of vLLM's li
 cut off), so what it writes is a stock Hugging Face checkpoint. Imports torch, never vLLM or safetensors'
 writer (the file format is written here, byte for byte, so that the layout is fixed; see below).
 
+This module is the generation protocol (the sync, step by step, and reading a checkpoint back); its parts,
+one idea each:
+    checkpoint_tensors.py   which tensors a checkpoint holds (hf_tensors)
+    checkpoint_paths.py     the names inside a checkpoint, and where a sync may write (path policy)
+    checkpoint_changes.py   which tensors changed since each generation this process wrote (ChangeTracker)
+    checkpoint_layout.py    the weight files' byte layout;  checkpoint_io.py  the block diff and whole writes
+    checkpoint_errors.py    one exception per reason a sync is refused or fails
+
 On-disk layout of a checkpoint directory (by default a directory of its own, not the served model's):
 
     <checkpoint>/
@@ -16,7 +24,8 @@ On-disk layout of a checkpoint directory (by default a directory of its own, not
         model.safetensors.index.json      always written: vLLM loads only the files the index lists
         config.json, generation_config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json,
         chat_template.jinja, ...    copied from the served model's directory (small known files only)
-        plasticity_state/           the caller's extra files (optimizer.safetensors, trainer_state.json):
+        plasticity_state/           the caller's extra files (optimizer.safetensors, trainer_state.json,
+                                    plasticity_config.json):
                                     they flip with the weights, so weights and optimizer never disagree
         plasticity_checkpoint.json  generation number, layout, state files, origin (written last)
       .lock                         flock held by the one writer
@@ -68,6 +77,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -79,22 +89,22 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from torch import nn
 
+from plasticity_training.checkpoint_changes import ChangeTracker
+from plasticity_training.checkpoint_errors import (  # noqa: F401 (the errors are this module's API too)
+    CheckpointBusyError, CheckpointDiskFullError, CheckpointError, CheckpointNonFiniteError, CheckpointOriginError,
+    CheckpointPathError, CheckpointSpaceError, CheckpointWriteError)
 from plasticity_training.checkpoint_io import (
     TMP_SUFFIX, BufferPool, Stats, copy_file, diff_write, dirty_ranges, fsync_dir, full_write, same_layout, unlink,
     write_small)
 from plasticity_training.checkpoint_layout import BLOCK_SIZE, MAX_SHARD_BYTES, FilePlan, index_bytes, plan_layout
-from vllm_plasticity.contract.files import is_inside
+from plasticity_training.checkpoint_paths import (  # noqa: F401 (count_checkpoints: this module's API too)
+    CURRENT, GENERATIONS, INDEX, LOCK, MANIFEST, STATE_DIR, check_names, check_target, count_checkpoints)
+from plasticity_training.checkpoint_tensors import hf_tensors  # noqa: F401 (this module's API too)
+from vllm_plasticity.contract.files import replacing
 
 FORMAT = "plasticity.checkpoint/1"
 WINDOW_BYTES = 8 << 20  # compare/write granularity: two buffers of this size
-CURRENT = "current"
-GENERATIONS = ("gen-a", "gen-b")
-STATE_DIR = "plasticity_state"
-MANIFEST = "plasticity_checkpoint.json"
-INDEX = "model.safetensors.index.json"
-LOCK = ".lock"
 # Copied from the served model's directory when present. Weights (*.safetensors, *.bin) never are.
 SOURCE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -102,38 +112,6 @@ SOURCE_FILES = (
     "chat_template.jinja", "chat_template.json", "plasticity_spec.json",
 )
 MAX_SOURCE_FILE_BYTES = 64 << 20
-
-class CheckpointError(RuntimeError):
-    """A sync was refused or failed. Unless the message says otherwise the previous checkpoint is intact."""
-
-
-class CheckpointPathError(CheckpointError):
-    """The target is outside the allowed root, is the served model's own directory, or is not ours."""
-
-
-class CheckpointNonFiniteError(CheckpointError):
-    """The weights hold NaN/Inf: a checkpoint of them would be a wreck, so nothing is written."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """The checkpoint directory could not be written (permissions, read-only file system, I/O error)."""
-
-
-class CheckpointDiskFullError(CheckpointWriteError):
-    """ENOSPC/EDQUOT while writing the standby generation."""
-
-
-class CheckpointOriginError(CheckpointError):
-    """The target is the checkpoint of another model (its recorded origin differs) and replace was not asked."""
-
-
-class CheckpointBusyError(CheckpointError):
-    """Another process holds the checkpoint's lock (a sync is running)."""
-
-
-class CheckpointSpaceError(CheckpointError):
-    """Refused before writing anything: the disk has less free space than the files this sync writes whole,
-    or a new checkpoint name would pass the limit on names (`max_names`)."""
 
 
 @dataclasses.dataclass
@@ -151,127 +129,23 @@ class SyncReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-class ChangeTracker:
-    """Which tensors may differ from each generation this process wrote: a sync then reads and compares
-    only those (and the header) instead of the whole standby file.
+@dataclasses.dataclass
+class _Files:
+    """What one sync writes into a generation, all read before anything is written."""
 
-    The trainer calls `stepped(names)` after every optimizer step. A generation counts as known only while
-    its manifest still carries the generation number this process wrote; a generation written by anyone
-    else, torn by a crash, or never written here is compared in full. Writes to the weights by anything
-    but the trainer are outside this contract (only the trainer writes them).
-    """
-
-    def __init__(self) -> None:
-        self._known: dict[tuple[str, str], tuple[int, set[str]]] = {}  # (target, generation dir) -> (number, changed)
-
-    def stepped(self, names) -> None:
-        names = set(names)  # once: every known generation gets the same names (a generator would be spent)
-        for _, changed in self._known.values():
-            changed.update(names)
-
-    def since(self, target: Path, gen: str) -> set[str] | None:
-        entry = self._known.get((str(target), gen))
-        manifest = _read_manifest(target / gen)
-        if entry is None or manifest is None or manifest.get("generation") != entry[0]:
-            return None
-        return set(entry[1])
-
-    def forget(self, target: Path, gen: str) -> None:
-        self._known.pop((str(target), gen), None)
-
-    def written(self, target: Path, gen: str, number: int) -> None:
-        self._known[(str(target), gen)] = (number, set())
+    plans: list[FilePlan]  # the weight files' layouts (checkpoint_layout)
+    index: bytes  # model.safetensors.index.json
+    small: dict[str, bytes]  # the served model's config, tokenizer, ... (SOURCE_FILES)
+    extras: dict[str, bytes]  # the caller's state files (plasticity_state/)
+    warnings: list[str]
 
 
-# ---- what to write ------------------------------------------------------------------------------
-
-
-def hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """HF name -> tensor (a view, no copy) for every tensor `save_pretrained` would write.
-
-    `model` is the HF view from build_hf_view (its parameters already carry HF names and are views of
-    vLLM's tensors) or any HF causal LM. Persistent buffers are included, tied parameters appear once and
-    lm_head.weight is left out when the config ties it to the embeddings (as save_pretrained does).
-    A tensor is made contiguous (copied) only when it is not already.
-    """
-    config = getattr(model, "config", None)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if tied and name == "lm_head.weight":
-            continue
-        if id(t) in seen:  # the same Parameter under a second name (tied weights)
-            continue
-        seen.add(id(t))
-        t = t.detach()
-        out[name] = t if t.is_contiguous() else t.contiguous()
-    return out
-
-
-# ---- paths and small files ----------------------------------------------------------------------
-
-
-NAME_MAX, PATH_MAX = 255, 4095  # bytes, Linux
-
-
-def _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir: bool) -> Path:
-    raw = os.fsencode(os.path.expanduser(os.fspath(target_dir)))
-    if len(raw) > PATH_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
-        raise CheckpointPathError(f"checkpoint path {os.fsdecode(raw[:80])!r}... is longer than the filesystem "
-                                  f"allows ({NAME_MAX} bytes a name, {PATH_MAX} in all)")
-    target = Path(target_dir).expanduser().resolve()
-    if allowed_root is not None:
-        root = Path(allowed_root).expanduser().resolve()
-        if not is_inside(target, root, allow_root=True):
-            raise CheckpointPathError(f"checkpoint directory {target} is outside the allowed root {root}")
-    for parent in target.parents:  # never a checkpoint inside another's generation (or the other itself)
-        if _is_checkpoint(parent):
-            raise CheckpointPathError(f"checkpoint directory {target} is inside the checkpoint {parent}; "
-                                      "give a name of its own")
-    source = Path(source_model_dir).expanduser().resolve()
-    if is_inside(target, source, allow_root=True) and not allow_model_dir:
-        raise CheckpointPathError(
-            f"checkpoint directory {target} is inside the served model's directory {source}; "
-            "write checkpoints to a directory of their own, or pass allow_model_dir=True")
-    if target.is_dir() and not allow_model_dir:
-        entries = {p.name for p in target.iterdir()}
-        if entries and not _is_ours(entries):
-            raise CheckpointPathError(f"{target} is a non-empty directory that is not a plasticity checkpoint "
-                                      f"(no {CURRENT!r}, {GENERATIONS[0]!r} or {GENERATIONS[1]!r})")
-    return target
-
-
-def _is_ours(entries: set[str]) -> bool:
-    """Whether a directory with these entries was made by sync_checkpoint (complete or not)."""
-    return bool(entries & {CURRENT, LOCK, *GENERATIONS})
-
-
-def count_checkpoints(root: str | os.PathLike) -> int:
-    """The checkpoint names under `root`: directories sync_checkpoint made (not looking inside them)."""
-    count = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath != os.fspath(root) and _is_ours(set(dirnames) | set(filenames)):
-            count += 1
-            dirnames.clear()
-        else:
-            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
-    return count
+# ---- before anything is written -----------------------------------------------------------------
 
 
 def free_bytes(path: Path) -> int:
     """Bytes an unprivileged writer may still use on the file system of `path`."""
     return shutil.disk_usage(path).free
-
-
-def _check_names(target: Path, allowed_root, max_names: int | None) -> None:
-    if max_names is None or target.is_dir() and _is_ours({p.name for p in target.iterdir()}):
-        return  # no limit, or a name that exists: writing it again adds nothing
-    root = Path(allowed_root).expanduser().resolve() if allowed_root is not None else target.parent
-    existing = count_checkpoints(root) if root.is_dir() else 0
-    if existing >= max_names:
-        raise CheckpointSpaceError(f"{root} already holds {existing} checkpoint names, the limit is {max_names} "
-                                   "(PLASTICITY_CHECKPOINT_MAX_NAMES); write to an existing name or delete one")
 
 
 def _check_space(target: Path, standby: Path, plans: list[FilePlan], small: dict[str, bytes], seeding: bool) -> None:
@@ -284,11 +158,6 @@ def _check_space(target: Path, standby: Path, plans: list[FilePlan], small: dict
         raise CheckpointSpaceError(f"the checkpoint in {target} needs {needed} bytes ({needed / 2**20:.1f} MiB) of new "
                                    f"files and the disk has {free} bytes ({free / 2**20:.1f} MiB) free; nothing was "
                                    "written and the previous checkpoint is intact")
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """A checkpoint directory (a `current` link beside a generation) or one of its generations."""
-    return ((path / CURRENT).is_symlink() and any((path / g).is_dir() for g in GENERATIONS)) or (path / MANIFEST).exists()
 
 
 def _read_source_files(source_model_dir) -> tuple[dict[str, bytes], list[str]]:
@@ -339,25 +208,42 @@ def _read_manifest(gen_dir: Path) -> dict | None:
     return manifest if manifest.get("format") == FORMAT else None
 
 
-def _write_generation(gen_dir: Path, plans: list[FilePlan], index: bytes, small: dict[str, bytes],
-                      extras: dict[str, bytes], manifest: dict, block_size: int, stats: Stats, progress,
+def _write_generation(gen_dir: Path, files: _Files, manifest: dict, block_size: int, stats: Stats, progress,
                       pool: BufferPool, changed: set[str] | None = None) -> None:
-    """Make `gen_dir` (not named by `current`) a complete, fsynced checkpoint of the live weights."""
+    """Make `gen_dir` (not named by `current`) a complete, fsynced checkpoint of the live weights: the
+    manifest goes first and comes back last, so until then the generation reads as incomplete."""
     gen_dir.mkdir(exist_ok=True)
-    state_dir = gen_dir / STATE_DIR
-    # From here until the manifest is rewritten this generation is incomplete; `current` does not name it.
     unlink(gen_dir / MANIFEST)
-    wanted = {p.name for p in plans} | {INDEX, MANIFEST} | set(small)
-    for path in gen_dir.iterdir():  # leftovers of a killed sync, an older layout or dropped source files
+    _remove_leftovers(gen_dir, files)
+    _write_weights(gen_dir, files.plans, block_size, stats, progress, pool, changed)
+    write_small(gen_dir / INDEX, files.index, stats)
+    for name, data in files.small.items():
+        write_small(gen_dir / name, data, stats)
+    for name, data in files.extras.items():
+        write_small(gen_dir / STATE_DIR / name, data, stats)
+    fsync_dir(gen_dir / STATE_DIR)
+    write_small(gen_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), stats)
+    fsync_dir(gen_dir)
+
+
+def _remove_leftovers(gen_dir: Path, files: _Files) -> None:
+    """What a killed sync, an older layout or dropped source and state files left in the generation."""
+    wanted = {p.name for p in files.plans} | {INDEX, MANIFEST} | set(files.small)
+    for path in gen_dir.iterdir():
         stale_weight = path.suffix == ".safetensors" and path.name not in wanted
-        stale_source = path.name in SOURCE_FILES and path.name not in small
+        stale_source = path.name in SOURCE_FILES and path.name not in files.small
         if path.is_file() and (path.name.endswith(TMP_SUFFIX) or stale_weight or stale_source):
             path.unlink()
-    state_dir.mkdir(exist_ok=True)
-    for path in state_dir.iterdir():
-        if path.is_file() and path.name not in extras:
+    (gen_dir / STATE_DIR).mkdir(exist_ok=True)
+    for path in (gen_dir / STATE_DIR).iterdir():
+        if path.is_file() and path.name not in files.extras:
             path.unlink()
 
+
+def _write_weights(gen_dir: Path, plans: list[FilePlan], block_size: int, stats: Stats, progress, pool: BufferPool,
+                   changed: set[str] | None) -> None:
+    """Each weight file: the differing blocks where its layout is unchanged (only the `changed` tensors'
+    ranges compared), else the whole file."""
     window = max(block_size, min(WINDOW_BYTES // block_size, -(-max(p.size for p in plans) // block_size)) * block_size)
     bufs = pool.take(window)
     total, done = sum(p.size for p in plans), 0
@@ -372,22 +258,13 @@ def _write_generation(gen_dir: Path, plans: list[FilePlan], index: bytes, small:
             done += plan.size
     finally:
         pool.give_back(bufs)
-    write_small(gen_dir / INDEX, index, stats)
-    for name, data in small.items():
-        write_small(gen_dir / name, data, stats)
-    for name, data in extras.items():
-        write_small(state_dir / name, data, stats)
-    fsync_dir(state_dir)
-    write_small(gen_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), stats)
-    fsync_dir(gen_dir)
 
 
 def _flip(target: Path, name: str) -> None:
     """Point `current` at generation `name`: a new symlink renamed over the old one (atomic)."""
-    tmp = target / (CURRENT + TMP_SUFFIX)
-    unlink(tmp)
-    os.symlink(name, tmp)
-    os.replace(tmp, target / CURRENT)
+    with replacing(target / CURRENT) as tmp:
+        unlink(tmp)  # a killed flip's link
+        os.symlink(name, tmp)
     fsync_dir(target)
 
 
@@ -440,87 +317,138 @@ def sync_checkpoint(tensors: Mapping[str, torch.Tensor], target_dir: str | os.Pa
     t0 = time.perf_counter()
     if block_size < 512 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 512, not {block_size}")
-    target = _check_target(target_dir, source_model_dir, allowed_root, allow_model_dir)
-    _check_names(target, allowed_root, max_names)
-    plans = plan_layout(tensors, block_size, max_shard_bytes)
-    index = index_bytes(plans, tensors)
-    small, warnings = _read_source_files(source_model_dir)
-    extras = _read_extra_files(extra_files or {})
-
-    stats, committed = Stats(), False
-    created = not target.exists()
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(target / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise _wrap(exc, target, committed) from exc
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel if we are killed
-        except BlockingIOError:
-            raise CheckpointBusyError(f"another process is writing the checkpoint in {target}") from None
+    target = check_target(target_dir, source_model_dir, allowed_root, allow_model_dir)
+    check_names(target, allowed_root, max_names)
+    files = _files_to_write(tensors, source_model_dir, extra_files or {}, block_size, max_shard_bytes)
+    stats = Stats()
+    with _as_checkpoint_errors(target) as outcome, _writer_lock(target):
         live = _read_current(target)
         standby = GENERATIONS[1] if live == GENERATIONS[0] else GENERATIONS[0]
-        previous = _read_manifest(target / live) if live else None
-        origin = origin or model_origin(source_model_dir)
-        if previous is not None and _origin(previous) != origin and not replace:
-            raise CheckpointOriginError(f"the checkpoint {target.name!r} ({target}) holds another model's weights: "
-                                        f"they descend from {_named(_origin(previous))}, these from {_named(origin)}; "
-                                        "nothing was written and that checkpoint is intact")
-        generation = (previous["generation"] + 1) if previous else 1
-        manifest = {
-            "format": FORMAT, "generation": generation, "created": time.time(), "block_size": block_size,
-            "files": {p.name: {"size": p.size, "tensors": len(p.tensors)} for p in plans},
-            "state_files": sorted(extras), "source_files": sorted(small),
-            "source_model_dir": str(Path(source_model_dir).resolve()), "origin": origin,
-        }
-        try:
-            _check_space(target, target / standby, plans, {**small, **extras}, live is None and seed_standby)
-        except CheckpointSpaceError:
-            if created:  # leave no empty name behind (it would count against max_names)
-                unlink(target / LOCK)
-                target.rmdir()
-            raise
-        changed = changes.since(target, standby) if changes is not None else None
-        # Never a wreck on disk: every tensor this sync may write is finite (those it will not touch were
-        # checked when they were written; reading 400 MB to check them again cost more than the sync).
-        bad = [name for name, t in tensors.items() if (changed is None or name in changed)
-               and t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise CheckpointNonFiniteError(f"the weights hold NaN/Inf in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
-                                           "nothing was written and the previous checkpoint is intact")
-        if changes is not None:
-            changes.forget(target, standby)  # until the flip: a failure leaves it unknown, compared in full
-        _write_generation(target / standby, plans, index, small, extras, manifest, block_size, stats, progress,
-                          buffers or BufferPool(), changed)
+        seeding = live is None and seed_standby
+        manifest = _next_manifest(target, live, files, source_model_dir, origin or model_origin(source_model_dir),
+                                  replace, block_size)
+        _check_space_or_leave_nothing(target, standby, files, seeding, outcome.created)
+        changed = _tensors_to_compare(tensors, changes, target, standby)
+        _write_generation(target / standby, files, manifest, block_size, stats, progress, buffers or BufferPool(),
+                          changed)
         _flip(target, standby)
-        committed = True
+        outcome.committed = True
         if changes is not None:
-            changes.written(target, standby, generation)
-        if live is None and seed_standby:  # first sync: make the other generation a copy, so the next diffs
-            other = target / GENERATIONS[1]
-            try:
-                (other / STATE_DIR).mkdir(parents=True, exist_ok=True)
-                for plan in plans:
-                    stats.bytes_written += copy_file(target / standby / plan.name, other / plan.name)
-                for name, data in [(INDEX, index), *small.items()]:
-                    write_small(other / name, data, stats)
-                for name, data in extras.items():
-                    write_small(other / STATE_DIR / name, data, stats)
-                fsync_dir(other / STATE_DIR)
-                fsync_dir(other)  # no manifest: never a complete generation until a sync writes one
-            except OSError as exc:
-                warnings.append(f"could not seed the standby generation {other} ({exc}); "
-                                "the next sync writes it in full")
-    except OSError as exc:
-        raise _wrap(exc, target, committed) from exc
-    finally:
-        os.close(lock_fd)
-    return SyncReport(path=target / CURRENT, generation_dir=target / standby, generation=generation,
+            changes.written(target, standby, manifest["generation"])
+        if seeding:  # first sync: make the other generation a copy, so the next syncs are block diffs
+            _seed_standby(target / GENERATIONS[1], target / standby, files, stats)
+    return SyncReport(path=target / CURRENT, generation_dir=target / standby, generation=manifest["generation"],
                       bytes_written=stats.bytes_written, weight_bytes_written=stats.weight_bytes_written,
                       bytes_read=stats.bytes_read, blocks_changed=stats.blocks_changed,
                       blocks_total=stats.blocks_total, seconds=time.perf_counter() - t0,
-                      full_rewrite=stats.full_rewrite, warnings=warnings)
+                      full_rewrite=stats.full_rewrite, warnings=files.warnings)
+
+
+# ---- the steps of a sync, in order --------------------------------------------------------------
+
+
+def _files_to_write(tensors, source_model_dir, extra_files, block_size: int, max_shard_bytes: int) -> _Files:
+    plans = plan_layout(tensors, block_size, max_shard_bytes)
+    small, warnings = _read_source_files(source_model_dir)
+    return _Files(plans, index_bytes(plans, tensors), small, _read_extra_files(extra_files), warnings)
+
+
+class _Outcome:
+    """How far a sync got, for the message of an error: whether it created the checkpoint's directory, and
+    whether the new generation was committed (`current` flipped) before the error."""
+
+    def __init__(self, target: Path) -> None:
+        self.created, self.committed = not target.exists(), False
+
+
+@contextlib.contextmanager
+def _as_checkpoint_errors(target: Path):
+    """An OSError anywhere in the sync becomes the CheckpointError that says what it means for the data."""
+    outcome = _Outcome(target)
+    try:
+        yield outcome
+    except OSError as exc:
+        raise _wrap(exc, target, outcome.committed) from exc
+
+
+@contextlib.contextmanager
+def _writer_lock(target: Path):
+    """The checkpoint's flock (created with the directory): one writer at a time, released by the kernel if
+    the writer is killed. Another writer holding it: CheckpointBusyError."""
+    target.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(target / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointBusyError(f"another process is writing the checkpoint in {target}") from None
+        yield
+    finally:
+        os.close(lock_fd)
+
+
+def _next_manifest(target: Path, live: str | None, files: _Files, source_model_dir, origin: str, replace: bool,
+                   block_size: int) -> dict:
+    """The manifest of the generation this sync writes (the number after the live one's); refuses the
+    checkpoint of another model unless `replace`."""
+    previous = _read_manifest(target / live) if live else None
+    if previous is not None and _origin(previous) != origin and not replace:
+        raise CheckpointOriginError(f"the checkpoint {target.name!r} ({target}) holds another model's weights: "
+                                    f"they descend from {_named(_origin(previous))}, these from {_named(origin)}; "
+                                    "nothing was written and that checkpoint is intact")
+    return {
+        "format": FORMAT, "generation": (previous["generation"] + 1) if previous else 1, "created": time.time(),
+        "block_size": block_size, "files": {p.name: {"size": p.size, "tensors": len(p.tensors)} for p in files.plans},
+        "state_files": sorted(files.extras), "source_files": sorted(files.small),
+        "source_model_dir": str(Path(source_model_dir).resolve()), "origin": origin,
+    }
+
+
+def _check_space_or_leave_nothing(target: Path, standby: str, files: _Files, seeding: bool, created: bool) -> None:
+    try:
+        _check_space(target, target / standby, files.plans, {**files.small, **files.extras}, seeding)
+    except CheckpointSpaceError:
+        if created:  # leave no empty name behind (it would count against max_names)
+            unlink(target / LOCK)
+            target.rmdir()
+        raise
+
+
+def _tensors_to_compare(tensors: Mapping[str, torch.Tensor], changes: ChangeTracker | None, target: Path,
+                        standby: str) -> set[str] | None:
+    """The tensors that may differ from the standby generation (None: all of them), after checking that
+    each is finite: never a wreck on disk. Tensors left out were checked when they were written; reading
+    400 MB to check them again cost more than the sync."""
+    changed = None
+    if changes is not None:
+        manifest = _read_manifest(target / standby)
+        changed = changes.since(target, standby, manifest.get("generation") if manifest else None)
+    bad = [name for name, t in tensors.items() if (changed is None or name in changed)
+           and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointNonFiniteError(f"the weights hold NaN/Inf in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                                       "nothing was written and the previous checkpoint is intact")
+    if changes is not None:
+        changes.forget(target, standby)  # until the flip: a failure leaves it unknown, compared in full
+    return changed
+
+
+def _seed_standby(other: Path, written: Path, files: _Files, stats: Stats) -> None:
+    """Make `other` a copy of the generation just `written` (kernel-side), without a manifest: never a
+    complete generation until a sync writes one, but its weight files match, so the next sync is a diff.
+    A failure is a warning: the next sync then writes it in full."""
+    try:
+        (other / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        for plan in files.plans:
+            stats.bytes_written += copy_file(written / plan.name, other / plan.name)
+        for name, data in [(INDEX, files.index), *files.small.items()]:
+            write_small(other / name, data, stats)
+        for name, data in files.extras.items():
+            write_small(other / STATE_DIR / name, data, stats)
+        fsync_dir(other / STATE_DIR)
+        fsync_dir(other)
+    except OSError as exc:
+        files.warnings.append(f"could not seed the standby generation {other} ({exc}); the next sync writes it in full")
 
 
 # ---- reading back -------------------------------------------------------------------------------

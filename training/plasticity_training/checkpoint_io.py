@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 
 from plasticity_training.checkpoint_layout import FilePlan
-from vllm_plasticity.contract.files import replacing
-
-TMP_SUFFIX = ".plasticity-tmp"
+from vllm_plasticity.contract.files import TMP_SUFFIX, replacing, replacing_fd  # noqa: F401 (TMP_SUFFIX re-exported)
 
 
 class TornFileError(OSError):
@@ -66,7 +64,7 @@ def write_small(path: Path, data: bytes, stats: "Stats") -> None:
             return
     except FileNotFoundError:
         pass
-    with replacing(path, TMP_SUFFIX) as fd:
+    with replacing_fd(path) as fd:
         pwrite_all(fd, memoryview(data), 0)
     stats.bytes_written += len(data)
 
@@ -220,7 +218,7 @@ def _windows(ranges: list[tuple[int, int]], window: int):
 def full_write(path: Path, plan: FilePlan, bufs: Buffers, block_size: int, stats: Stats, progress) -> None:
     """Write `plan` whole to a temporary file (space reserved first), fsync, rename over `path`."""
     window = bufs.size
-    with replacing(path, TMP_SUFFIX) as fd:
+    with replacing_fd(path) as fd:
         try:
             os.posix_fallocate(fd, 0, plan.size)  # ENOSPC here, before anything is written
         except OSError as exc:
@@ -243,28 +241,21 @@ def full_write(path: Path, plan: FilePlan, bufs: Buffers, block_size: int, stats
 
 
 def copy_file(src: Path, dst: Path) -> int:
-    """Kernel-side copy (copy_file_range: no user-space buffer, a reflink where the FS can), fsynced."""
-    tmp = dst.with_name(dst.name + TMP_SUFFIX)
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            size = os.fstat(fi.fileno()).st_size
-            done = 0
-            try:
-                while done < size:
-                    n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
-                    if n == 0:
-                        break
-                    done += n
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                fi.seek(done)
-                fo.seek(done)
-                shutil.copyfileobj(fi, fo, 8 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-    except BaseException:
-        unlink(tmp)
-        raise
-    os.replace(tmp, dst)
+    """Kernel-side copy (copy_file_range: no user-space buffer, a reflink where the FS can), fsynced and
+    renamed over `dst` (contract.files.replacing)."""
+    with replacing(dst) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            fi.seek(done)
+            fo.seek(done)
+            shutil.copyfileobj(fi, fo, 8 << 20)
     return size

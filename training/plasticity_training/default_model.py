@@ -1,16 +1,21 @@
-"""The built-in default model: a tiny Llama trained here, on this project's own text.
+"""The built-in models: one builder for every architecture's built-in model, and the default one, a tiny
+Llama trained here on this project's own text.
 
-Runs in the CLI process (`plasticity default-model`, `make demo`) and in tests. Nothing is downloaded:
-the byte-level BPE tokenizer is trained on the project's text, the model is initialised from a seed and
-trained briefly on the same text so that its samples are word-like rather than random.
+Runs in the CLI process (`plasticity default-model [--arch A]`, `make demo`) and in tests. Nothing is
+downloaded: the tokenizer is trained on the project's text (byte-level BPE; the project's own architectures
+read bytes), the model is initialised from a seed and trained briefly on the same text so that its samples
+are word-like rather than random.
 
     >>> from plasticity_training.default_model import ModelSpec, build_model
     >>> path = build_model(ModelSpec(), "/tmp/plasticity-default")      # ~1-2 min on 2 cores
     >>> tiny = build_model(ModelSpec(arch="qwen3", tie_word_embeddings=True, train_steps=0), "/tmp/q3")
+    >>> bank = default_model_path(CausalBankSpec())                     # default_causal_bank.py
 
-Same spec, same text, same machine: same bytes (fixed seeds, fixed thread count, deterministic
-algorithms). `default_model_path()` caches the default build under the user's cache directory, keyed by
-a hash of the spec and the text, so a changed corpus gives a new model rather than a stale one.
+A spec says everything that determines the built model (`BuiltinSpec`); each architecture's built-in spec
+is named by its row in contract/architectures.py (`builtin_specs()`). Same spec, same text, same machine:
+same bytes (fixed seeds, fixed thread count, deterministic algorithms). `default_model_path()` caches a
+build under the user's cache directory, keyed by a hash of the spec and the text, so a changed corpus
+gives a new model rather than a stale one.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
+
+from vllm_plasticity.contract.architectures import REGISTRY, load
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # training/plasticity_training/<file>
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -38,9 +45,39 @@ CHAT_TEMPLATE = (
 )
 
 
+class BuiltinSpec:
+    """What the builder asks of a built-in model's spec (a frozen dataclass: its fields are everything that
+    determines the built model, saved beside it as `plasticity_spec.json` and hashed into its cache path).
+
+    Fields every spec has: train_steps (0 = random init), seq_len, batch_size, lr, seed (train_next_token).
+    `name` is its `--arch` name and cache-directory prefix; `summary` and `CLI_OPTIONS` (spec field ->
+    (choices, help)) describe it in `plasticity default-model --help`."""
+
+    summary: ClassVar[str] = ""
+    CLI_OPTIONS: ClassVar[dict[str, tuple[tuple[str, ...], str]]] = {}
+
+    def key(self, text_digest: str) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + text_digest
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def make(self, text: str):
+        """(model, tokenizer, token ids of `text` as a 1-D LongTensor), the model freshly initialised."""
+        raise NotImplementedError
+
+    def describe(self, tokenizer) -> str:
+        """What the build log says of the model after its parameter count."""
+        raise NotImplementedError
+
+    def save(self, model, tokenizer, out_dir: Path, extra: dict[str, str]) -> Path:
+        """Write the model directory (never half-written) with the `extra` files (name -> text)."""
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Everything that determines the built model; saved beside it as `plasticity_spec.json`."""
+class ModelSpec(BuiltinSpec):
+    """The default built-in model: a Llama (or a Qwen2/Qwen3 of the same shape) with its own BPE tokenizer."""
+
+    summary: ClassVar[str] = "a 4-layer Llama"
 
     arch: Literal["llama", "qwen2", "qwen3"] = "llama"
     vocab_size: int = 2048  # BPE merges learned until this size (specials included)
@@ -58,9 +95,41 @@ class ModelSpec:
     lr: float = 3e-3
     seed: int = 0
 
-    def key(self, text_digest: str) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + text_digest
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    @property
+    def name(self) -> str:
+        return self.arch
+
+    def make(self, text: str):
+        import torch
+        import transformers
+
+        tokenizer = train_tokenizer(text, self.vocab_size)
+        config = hf_config(self, len(tokenizer), tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        ids = torch.tensor(tokenizer.backend_tokenizer.encode(text).ids, dtype=torch.long)  # (N,)
+        return model, tokenizer, ids
+
+    def describe(self, tokenizer) -> str:
+        return f"vocab {len(tokenizer)}"
+
+    def save(self, model, tokenizer, out_dir: Path, extra: dict[str, str]) -> Path:
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=_ensure_dir(out_dir.parent)))
+        model.generation_config.do_sample = False
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)  # a half-built model is never visible under out_dir
+        return out_dir
+
+
+def builtin_specs() -> dict[str, type[BuiltinSpec]]:
+    """`--arch` name -> spec class of every registered architecture's built-in model, in the table's order
+    (contract/architectures.py; the first is the default)."""
+    specs = [load(arch.builtin) for arch in REGISTRY if arch.builtin]
+    return {spec().name: spec for spec in specs}
 
 
 def project_text_files(root: Path = REPO_ROOT) -> list[Path]:
@@ -89,11 +158,11 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
-def default_model_path(spec: ModelSpec = ModelSpec(), build: bool = True, log=print) -> Path:
+def default_model_path(spec: BuiltinSpec = ModelSpec(), build: bool = True, log=print) -> Path:
     """Path of the cached build of `spec` on the project's text; builds it first if absent."""
     text = read_project_text()
     digest = hashlib.sha256(text.encode()).hexdigest()
-    path = default_cache_dir() / "models" / f"default-{spec.arch}-{spec.key(digest)}"
+    path = default_cache_dir() / "models" / f"default-{spec.name}-{spec.key(digest)}"
     if build and not (path / "config.json").exists():
         build_model(spec, path, text=text, log=log)
     return path
@@ -174,39 +243,27 @@ def deterministic_build(threads: int = 2):
         torch.set_num_threads(threads_before)
 
 
-def build_model(spec: ModelSpec, out_dir: str | os.PathLike, text: str | None = None, log=print) -> Path:
-    """Build tokenizer + model for `spec` into `out_dir` (written atomically) and return the path."""
+def build_model(spec: BuiltinSpec, out_dir: str | os.PathLike, text: str | None = None, log=print) -> Path:
+    """Build `spec`'s tokenizer + model, trained on `text` (default: the project's), into `out_dir` and
+    return the path. Every built-in model is built here, whatever its architecture."""
     import torch
-    import transformers
 
     out_dir = Path(out_dir)
     text = read_project_text() if text is None else text
     t0 = time.monotonic()
-    torch.manual_seed(spec.seed)
     with deterministic_build():
-        tokenizer = train_tokenizer(text, spec.vocab_size)
-        eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        config = hf_config(spec, len(tokenizer), eos_id)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        torch.manual_seed(spec.seed)
+        model, tokenizer, ids = spec.make(text)
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"[default-model] {spec.arch}: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
+        log(f"[default-model] {spec.name}: {n_params / 1e6:.2f}M parameters, {spec.describe(tokenizer)}, "
             f"{len(text) / 1e3:.0f}k characters of project text")
-        ids = torch.tensor(tokenizer.backend_tokenizer.encode(text).ids, dtype=torch.long)  # (N,)
         final_loss = train_next_token(model, ids, spec, log) if spec.train_steps else None
-
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=_ensure_dir(out_dir.parent)))
-        model.generation_config.do_sample = False
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        record = dict(dataclasses.asdict(spec), parameters=n_params, final_loss=final_loss,
+        record = dict(dataclasses.asdict(spec), arch=spec.name, parameters=n_params, final_loss=final_loss,
                       text_characters=len(text), build_seconds=round(time.monotonic() - t0, 1))
-        (tmp / "plasticity_spec.json").write_text(json.dumps(record, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)  # a half-built model is never visible under out_dir
-    log(f"[default-model] built {out_dir} in {time.monotonic() - t0:.0f}s"
+        out = spec.save(model, tokenizer, out_dir, {"plasticity_spec.json": json.dumps(record, indent=1) + "\n"})
+    log(f"[default-model] built {out} in {time.monotonic() - t0:.0f}s"
         + (f", final loss {final_loss:.3f}" if final_loss is not None else ""))
-    return out_dir
+    return out
 
 
 def train_next_token(model, ids, spec, log) -> float:

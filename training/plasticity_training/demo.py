@@ -159,10 +159,11 @@ def main() -> None:
 
 def causal_bank_tour(work: Path) -> None:
     """A custom architecture stock vLLM cannot serve, served, taught and checkpointed the same way."""
-    from plasticity_training.default_causal_bank import default_causal_bank_path
+    from plasticity_training.default_causal_bank import CausalBankSpec
+    from plasticity_training.default_model import default_model_path
 
     step("12. A custom architecture: the decepticons causal bank (plasticity default-model --arch causal-bank)")
-    model_dir = default_causal_bank_path(log=lambda m: print("  " + m, flush=True))
+    model_dir = default_model_path(CausalBankSpec(), log=lambda m: print("  " + m, flush=True))
     spec = json.loads((model_dir / "plasticity_spec.json").read_text())
     print(f"  {model_dir}\n  {spec['parameters'] / 1e6:.2f}M parameters, byte vocabulary, final loss {spec['final_loss']}")
     server = ServerProcess.plasticity(model_dir, extra_args=["--dtype", "float32", "--training",

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vllm_plasticity.contract.architectures import REGISTRY
+
 # HF sub-module -> (vLLM fused sub-module, the HF siblings stacked in it, in row order).
 FUSED = {
     "q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
@@ -40,10 +42,12 @@ RENAMED = {
     "mlp.experts.gate_up_proj": "mlp.experts.routed_experts.w13_weight",
     "mlp.experts.down_proj": "mlp.experts.routed_experts.w2_weight",
 }
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_next")
-# The project's own architectures (vllm_plasticity.architectures): served under the same parameter names
-# as their Hugging Face form, unfused, so each HF parameter is the whole vLLM tensor of the same name.
-PROJECT_MODEL_TYPES = ("causal_bank", "tkc", "synthe")
+# From the architecture table (contract/architectures.py). Stock forms (transformers' own HF class) are viewed
+# through the fused tensors above; the project's own architectures (an `hf_form` of their own) are served
+# under the same parameter names as their Hugging Face form, unfused, so each HF parameter is the whole
+# vLLM tensor of the same name.
+SUPPORTED_MODEL_TYPES = tuple(arch.model_type for arch in REGISTRY if not arch.hf_form)
+PROJECT_MODEL_TYPES = tuple(arch.model_type for arch in REGISTRY if arch.hf_form)
 
 
 class ViewError(RuntimeError):

@@ -37,7 +37,7 @@ HANDLERS: dict[type, Callable[[TrainerCore, object], Reply]] = {
     Step: lambda core, m: StepDone(**core.step()),
     EndJob: lambda core, m: JobEnded(**core.end_job(m.success)),
     Checkpoint: lambda core, m: CheckpointWritten(**core.checkpoint(
-        m.target, m.allowed_root, m.allow_model_dir, m.weight_version, m.max_names, m.replace)),
+        m.target, m.allowed_root, m.allow_model_dir, m.weight_version, m.max_names, m.replace, m.config or None)),
     Shutdown: lambda core, m: core.shutdown() or Acknowledged(),
 }
 

@@ -2,16 +2,20 @@
 optimizer, one job at a time, driven step by step.
 
 Runs in the trainer subprocess (trainer.py answers the API server's requests with it); tests drive it
-directly on a private model. Requests arrive validated (contract.settings, contract.messages): the
-server checked token ids, lengths, settings and the parameter filter at the edge, so nothing here checks
-them again. A refusal raises contract.messages.TrainerError with its kind.
+directly on a private model. Requests arrive validated (contract.settings, contract.messages and the
+server's TrainRequest): token ids, lengths, settings, which options go with which objective and the
+parameter filter were checked at the edge, so nothing here checks them again. What is refused here
+depends on the trainer's own state: a job already open, optimizer state of another shape, a filter that
+selects none of the tensors this trainer trains (a frozen substrate is not among them), the weights' own
+loss. A refusal raises contract.messages.TrainerError with its kind.
 
 State files, in the served model's own directory under the state directory (state_store.py; each written
 atomically, contract.files):
     trainer_state.json        weight version, step and job counts, hashes of trained samples (dedup)
     optimizer.safetensors     APOLLO state keyed by parameter name ("<name>::<key>")
-Both are also saved inside every checkpoint (checkpoint.py), and restored from it when the served model
-is a checkpoint: weights and optimizer state then always come from the same moment. The weight version's
+Both are also saved inside every checkpoint (checkpoint.py), with the server's process config
+(plasticity_config.json: the switches the weights were trained under), and restored from it when the
+served model is a checkpoint: weights and optimizer state then always come from the same moment. The weight version's
 high-water mark (state_store.VersionMark) keeps the version from counting backwards across restarts.
 
 A job whose loss diverges stops with the kind `diverged` and, where it kept a copy of what it trains,
@@ -44,6 +48,10 @@ from vllm_plasticity.contract.files import write_atomically, write_file_atomical
 from vllm_plasticity.contract.messages import TrainerError
 from vllm_plasticity.contract.settings import (
     ContextMode, Objective, OptimizerSettings, ParamsFilter, PreferenceSettings, select_params)
+
+
+# The API server's process config (PlasticityConfig), saved in every checkpoint the server asks for.
+PROCESS_CONFIG = "plasticity_config.json"
 
 
 def sample_hash(context_ids: list[int], continuation_ids: list[int]) -> str:
@@ -147,13 +155,13 @@ class TrainerCore:
         return True
 
     def _ensure_optimizer(self, opt: OptimizerSettings) -> Apollo:
-        shape, settings = opt.shape(), opt.model_dump()
+        shape = opt.shape()
         saved = self.state.optimizer_settings
         if self.optimizer is None:
             if saved is not None and saved != shape:
                 raise TrainerError("conflict", f"optimizer state exists with {saved}; this job asks {shape} "
                                                "(rank and mini are fixed once state exists)")
-            optimizer = Apollo(list(self.named.items()), **settings)
+            optimizer = Apollo.from_settings(list(self.named.items()), opt)
             path = self.state_dir / "optimizer.safetensors"
             if path.exists():
                 from safetensors.torch import load_file
@@ -170,9 +178,7 @@ class TrainerCore:
             raise TrainerError("conflict", f"optimizer state exists with {saved}; this job asks {shape} "
                                            "(rank and mini are fixed once state exists)")
         else:
-            for group in self.optimizer.param_groups:  # per-job settings: lr, betas, ...
-                group.update({k: v for k, v in settings.items() if k not in ("grad_clip", "seed")})
-            self.optimizer.grad_clip = settings.get("grad_clip")
+            self.optimizer.apply_settings(opt)  # per-job settings: lr, betas, grad_clip, ...
         return self.optimizer
 
     # ---- jobs ------------------------------------------------------------------------------------
@@ -191,9 +197,6 @@ class TrainerCore:
         reference forward out of memory included) leaves the trainer ready for the next job."""
         if self.job is not None:
             raise TrainerError("conflict", "a job is already running in the trainer")
-        if objective != "sft" and context_mode != "masked":
-            raise TrainerError("invalid", f"context_mode {context_mode!r} applies to sft only; {objective} "
-                                          "computes both continuations in one masked forward")
         optimizer = optimizer if isinstance(optimizer, OptimizerSettings) else OptimizerSettings(**(optimizer or {}))
         params = params if isinstance(params, ParamsFilter) else ParamsFilter(**(params or {}))
         preference = preference if isinstance(preference, PreferenceSettings) else PreferenceSettings(**(preference or {}))
@@ -374,18 +377,21 @@ class TrainerCore:
         self.version_mark.settle(self.state.weight_version)
 
     def checkpoint(self, target: str, allowed_root: str, allow_model_dir: bool = False, weight_version: int = 0,
-                   max_names: int | None = None, replace: bool = False) -> dict:
+                   max_names: int | None = None, replace: bool = False, config: dict | None = None) -> dict:
         """Write the live weights, trainer state and optimizer state as the next checkpoint generation.
 
         Allowed between two steps of a job (the server sends requests one at a time, so the weights are
         those of one whole version). `weight_version` is the server's: a trainer restarted from older saved
         state adopts it, so a checkpoint is never labelled with a version older than its weights. The
-        checkpoint of another model (another origin) is refused as `other_model` unless `replace`.
+        checkpoint of another model (another origin) is refused as `other_model` unless `replace`. `config`,
+        the server's process config, is saved beside the weights (plasticity_state/PROCESS_CONFIG).
         """
         self.state.weight_version = max(self.state.weight_version, weight_version)
         self.save_state()
         extra = {name: self.state_dir / name for name in ("trainer_state.json", "optimizer.safetensors")
                  if (self.state_dir / name).exists()}
+        if config is not None:
+            extra[PROCESS_CONFIG] = json.dumps(config, indent=1, sort_keys=True).encode()
         try:
             report = ckpt.sync_checkpoint(ckpt.hf_tensors(self.model), target, self.model_path, extra_files=extra,
                                           buffers=self.checkpoint_buffers, changes=self.checkpoint_changes,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from vllm_plasticity.architectures.config_fields import (
-    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, Ints, OneOf, Real, check_fields, check_vocab_size)
+    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, Ints, OneOf, Real, UnsupportedConfig, check_fields, check_vocab_size)
 
 # The reference's defaults (decepticons 0.1.3 CausalBankConfig) for the fields this file reads; a config.json
 # may omit a field only where the reference's default applies.
@@ -87,16 +87,12 @@ REFUSED: dict[str, tuple[Callable[[object], bool], str, str]] = {
 }
 
 
-class UnsupportedConfig(ValueError):
-    """A causal-bank configuration the project cannot serve; the message names the field and why."""
-
-
 def check_supported(fields: Mapping[str, object]) -> None:
     """Raise UnsupportedConfig for the first field outside the supported set (refused at model load)."""
     for name, (accepts, required, why) in REFUSED.items():
         if name in fields and not accepts(fields[name]):
             raise UnsupportedConfig(f"causal_bank.{name}={fields[name]!r} is not supported (needs {required}): {why}")
-    check_fields("causal_bank", fields, FIELDS, UnsupportedConfig)
+    check_fields("causal_bank", fields, FIELDS)
     value = lambda k: fields.get(k, DEFAULTS[k])
     if not value("enable_linear") and not value("enable_local"):
         raise UnsupportedConfig("causal_bank: enable_linear and enable_local are both off (the reference refuses it too)")
@@ -130,7 +126,7 @@ class CausalBankShape:
     @classmethod
     def from_fields(cls, fields: Mapping[str, object], vocab_size: int) -> "CausalBankShape":
         check_supported(fields)
-        check_vocab_size("causal_bank", vocab_size, UnsupportedConfig)
+        check_vocab_size("causal_bank", vocab_size)
         value = lambda k: fields.get(k, DEFAULTS[k])
         linear, local = bool(value("enable_linear")), bool(value("enable_local"))
         heads = max(int(value("num_heads")), 1)

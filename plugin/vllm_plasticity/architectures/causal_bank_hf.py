@@ -2,7 +2,7 @@
 trainer runs on views of the served weights, extraction reads activations from, and tests compare with.
 Everything but the names is in recurrent_hf.py (shared by the project's recurrent architectures).
 
-    >>> register_with_transformers()
+    >>> vllm_plasticity.architectures.register_with_transformers()
     >>> model = AutoModelForCausalLM.from_pretrained(model_dir)   # `plasticity import causal-bank` output
 """
 
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from vllm_plasticity.architectures.causal_bank_config import CausalBankShape
 from vllm_plasticity.architectures.causal_bank_modules import CausalBankModules
-from vllm_plasticity.architectures.recurrent_hf import RecurrentConfig, RecurrentForCausalLM, register
+from vllm_plasticity.architectures.recurrent_hf import RecurrentConfig, RecurrentForCausalLM
 
 MODEL_TYPE = "causal_bank"
-ARCHITECTURE = "CausalBankForCausalLM"
 
 
 class CausalBankConfig(RecurrentConfig):
@@ -29,7 +28,3 @@ class CausalBankConfig(RecurrentConfig):
 
 class CausalBankForCausalLM(CausalBankModules, RecurrentForCausalLM):
     config_class = CausalBankConfig
-
-
-def register_with_transformers() -> None:
-    register(CausalBankConfig, CausalBankForCausalLM)

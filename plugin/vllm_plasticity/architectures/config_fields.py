@@ -7,8 +7,8 @@ A config.json is input like any request body: a negative width, a boolean where 
 Each architecture's config module lists its fields once (FIELDS) and calls `check_fields`; its relational
 rules (divisibility, one field needing another) come after, on values known to be in range.
 
-    >>> check_fields("tkc", {"d_model": -4}, {"d_model": Int(2, 65536)}, ValueError)
-    ValueError: tkc.d_model=-4 is out of range: needs an integer in [2, 65536]
+    >>> check_fields("tkc", {"d_model": -4}, {"d_model": Int(2, 65536)})
+    UnsupportedConfig: tkc.d_model=-4 is out of range: needs an integer in [2, 65536]
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ MAX_WIDTH = 65536
 MAX_COUNT = 1024
 MAX_LENGTH = 1 << 24  # 16,777,216 positions
 MAX_VOCAB = 1 << 24
+
+
+class UnsupportedConfig(ValueError):
+    """A project architecture's configuration the project cannot serve; the message names the field and why.
+    Every architecture raises this one class (its config module, vLLM's config hook, `plasticity import`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,22 +92,22 @@ class Ints:
 Rule = Int | Real | Flag | OneOf | Ints
 
 
-def check_fields(prefix: str, fields: Mapping[str, object], rules: Mapping[str, Rule], error: type[Exception]) -> None:
-    """Raise `error` for the first field present in `fields` that its rule refuses (absent fields take the
+def check_fields(prefix: str, fields: Mapping[str, object], rules: Mapping[str, Rule]) -> None:
+    """Raise UnsupportedConfig for the first field present in `fields` that its rule refuses (absent fields take the
     architecture's defaults, which are in range)."""
     for name, rule in rules.items():
         if name in fields:
             need = rule.needs(fields[name])
             if need is not None:
                 refusal = rule.refusal if isinstance(rule, OneOf) else "is out of range"
-                raise error(f"{prefix}.{name}={_shown(fields[name])} {refusal}: needs {need}")
+                raise UnsupportedConfig(f"{prefix}.{name}={_shown(fields[name])} {refusal}: needs {need}")
 
 
-def check_vocab_size(prefix: str, vocab_size: object, error: type[Exception]) -> None:
+def check_vocab_size(prefix: str, vocab_size: object) -> None:
     """config.json's top-level vocab_size sizes the embedding and the head of every architecture."""
     need = Int(1, MAX_VOCAB).needs(vocab_size)
     if need is not None:
-        raise error(f"{prefix}: vocab_size={_shown(vocab_size)} is out of range: needs {need}")
+        raise UnsupportedConfig(f"{prefix}: vocab_size={_shown(vocab_size)} is out of range: needs {need}")
 
 
 def _shown(value: object) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from vllm_plasticity.architectures.config_fields import (
-    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, OneOf, Real, check_fields, check_vocab_size)
+    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, OneOf, Real, UnsupportedConfig, check_fields, check_vocab_size)
 
 DEFAULTS: dict[str, object] = {
     "d_model": 512, "n_blocks": 8, "state_dim": 128, "wiener_state_dim": 64, "n_heads": 8, "ffn_expand": 2.67,
@@ -53,10 +53,6 @@ FIELDS = {
 # d_model / n_heads) and exit_threshold (the router's exit mask is never used): accepted, recorded, unused.
 
 
-class UnsupportedConfig(ValueError):
-    """A SYNTHE configuration the project cannot serve; the message names the field and why."""
-
-
 @dataclasses.dataclass(frozen=True)
 class SyntheShape:
     MODULES: ClassVar[str] = "vllm_plasticity.architectures.synthe_modules:SyntheModules"  # its builder (footprint.py)
@@ -76,8 +72,8 @@ class SyntheShape:
         unknown = sorted(set(fields) - set(DEFAULTS))
         if unknown:
             raise UnsupportedConfig(f"synthe.{unknown[0]} is not a SYNTHE field (fields: {sorted(DEFAULTS)})")
-        check_fields("synthe", fields, FIELDS, UnsupportedConfig)
-        check_vocab_size("synthe", vocab_size, UnsupportedConfig)
+        check_fields("synthe", fields, FIELDS)
+        check_vocab_size("synthe", vocab_size)
         f = {**DEFAULTS, **dict(fields)}
         d, heads = f["d_model"], f["n_heads"]
         if d % heads:

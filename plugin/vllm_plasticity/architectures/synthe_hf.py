@@ -3,12 +3,11 @@ extraction reads and tests compare the server with. Everything but the names is 
 
 from __future__ import annotations
 
-from vllm_plasticity.architectures.recurrent_hf import RecurrentConfig, RecurrentForCausalLM, register
+from vllm_plasticity.architectures.recurrent_hf import RecurrentConfig, RecurrentForCausalLM
 from vllm_plasticity.architectures.synthe_config import SyntheShape
 from vllm_plasticity.architectures.synthe_modules import SyntheModules
 
 MODEL_TYPE = "synthe"
-ARCHITECTURE = "SyntheForCausalLM"
 
 
 class SyntheConfig(RecurrentConfig):
@@ -28,7 +27,3 @@ class SyntheConfig(RecurrentConfig):
 
 class SyntheForCausalLM(SyntheModules, RecurrentForCausalLM):
     config_class = SyntheConfig
-
-
-def register_with_transformers() -> None:
-    register(SyntheConfig, SyntheForCausalLM)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from vllm_plasticity.architectures.config_fields import (
-    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, OneOf, Real, check_fields, check_vocab_size)
+    MAX_COUNT, MAX_LENGTH, MAX_WIDTH, Flag, Int, OneOf, Real, UnsupportedConfig, check_fields, check_vocab_size)
 
 DEFAULTS: dict[str, object] = {
     "d_model": 128, "n_layers": 2, "max_seq_len": 256, "backbone": "gru",
@@ -36,10 +36,6 @@ FIELDS = {
 }
 
 
-class UnsupportedConfig(ValueError):
-    """A TKC configuration the project cannot serve; the message names the field and why."""
-
-
 @dataclasses.dataclass(frozen=True)
 class TKCShape:
     MODULES: ClassVar[str] = "vllm_plasticity.architectures.tkc_modules:TKCModules"  # its builder (footprint.py)
@@ -56,8 +52,8 @@ class TKCShape:
         unknown = sorted(set(fields) - set(DEFAULTS))
         if unknown:
             raise UnsupportedConfig(f"tkc.{unknown[0]} is not a TKC field (fields: {sorted(DEFAULTS)})")
-        check_fields("tkc", fields, FIELDS, UnsupportedConfig)
-        check_vocab_size("tkc", vocab_size, UnsupportedConfig)
+        check_fields("tkc", fields, FIELDS)
+        check_vocab_size("tkc", vocab_size)
         f = {**DEFAULTS, **dict(fields)}
         inner = f["mamba_expand"] * f["d_model"]
         if f["backbone"] == "mamba2" and inner % f["mamba_headdim"]:

@@ -4,12 +4,11 @@ Everything but the names is in recurrent_hf.py."""
 
 from __future__ import annotations
 
-from vllm_plasticity.architectures.recurrent_hf import RecurrentConfig, RecurrentForCausalLM, register
+from vllm_plasticity.architectures.recurrent_hf import RecurrentConfig, RecurrentForCausalLM
 from vllm_plasticity.architectures.tkc_config import TKCShape
 from vllm_plasticity.architectures.tkc_modules import TKCModules
 
 MODEL_TYPE = "tkc"
-ARCHITECTURE = "TKCForCausalLM"
 
 
 class TKCConfig(RecurrentConfig):
@@ -28,7 +27,3 @@ class TKCConfig(RecurrentConfig):
 
 class TKCForCausalLM(TKCModules, RecurrentForCausalLM):
     config_class = TKCConfig
-
-
-def register_with_transformers() -> None:
-    register(TKCConfig, TKCForCausalLM)

@@ -24,7 +24,7 @@ from vllm_plasticity.architectures.recurrent_layer import RecurrentStateLayer
 from vllm_plasticity.architectures.recurrent_vllm import RecurrentForCausalLM
 from vllm_plasticity.architectures.tkc_config import TKCShape
 from vllm_plasticity.architectures.tkc_modules import TKCModules, sinusoid
-from vllm_plasticity.models import keep_weights_in_place
+from vllm_plasticity.weights_in_place import keep_weights_in_place
 
 
 class MemoryStream:

@@ -10,4 +10,5 @@ plasticity_training (tests/test_import_graph.py checks it):
     settings.py  /train's optimizer and parameter-filter settings: one set of defaults and bounds
     bank.py      the concept-bank format on disk and the readout capacity rule
     files.py     atomic writes and the path-inside-a-directory rule
+    architectures.py  every architecture served: the one table both sides derive their lists from
 """

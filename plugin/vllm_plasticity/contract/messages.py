@@ -9,7 +9,8 @@ pause generation, reset the prefix cache, take a checkpoint or stop a cancelled 
              rollback)                    -> JobBegun
     Step                                  -> StepDone       (one optimizer step, in place)
     EndJob(success)                       -> JobEnded       (state saved; a diverged job rolled back)
-    Checkpoint(target, allowed_root, allow_model_dir, weight_version, max_names, replace) -> CheckpointWritten
+    Checkpoint(target, allowed_root, allow_model_dir, weight_version, max_names, replace, config)
+                                          -> CheckpointWritten
     Shutdown                              -> Acknowledged   (state saved, the trainer exits)
 
 On the wire: the request's JSON (its `op` names the type); the reply is {"ok": true, "reply": {...}} or
@@ -91,6 +92,7 @@ class Checkpoint(Strict):
     weight_version: int = 0
     max_names: int | None = None  # checkpoints allowed under allowed_root (a new name beyond it: disk_full)
     replace: bool = False  # overwrite the checkpoint of another model (else: other_model)
+    config: dict = {}  # the API server's process config (PlasticityConfig.as_json), saved with the weights
 
 
 class Shutdown(Strict):

@@ -18,9 +18,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from vllm_plasticity.contract.architectures import is_embedding
+
 # Settings that fix the optimizer state's shapes: a job may not change them once state exists.
 SHAPE_SETTINGS = ("rank", "mini")
-PARAM_KINDS = ("attention", "mlp", "embeddings", "norms", "linear_attention", "decay")
 # Gated DeltaNet (Qwen3-Next) decay parameters: g = -exp(A_log) * softplus(a + dt_bias); kind "decay".
 DECAY_PARAMS = ("A_log", "dt_bias")
 ContextMode = Literal["masked", "no_grad"]
@@ -175,14 +176,13 @@ class ParamsFilter(Strict):
 def param_kind(name: str) -> str:
     """attention, mlp, embeddings, norms, linear_attention or decay, for a Llama/Qwen/Qwen3-Next parameter
     name (HF's or vLLM's: the fused qkv_proj/gate_up_proj sit under the same `self_attn`/`mlp` modules; MoE
-    routers and experts are mlp). In the project's attention-free
-    architectures (names outside `model.`), the token embedding tables are embeddings and every other
-    weight (substrate, state projections, readouts) counts as mlp."""
-    if "embed_tokens" in name or name.startswith("lm_head"):
+    routers and experts are mlp). Embedding tables are the ones each architecture registers
+    (contract/architectures.py). In the project's attention-free architectures (names outside `model.`),
+    every other weight (substrate, state projections, readouts) counts as mlp."""
+    if is_embedding(name):
         return "embeddings"
     if not name.startswith("model."):
-        table = name.split(".")[0]  # causal bank: linear_embedding; TKC: embed; SYNTHE: embedding, pos_embedding
-        return "embeddings" if table in ("embed", "embedding") or table.endswith("_embedding") else "mlp"
+        return "mlp"
     if name.rpartition(".")[2] in DECAY_PARAMS:
         return "decay"
     if "norm" in name:  # input/post-attention norms, q_norm/k_norm, the final norm, GDN's gated norm
