@@ -1,5 +1,5 @@
-"""Calibrated banks without a server: what extraction measures (a planted direction scores 1 on its own texts
-and 0 on the corpus mean; scaling a layer's states changes nothing), what the bank files carry, and what the
+"""Calibrated banks without a server: what extraction measures (a planted direction scores 0 on the corpus mean
+and counts the corpus's standard deviations along it; scaling a layer's states changes nothing), what the bank files carry, and what the
 worker reads and steers with them (scores (h - c) . v / s; natural-unit steering adds strength * s * v; a
 bank without calibration reads and steers raw, as before)."""
 
@@ -31,7 +31,7 @@ SEPARATION = 3.0  # each concept's texts lie this far along its planted directio
 COMMON = 50.0  # a large shared component every text has (what dominates raw dot products in real models)
 
 
-def planted(scale: float = 1.0, seed: int = 0) -> tuple[Corpus, Activations, torch.Tensor]:
+def planted(scale: float = 1.0, seed: int = 0, noise: float = 0.01) -> tuple[Corpus, Activations, torch.Tensor]:
     """A corpus of PER_CONCEPT texts per concept and BASELINES neutral texts whose pooled state at LAYER is
     COMMON * m + SEPARATION * d_concept + small noise (d orthonormal), all times `scale`."""
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +45,7 @@ def planted(scale: float = 1.0, seed: int = 0) -> tuple[Corpus, Activations, tor
     for i in range(BASELINES):
         texts.append(Text(f"neutral {i}", (f"paired/s{i}/baseline.txt",), frozenset(), frozenset({f"s{i}"}), ()))
         states.append(COMMON * m)
-    X = (torch.stack(states) + 0.01 * torch.randn(len(states), H, generator=g)) * scale  # (N, H)
+    X = (torch.stack(states) + noise * torch.randn(len(states), H, generator=g)) * scale  # (N, H)
     corpus = Corpus(Path("planted"), texts, CONCEPTS, {}, [])
     acts = Activations(layers=[LAYER], hidden_size=H, pooled={"mean": {LAYER: X}}, n_tokens=[8] * len(texts))
     return corpus, acts, d
@@ -59,30 +59,38 @@ def extracted(corpus, acts, method="pooled", centre="corpus"):
 
 # ---- extraction ------------------------------------------------------------------------------------------
 
-def test_a_planted_direction_scores_one_on_its_own_texts_and_zero_on_the_corpus_mean():
+def test_a_planted_direction_scores_zero_on_the_corpus_mean_and_counts_its_standard_deviations():
     corpus, acts, d = planted()
     contrasts = Contrasts(corpus, acts, pooling="mean", device="cpu")
     X = acts.pooled["mean"][LAYER]
     n = len(corpus.texts)
-    # The planted directions themselves, calibrated: own texts sit SEPARATION along d, the corpus mean
-    # SEPARATION * PER_CONCEPT / N of it, so the natural unit is s = SEPARATION * (1 - PER_CONCEPT / N).
+    p = PER_CONCEPT / n
+    # The planted directions themselves: a concept's texts sit SEPARATION along its d, every other text at 0,
+    # so the corpus's standard deviation along d is SEPARATION * sqrt(p (1 - p)) (p: the concept's share of
+    # texts) and its own texts score (1 - p) * SEPARATION / that = sqrt((1 - p) / p) on average.
     cal = calibrate(contrasts, Extraction(CONCEPTS, [LAYER], {LAYER: d})).calibration
-    assert torch.allclose(cal.scale[LAYER], torch.full((3,), SEPARATION * (1 - PER_CONCEPT / n)), atol=0.02)
+    assert torch.allclose(cal.scale[LAYER], torch.full((3,), SEPARATION * (p * (1 - p)) ** 0.5), atol=0.02)
+    V = d
+    scores = calibrated_scores(X @ V.T, cal.offsets({LAYER: d})[LAYER], cal.scale[LAYER])  # (texts, concepts)
+    for k, concept in enumerate(CONCEPTS):
+        own = corpus.positives(concept)
+        assert float(scores[own, k].mean()) == pytest.approx(((1 - p) / p) ** 0.5, abs=0.02)
+        assert float(scores[:, k].std(correction=0)) == pytest.approx(1.0, abs=1e-4)  # a z-score
     # ... and the pooled method's vectors through the whole extraction path.
     extraction, result = extracted(corpus, acts)
     for vectors, cal in (({LAYER: d}, cal), (extraction.vectors, result.calibration)):
         V = vectors[LAYER]
-        scores = calibrated_scores(X @ V.T, cal.offsets(vectors)[LAYER], cal.scale[LAYER])  # (texts, concepts)
+        scores = calibrated_scores(X @ V.T, cal.offsets(vectors)[LAYER], cal.scale[LAYER])
         for k, concept in enumerate(CONCEPTS):
             own = corpus.positives(concept)
-            assert float(scores[own, k].mean()) == pytest.approx(1.0, abs=1e-5)
+            assert float(scores[own, k].mean()) > 1.0
             assert torch.equal(scores[own].argmax(1), torch.full((len(own),), k))  # its own concept on top
         assert calibrated_scores(X.mean(0) @ V.T, cal.offsets(vectors)[LAYER], cal.scale[LAYER]).abs().max() < 1e-4
         # A neutral text is below the corpus average for every concept; its raw score is the shared
         # component's (COMMON * m . v), a number that says nothing by itself.
         assert (scores[corpus.baselines()] < 0).all()
     assert all(float(extraction.vectors[LAYER][k] @ d[k]) > 0.85 for k in range(3))  # found the planted ones
-    assert result.calibration.info == {"centre": "corpus", "scale": "own_texts_mean", "pooling": "mean",
+    assert result.calibration.info == {"centre": "corpus", "scale": "corpus_std", "pooling": "mean",
                                        "n_centre_texts": n}
 
 
@@ -94,10 +102,12 @@ def test_the_baselines_centre_scores_the_neutral_texts_zero():
     scores = calibrated_scores(X @ V.T, cal.offsets(extraction.vectors)[LAYER], cal.scale[LAYER])
     assert scores[corpus.baselines()].mean(0).abs().max() < 1e-4
     for k, concept in enumerate(CONCEPTS):
-        assert float(scores[corpus.positives(concept), k].mean()) == pytest.approx(1.0, abs=1e-5)
+        assert float(scores[corpus.positives(concept), k].mean()) > 1.0
+    p = PER_CONCEPT / len(corpus.texts)
     planted_cal = calibrate(Contrasts(corpus, acts, device="cpu"), Extraction(CONCEPTS, [LAYER], {LAYER: d}),
                             centre="baselines").calibration
-    assert torch.allclose(planted_cal.scale[LAYER], torch.full((3,), SEPARATION), atol=0.02)  # all of it
+    # The spread does not depend on the centre: the same scale as with the corpus mean.
+    assert torch.allclose(planted_cal.scale[LAYER], torch.full((3,), SEPARATION * (p * (1 - p)) ** 0.5), atol=0.02)
 
 
 @pytest.mark.parametrize("method", ["pooled", "mean"])
@@ -121,11 +131,12 @@ def test_scaling_a_layers_states_leaves_calibrated_scores_unchanged(method):
     assert not torch.allclose(raw_big, raw_small, rtol=0.5)  # raw scores do change with the layer's scale
 
 
-def test_a_concept_whose_texts_do_not_lie_beyond_the_centre_gets_the_floor_not_a_negative_scale():
-    corpus, acts, _ = planted()
+def test_a_direction_the_corpus_does_not_vary_along_gets_the_floor_not_a_zero_scale():
+    corpus, acts, d = planted(noise=0.0)
     contrasts = Contrasts(corpus, acts, pooling="mean", device="cpu")
     extraction = extract_vectors(contrasts, get_method("pooled"))
-    extraction.vectors[LAYER][1] *= -1  # a direction pointing away from its own texts
+    basis, _ = torch.linalg.qr(torch.cat([acts.pooled["mean"][LAYER], torch.eye(H)]).T)
+    extraction.vectors[LAYER][1] = basis[:, -1]  # orthogonal to every text: each scores the same
     result = calibrate(contrasts, extraction)
     assert result.floored == {LAYER: ["calm"]}
     assert float(result.calibration.scale[LAYER][1]) == pytest.approx(1e-3 * result.spread[LAYER], rel=1e-4)

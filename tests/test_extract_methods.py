@@ -7,6 +7,7 @@ import torch
 
 from plasticity_training.activations import row_basis
 from plasticity_training.methods import METHODS, ConceptData, get_method, subspace_method
+from plasticity_training.vectors import make_whitener
 
 H = 32
 
@@ -31,7 +32,9 @@ def planted(direction: torch.Tensor, seed: int = 0, P: int = 40, N: int = 80, no
 
     pos_bases = [trajectory(True) for _ in range(P)]
     neg_projector = sum(V.T @ V for V in (trajectory(False) for _ in range(N))) / N
-    return ConceptData(pos=pos, neg=neg, contrast=contrast, pos_bases=pos_bases, neg_projector=neg_projector)
+    whiten = make_whitener(torch.cat([pos - pos.mean(0), neg - neg.mean(0)]))
+    return ConceptData(pos=pos, neg=neg, contrast=contrast, pos_bases=pos_bases, neg_projector=neg_projector,
+                       whiten=whiten)
 
 
 def sparse_direction() -> torch.Tensor:
@@ -114,10 +117,32 @@ def test_subspace_without_contrast_raises():
 
 
 def test_invalid_options():
-    with pytest.raises(ValueError, match="Invalid method: 'lda'"):
-        get_method("lda")
+    with pytest.raises(ValueError, match="Invalid method: 'fisher'"):
+        get_method("fisher")
     with pytest.raises(ValueError, match="Invalid C"):
         get_method("logistic", C=0)
     with pytest.raises(ValueError, match="Invalid k"):
         get_method("subspace", k=0)
     get_method("pooled", C=2.0, k=3)  # options a factory does not take are ignored
+
+
+def test_lda_ignores_a_loud_direction_that_every_text_varies_along():
+    """What lda is for: texts vary a lot along a direction that has nothing to do with the concept (in a real
+    stream: length, topic, the shared component); with a few positives the difference of means picks part of
+    it up, the whitened difference does not."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.zeros(H).index_fill_(0, torch.tensor([5]), 1.0)  # the concept
+    loud = torch.nn.functional.normalize(torch.randn(H, generator=g), dim=0)
+    loud = loud - (loud @ u) * u
+    loud = loud / loud.norm()
+
+    def texts(n, concept):
+        return (0.3 * torch.randn(n, H, generator=g) + 20 * torch.randn(n, 1, generator=g) * loud
+                + (2 * u if concept else 0))
+
+    pos, neg = texts(4, True), texts(200, False)
+    data = ConceptData(pos=pos, neg=neg, contrast=neg.mean(0).expand(4, H),
+                       whiten=make_whitener(torch.cat([pos - pos.mean(0), neg - neg.mean(0)])))
+    pooled, lda = get_method("pooled")(data).vector, get_method("lda")(data).vector
+    assert float(lda @ u) > 0.8
+    assert float(lda @ u) > float(pooled @ u) + 0.2

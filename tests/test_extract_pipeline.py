@@ -100,7 +100,7 @@ def test_cli_end_to_end_with_report(tiny, tmp_path, capsys):
           "--no-progress", "--device", "cpu"])
     assert capsys.readouterr().out.strip() == str(out)
     bank = load_bank(out)
-    assert bank.concepts == sorted(EMOTIONS) and bank.layers == [0, 1] and bank.method == "pooled"
+    assert bank.concepts == sorted(EMOTIONS) and bank.layers == [0, 1] and bank.method == "lda"
     manifest = json.loads((out / "readout.json").read_text())
     assert set(manifest) == {"concepts", "layers", "hidden_size", "dtype", "model", "method", "created", "calibration"}
     assert manifest["calibration"]["centre"] == "corpus" and bank.calibration is not None  # calibrated by default
@@ -167,3 +167,16 @@ def test_preflight_runs_before_the_model_loads(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--corpus", str(tiny[1]), "--model", str(tiny[0]), "--out", str(tmp_path / "b"), "--layers", "7"])
     assert e.value.code == 2 and "Invalid layer '7'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lda", "subspace"])
+def test_the_default_layers_are_chosen_by_measurement_and_the_bank_says_why(tiny, tmp_path, method):
+    model, corpus = tiny
+    logs = []
+    out = run(ExtractOptions(out=str(tmp_path / method), corpus=str(corpus), model=str(model), method=method,
+                             subspace_rank=8, device="cpu", progress=False), log=logs.append)
+    bank = load_bank(out)
+    choice = bank.extraction["layer_choice"]
+    assert len(bank.layers) == 1 and choice["chosen"] == bank.layers[0]
+    assert set(choice["per_layer"]) == {"0", "1"} and choice["scored_by"] == "lda"
+    assert any(line.startswith("[extract] --layers auto: layer ") for line in logs)

@@ -11,7 +11,8 @@ from plasticity_training import quality
 from plasticity_training.activations import Activations
 from plasticity_training.corpus import load_corpus
 from plasticity_training.methods import get_method
-from plasticity_training.report import build_report, leave_one_out, summary_text
+from plasticity_training.held_out import held_out_accuracy
+from plasticity_training.report import build_report, summary_text
 from plasticity_training.vectors import Contrasts, extract_vectors
 from test_extract_corpus import write_corpus
 
@@ -137,7 +138,8 @@ def test_report_on_a_constructed_corpus(tmp_path):
     assert joy["nearest"][0][1] < 0.5 and report["concepts"]["joyful"]["n_positives"] == 3
     assert len(layer["valence_arousal"]) == 3
     text = summary_text(report)
-    assert "leave-one-story-out: 100.0% top-1" in text and "redundant sad" in text
+    assert "held-out (leave-one-story-out, 3 folds, calibrated readout): 100.0% top-1" in text
+    assert "redundant sad" in text
 
     # Control: give sad a direction of its own and nothing is redundant any more.
     directions["sad"] = e[4]
@@ -147,7 +149,8 @@ def test_report_on_a_constructed_corpus(tmp_path):
     assert report["concepts"]["sad"]["layers"]["0"]["ridge"]["r2"] < 0.5
 
 
-def test_leave_one_out_fails_on_scrambled_labels(tmp_path):
+@pytest.mark.parametrize("name", ["pooled", "lda"])
+def test_held_out_accuracy_fails_on_scrambled_labels(tmp_path, name):
     corpus = load_corpus(write_corpus(tmp_path / "corpus"))
     H = 24
     g = torch.Generator().manual_seed(7)
@@ -155,7 +158,41 @@ def test_leave_one_out_fails_on_scrambled_labels(tmp_path):
     acts = synthetic(corpus, directions, H, noise=0.05)
     # Each text's activation replaced by a random one: no concept signal is left to find.
     acts.pooled["mean"][0] = torch.randn(len(corpus.texts), H, generator=g)
-    method = get_method("pooled")
-    contrasts = Contrasts(corpus, acts, device="cpu")
-    vectors = extract_vectors(contrasts, method).vectors[0]
-    assert leave_one_out(contrasts, method, 0, vectors)["accuracy"] < 0.7
+    # A held-out text stays out of every concept's fit: a discriminative method (lda) cannot learn to score it
+    # low for the other concepts (what leaving it among their negatives allowed).
+    method = get_method(name)
+    contrasts = Contrasts(corpus, acts, device="cpu", whiten=name == "lda")
+    assert held_out_accuracy(contrasts, method, 0)["accuracy"] < 0.7
+
+
+def test_layers_auto_picks_the_layer_that_names_held_out_texts_and_says_why(tmp_path):
+    from plasticity_training.layer_choice import choose_layer
+
+    corpus = load_corpus(write_corpus(tmp_path / "corpus"))
+    H = 24
+    g = torch.Generator().manual_seed(5)
+    directions = {c: unit(torch.randn(H, generator=g)) for c in corpus.concepts}
+    signal = synthetic(corpus, directions, H, noise=0.05).pooled["mean"][0]
+    noise = torch.randn(len(corpus.texts), H, generator=g)
+    # Layer 2 carries the concepts; layers 0 and 1 are noise.
+    acts = Activations(layers=[0, 1, 2], hidden_size=H, pooled={"mean": {0: noise, 1: noise.flip(0), 2: signal}},
+                       n_tokens=[10] * len(corpus.texts))
+    choice = choose_layer(Contrasts(corpus, acts, device="cpu", whiten=True), [0, 1, 2], num_layers=3)
+    assert choice.layer == 2
+    assert choice.per_layer[2]["accuracy"] == 1.0 and choice.per_layer[0]["accuracy"] < 0.7
+    assert choice.reason.startswith("layer 2: held-out top-1 100.0%")
+    assert choice.record()["per_layer"]["0"] == choice.per_layer[0]
+
+
+def test_layers_auto_without_two_texts_per_concept_falls_back_to_a_depth_and_says_so(tmp_path):
+    from plasticity_training.corpus import Corpus, Text
+    from plasticity_training.layer_choice import choose_layer
+
+    concepts = ["afraid", "calm", "joyful"]
+    one_each = [Text(c, (f"stories/{c}.txt",), frozenset({c}), frozenset(), ()) for c in concepts]
+    thin = Corpus(tmp_path, one_each, concepts, {}, [])
+    H = 8
+    acts = Activations(layers=list(range(4)), hidden_size=H,
+                       pooled={"mean": {L: torch.randn(len(one_each), H) for L in range(4)}}, n_tokens=[3] * len(one_each))
+    choice = choose_layer(Contrasts(thin, acts, device="cpu", whiten=True), list(range(4)), num_layers=4)
+    assert choice.layer == 2 and "no concept has two texts" in choice.reason and choice.per_layer == {}

@@ -38,11 +38,15 @@ def test_each_task_scores_what_it_says():
 @pytest.mark.slow
 def test_the_benchmark_writes_its_table_and_plots(servers_restart, tmp_path):
     servers_restart.stop()  # the benchmark starts its own servers, one at a time
-    out = subprocess.run([sys.executable, str(REPO / "research" / "memory_tasks.py"), "--quick", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=1200)
+    # Two of the five architectures (a transformer and a recurrent one): the script's path is the same for each,
+    # every architecture's own serving and training is tested in its own file, and each server start here
+    # costs ~40 s of the full tier's 45 minutes.
+    out = subprocess.run([sys.executable, str(REPO / "research" / "memory_tasks.py"), "--quick", "--archs", "llama,synthe",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     text = (tmp_path / "memory_tasks_results.md").read_text()
-    for arch in ("llama", "causal-bank", "tkc", "tkc-mamba2", "synthe"):
+    for arch in ("llama", "synthe"):
         assert f"| {arch} |" in text
+    assert "| tkc |" not in text
     for name in ("memory_tasks_accuracy.png", "memory_tasks_online.png"):
         assert (tmp_path / name).stat().st_size > 10_000

@@ -17,7 +17,7 @@ args) and salts its prefix cache, then calls vLLM's handler and adds each choice
 the worker by that tag: `choice["readout"] = {"bank", "layers", "concepts", "calibrated", "positions",
 "scores"}` with `scores[i][j][k]` = concept k at layer j for the token at `positions[i]` (prompt tokens from
 0, then the generated ones; the last generated token is never fed back, so it has no state); `calibrated`
-true: the bank's calibrated scores (0 = as its corpus on average, 1 = as the concept's own texts), else raw
+true: the bank's calibrated scores (0 = as its corpus on average, 1 = one standard deviation of it along the concept), else raw
 dot products. `steer_units` ("natural" | "raw") says what the `steer` coefficients count (steer_spec.py). Streaming responses
 carry, in each chunk, the scores computed since the previous chunk. `readout_encoding: "base64"` returns
 `scores` as base64 of little-endian float32 with `scores_shape` instead of nested lists (much smaller

@@ -9,7 +9,7 @@ Per request (vLLM's `vllm_xargs` over HTTP, `SamplingParams.extra_args` offline,
     steer_layers: [L, ...]                     only at these of the bank's layers
     steer_units: "natural" | "raw"             what coef counts (default: natural for calibrated banks)
 
-Units: "natural" counts a concept's typical separation at the layer (its calibration scale s, contract
+Units: "natural" counts the corpus's standard deviation along the concept at the layer (its calibration scale s, contract
 bank.py): strength coef adds coef * s * unit vector, which raises that layer's calibrated score by coef,
 so the same number does comparable things across concepts, layers and models; only calibrated banks have
 it. "raw" adds coef * unit vector (a norm in the stream's own units). Unset, each term takes natural

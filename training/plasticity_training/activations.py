@@ -53,6 +53,15 @@ class Activations:
     n_heads: int | None = None
     truncated: int = 0  # texts cut at max_tokens
 
+    def only(self, layers: Sequence[int]) -> Activations:
+        """The same activations at `layers` only (what `--layers auto` keeps after choosing)."""
+        pick = lambda per_layer: {L: per_layer[L] for L in layers}  # noqa: E731
+        return dataclasses.replace(
+            self, layers=list(layers), pooled={k: pick(v) for k, v in self.pooled.items()},
+            bases=pick(self.bases) if self.bases is not None else None,
+            heads={k: pick(v) for k, v in self.heads.items()} if self.heads is not None else None,
+            weights=pick(self.weights) if self.weights is not None else None)
+
     def saturated(self, layer: int) -> int:
         """Texts whose token states span the whole space at `layer` (projector = identity, no contrast)."""
         return sum(v.shape[0] >= self.hidden_size for v in (self.bases or {}).get(layer, []))

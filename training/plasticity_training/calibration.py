@@ -4,19 +4,23 @@ Runs in the extraction process. With X the pooled states of the corpus texts at 
 vectors were extracted from) and v a concept's unit vector:
 
     centre  c   = mean of X over every text ("corpus"), or over the neutral baselines ("baselines")
-    scale   s_k = mean over concept k's own texts (its positives) of (x - c) . v_k
+    scale   s_k = standard deviation over every corpus text of (x - c) . v_k
 
-so that the calibrated score (h - c) . v_k / s_k is 0 for the centre's texts on average and 1 for the
-concept's own texts on average, whatever the layer's norm, the model, or the concept (the contract's
-calibrated_scores). The same s_k is the natural unit of steering: adding strength * s_k * v_k moves the
-steered layer's calibrated score by `strength`.
+so that the calibrated score (h - c) . v_k / s_k is 0 for the centre's texts on average and counts standard
+deviations of the corpus along the concept's direction: a z-score, the same for every concept, layer and
+model (the contract's calibrated_scores). The same s_k is the natural unit of steering: adding
+strength * s_k * v_k moves the steered layer's calibrated score by `strength`.
+
+Why the corpus's spread and not "1 = the concept's own texts on average" (tried first): with the own-texts
+mean, a concept whose texts lie only a little beyond the centre divides by a small number and outranks the
+right concept on unrelated texts; on SmolLM2-135M-Instruct, held-out top-1 over 167 concepts was 21% with it
+and 32% with the spread (lda, layer 18; research/results/concepts_real.md).
 
     >>> calibration = calibrate(contrasts, extraction, centre="corpus")
     >>> save_bank(out, extraction.concepts, extraction.vectors, ..., calibration=calibration)
 
-A scale is floored at SCALE_FLOOR times the layer's RMS distance of texts from the centre: a concept whose
-own texts do not lie beyond the centre along its vector (possible with the paired methods, never with
-`pooled` and two or more concepts) would otherwise divide by zero or flip its sign; `floored` lists them.
+A scale is floored at SCALE_FLOOR times the layer's RMS distance of texts from the centre: a direction along
+which the corpus does not vary would otherwise divide by zero; `floored` lists them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from vllm_plasticity.contract.bank import Calibration
 CentreSource = Literal["corpus", "baselines"]
 CENTRES: tuple[CentreSource, ...] = ("corpus", "baselines")
 SCALE_FLOOR = 1e-3  # smallest scale, as a fraction of the layer's RMS text distance from the centre
+SCALE_RULE = "corpus_std"  # readout.json's calibration.scale: how s was measured (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +61,20 @@ def calibrate(contrasts: Contrasts, extraction: Extraction, centre: CentreSource
         X = contrasts.acts.pooled[contrasts.pooling][L].double()  # (N, H)
         c = X[rows].mean(0)  # (H,)
         V = extraction.vectors[L].double()  # (C, H), unit rows
-        projections = (X - c) @ V.T  # (N, C)
-        s = torch.stack([projections[contrasts.pos[k], i].mean() for i, k in enumerate(extraction.concepts)])
-        spread[L] = float((X - c).pow(2).sum(1).mean().sqrt())
-        floor = SCALE_FLOOR * max(spread[L], 1e-30)
-        low = s < floor
+        s, low, spread[L] = concept_scales(X, c, V)
         floored[L] = [k for k, is_low in zip(extraction.concepts, low.tolist()) if is_low]
-        centres[L], scales[L] = c.float(), torch.where(low, torch.full_like(s, floor), s).float()
-    info = {"centre": centre, "scale": "own_texts_mean", "pooling": contrasts.pooling, "n_centre_texts": len(rows)}
+        centres[L], scales[L] = c.float(), s.float()
+    info = {"centre": centre, "scale": SCALE_RULE, "pooling": contrasts.pooling, "n_centre_texts": len(rows)}
     return CalibrationResult(Calibration(centres, scales, info), {L: v for L, v in floored.items() if v}, spread)
+
+
+def concept_scales(X: Tensor, centre: Tensor, V: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Each concept's scale on the texts X (N, H) for unit rows V (C, H): (scales (C,), floored (C,) bool,
+    the texts' RMS distance from the centre). The one rule for a scale, used by calibrate and held_out."""
+    X, centre, V = X.double(), centre.double(), V.double()
+    projections = (X - centre) @ V.T  # (N, C)
+    s = projections.std(0, correction=0)
+    spread = float((X - centre).pow(2).sum(1).mean().sqrt())
+    floor = SCALE_FLOOR * max(spread, 1e-30)
+    low = s < floor
+    return torch.where(low, torch.full_like(s, floor), s), low, spread

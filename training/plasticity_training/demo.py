@@ -114,8 +114,8 @@ def main() -> None:
         prompt = "She opened the letter and"
         plain = complete(server.url, model, prompt, 16)
         print(f"  plain:             {plain!r}")
-        # Natural units (the extracted bank is calibrated): strength 1 = the concept's typical separation at
-        # the layer; on the built-in model that is ~2 in raw norm, so 4 is about the raw 8 this step once used.
+        # Natural units (the extracted bank is calibrated): strength 1 = one standard deviation of the corpus along
+        # the concept at the layer, whatever the layer's norm; 4 moves the stream well past any corpus text.
         for concept, coef in (("joyful", 4.0), ("terrified", 4.0)):
             r = requests.post(server.url + "/v1/completions", timeout=120, json={
                 "model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0,

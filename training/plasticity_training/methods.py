@@ -16,6 +16,11 @@ Methods:
     logistic     steering-vectors' logistic_aggregator (L2, scikit-learn) on the same pairs, scaled so that
                  the deltas' RMS entry is 1 (C then means the same on every model and layer).
     logistic_l1  the same with an L1 penalty (scikit-learn liblinear): sparse, noise coordinates go to zero.
+    lda          the pooled difference whitened by the concepts' shared within-concept covariance, shrunk
+                 towards its mean eigenvalue (Fisher's discriminant with one covariance for every concept):
+                 (S + shrinkage * tr(S)/H * I)^-1 (mean(positives) - mean(negatives)). The stream's
+                 high-variance directions (what every text varies along, emotion or not) stop dominating, so
+                 a text's highest score is its own concept far more often (research/results/concepts_real.md).
     subspace     per-text right singular vectors of the token trajectory (rank hidden/4, at most 64, by default);
                  M = mean_pos V_i^T V_i - mean_neg V_i^T V_i; the top-k eigenvectors of M, each weighted by its
                  eigenvalue (negative weights clamped to zero) and oriented towards mean(pos) - mean(neg).
@@ -28,13 +33,14 @@ import dataclasses
 import inspect
 import warnings
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-MethodName = Literal["pooled", "mean", "pca", "logistic", "logistic_l1", "subspace"]
 TRAJECTORY_METHODS = frozenset({"subspace"})  # need per-text token bases (Activations.bases)
+WHITENED_METHODS = frozenset({"lda"})  # need the within-concept covariance (ConceptData.whiten)
+DEFAULT_SHRINKAGE = 1.0  # lda: ridge added to the covariance, in units of its mean eigenvalue (measured: 0.3-3 alike)
 SPECTRUM_LEN = 20  # eigenvalues kept for the report
 
 
@@ -47,6 +53,7 @@ class ConceptData:
     contrast: Tensor  # (P, H) each positive's pair partner (its baseline, or the negatives' mean)
     pos_bases: list[Tensor] | None = None  # subspace: per positive (r_i, H), orthonormal rows
     neg_projector: Tensor | None = None  # subspace: (H, H) mean of V_i^T V_i over the negatives
+    whiten: Callable[[Tensor], Tensor] | None = None  # lda: x -> (shrunk within-concept covariance)^-1 x
 
 
 class Direction(NamedTuple):
@@ -101,6 +108,21 @@ def logistic_l1_method(C: float = 1.0) -> Method:
                                             max_iter=1000)), "logistic_l1", rescale=True)
 
 
+def lda_method() -> Method:
+    """Fisher's direction with the shared within-concept covariance: whiten(mean(positives) - mean(negatives)).
+
+    The covariance (and its shrinkage) is the corpus's, built once per layer by vectors.Contrasts, so every
+    concept costs one triangular solve.
+    """
+
+    def _lda(data: ConceptData) -> Direction:
+        if data.whiten is None:
+            raise ValueError("lda needs the within-concept covariance: build Contrasts with whiten=True")
+        return Direction(_unit(data.whiten(data.pos.mean(0) - data.neg.mean(0)), "lda"))
+
+    return _lda
+
+
 def subspace_method(k: int = 5) -> Method:
     """Top-k eigenvectors of M_pos - M_neg, weighted by eigenvalue (clamped at zero), summed.
 
@@ -144,6 +166,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "pca": pca_method,
     "logistic": logistic_method,
     "logistic_l1": logistic_l1_method,
+    "lda": lda_method,
     "subspace": subspace_method,
 }
 
@@ -182,6 +205,12 @@ def _unit(v: Tensor, name: str) -> Tensor:
         hint = " (L1 penalty too strong: raise C)" if name == "logistic_l1" else ""
         raise ValueError(f"{name}: the direction is zero or not finite{hint}")
     return v / norm
+
+
+def check_shrinkage(shrinkage: float) -> None:
+    if not shrinkage > 0:
+        raise ValueError(f"Invalid shrinkage: {shrinkage} (must be > 0: the covariance of a few hundred texts in "
+                         f"a wider stream is singular)")
 
 
 def _check_c(C: float) -> None:

@@ -13,11 +13,9 @@ method's eigenvalue spectrum, leave-one-out hits, and a triage label. Per layer:
 accuracy, triage lists, and the correlation of the vectors' first principal components with the
 manifest's valence and arousal when it has them.
 
-Leave-one-story-out: each positive text t of a concept c with at least two positives is held out, c's
-vector is re-extracted without t by the same method, and t's centered activation (minus the corpus mean)
-is scored against every concept's vector; a hit is c scoring highest. The other concepts keep their
-full-data vectors, in which t is one of ~all negatives (a small bias in c's favour, accepted so that
-the cost is one method call per held-out text).
+Held-out accuracy ("loso" in quality.json): held_out.py, leave-one-story-out in folds, every concept's
+vector, the centre and the scales refitted without the held-out texts, scored as the readout scores them.
+With `--layers auto` the report also keeps every layer's score and why the layer was chosen.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ import torch
 
 from plasticity_training import quality
 from plasticity_training.corpus import Corpus
+from plasticity_training.held_out import held_out_accuracy
 from plasticity_training.methods import Method
 from plasticity_training.vectors import Contrasts, Extraction
 
@@ -58,7 +57,10 @@ def build_report(contrasts: Contrasts, extraction: Extraction, method: Method, s
         for i, c in enumerate(concepts):
             report["concepts"][c]["layers"][str(L)] = _concept_metrics(contrasts, extraction, i, L, r2_meaningful)
         if loso:
-            per_layer["loso"] = leave_one_out(contrasts, method, L, V, report)
+            result = held_out_accuracy(contrasts, method, L)
+            for c, hits in result.pop("per_concept").items():
+                report["concepts"][c]["layers"][str(L)]["loso"] = hits
+            per_layer["loso"] = result
         if attributes:
             per_layer["valence_arousal"] = quality.pc_correlations(
                 V, {k: torch.tensor([a[c] for c in concepts]) for k, a in attributes.items()})
@@ -66,32 +68,6 @@ def build_report(contrasts: Contrasts, extraction: Extraction, method: Method, s
                                for label in ("clean", "fragmented", "redundant", "thin")}
         report["layers"][str(L)] = per_layer
     return report
-
-
-def leave_one_out(contrasts: Contrasts, method: Method, layer: int, vectors: torch.Tensor, report: dict | None = None) -> dict:
-    """Leave-one-story-out accuracy at `layer` (see the module docstring); per-concept hits go into
-    report["concepts"][c]["layers"][layer]["loso"] when a report is given."""
-    concepts = contrasts.corpus.concepts
-    X = contrasts.acts.pooled[contrasts.pooling][layer]  # (N, H)
-    mu = X.mean(0)
-    hits = top5 = evaluated = 0
-    for ci, c in enumerate(concepts):
-        pos = contrasts.pos[c]
-        if len(pos) < 2:
-            continue
-        c_hits = 0
-        for t in pos:
-            V = vectors.clone()
-            V[ci] = method(contrasts.data(c, layer, exclude=t)).vector
-            scores = (X[t] - mu) @ V.T  # (C,)
-            rank = int((scores > scores[ci]).sum())
-            c_hits += rank == 0
-            top5 += rank < TOP
-        hits, evaluated = hits + c_hits, evaluated + len(pos)
-        if report is not None:
-            report["concepts"][c]["layers"][str(layer)]["loso"] = {"held_out": len(pos), "hits": c_hits}
-    return {"accuracy": hits / evaluated if evaluated else None, "top5": top5 / evaluated if evaluated else None,
-            "evaluated": evaluated, "chance": 1 / len(concepts)}
 
 
 def _concept_metrics(contrasts: Contrasts, extraction: Extraction, i: int, L: int, r2_meaningful: bool) -> dict:
@@ -151,6 +127,8 @@ def summary_text(report: dict) -> str:
         f"{quality.FRAGMENTED_AGREEMENT} or first-PC share < {quality.FRAGMENTED_PC}); redundant = ridge R^2 >= "
         f"{quality.REDUNDANT_R2} against the other concepts; thin = one positive text (cannot be checked)",
     ]
+    if s.get("layer_choice"):
+        lines += ["", f"--layers auto: {s['layer_choice']['reason']}"]
     for L, layer in report["layers"].items():
         lines += ["", f"== layer {L} =="]
         if layer.get("saturated_texts"):
@@ -158,10 +136,11 @@ def summary_text(report: dict) -> str:
                          "(their projector is the identity and carries no contrast)")
         loso = layer.get("loso")
         if loso and loso["evaluated"]:
-            lines.append(f"leave-one-story-out: {loso['accuracy']:.1%} top-1, {loso['top5']:.1%} top-5 over "
-                         f"{loso['evaluated']} held-out texts (chance {loso['chance']:.1%})")
+            lines.append(f"held-out (leave-one-story-out, {loso['folds']} folds, calibrated readout): "
+                         f"{loso['accuracy']:.1%} top-1, {loso['top5']:.1%} top-5 over {loso['evaluated']} held-out "
+                         f"texts (chance {loso['chance']:.1%})")
         elif loso:
-            lines.append("leave-one-story-out: no concept has two positive texts")
+            lines.append("held-out accuracy: no concept has two positive texts")
         if layer["r2_chance"] >= 0.5:
             lines.append(f"ridge R^2: {report['corpus']['concepts']} concepts in {report['hidden_size']} dimensions, so "
                          f"any vector is near a mix of the others (chance R^2 {layer['r2_chance']:.2f}): redundancy "

@@ -14,10 +14,12 @@ and safetensors, never vLLM.
 The hidden state of layer L is the residual stream at the output of decoder layer L (before the final
 norm), layers indexed from 0. A concept's raw score is the dot product of that state with its unit
 vector v. A calibrated bank (readout.json has "calibration") also carries, per layer, a centre c (the
-corpus's mean state, or its neutral baselines') and per concept a scale s > 0 (how far the concept's own
-texts lie beyond the centre along v, on average), and its score is
+corpus's mean state, or its neutral baselines') and per concept a scale s > 0 (readout.json's
+calibration.scale says how it was measured: "corpus_std", the corpus texts' standard deviation along v; banks
+written before that say "own_texts_mean", the concept's own texts' mean projection beyond the centre), and
+its score is
 
-    calibrated = (h - c) . v / s        0: as the centre's texts on average, 1: as the concept's own
+    calibrated = (h - c) . v / s        0: as the centre's texts on average, 1: one s beyond
 
 the same for every concept, layer and model (calibrated_scores). Steering in natural units adds
 strength * s * v, which raises the steered layer's calibrated score by `strength` (natural_coefficients).
@@ -64,7 +66,7 @@ class Calibration:
     """What makes a bank's scores comparable across concepts, layers and models (module docstring)."""
 
     centre: dict[int, Tensor]  # layer -> (hidden,) the state a score of 0 stands for
-    scale: dict[int, Tensor]  # layer -> (n_concepts,) > 0: own texts' mean projection beyond the centre
+    scale: dict[int, Tensor]  # layer -> (n_concepts,) > 0: the corpus's standard deviation along each vector
     info: dict  # readout.json's "calibration": how they were measured (centre source, pooling, texts)
 
     def offsets(self, vectors: dict[int, Tensor]) -> dict[int, Tensor]:

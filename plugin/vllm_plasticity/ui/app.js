@@ -194,12 +194,12 @@ function render() {
   const { layer, concept } = selection();
   const values = [...state.scores.keys()].map((p) => score(p, layer, concept)).filter((v) => v !== undefined);
   const largest = values.length ? Math.max(...values.map(Math.abs)) : 0;
-  // Calibrated scores mean the same for every concept: 1 (as its own texts) is full colour unless exceeded.
-  const scale = state.readCalibrated ? Math.max(1, largest) : largest;
+  // Calibrated scores are z-scores, the same for every concept: 2 standard deviations is full colour unless exceeded.
+  const scale = state.readCalibrated ? Math.max(2, largest) : largest;
   $("legend-min").textContent = (-scale).toFixed(2);
   $("legend-max").textContent = "+" + scale.toFixed(2);
   $("legend-units").textContent = !values.length ? "" : state.readCalibrated
-    ? "calibrated: 0 = as the corpus on average, 1 = as this concept's own texts"
+    ? "calibrated: 0 = as the corpus on average, 1 = one standard deviation of the corpus along the concept"
     : "raw: hidden state · unit vector (this bank has no calibration)";
   const spans = state.tokens.map((tok, position) => {
     const span = document.createElement("span");
@@ -277,11 +277,11 @@ function drawChart() {
 
 // ---- steer ----------------------------------------------------------------------------------------
 
-// The units the sliders count, as the server's steer_units: natural (1 = the concept's typical separation at
-// the layer, its calibration scale) for a calibrated bank, raw (the norm added to the stream) otherwise.
+// The units the sliders count, as the server's steer_units: natural (1 = one standard deviation of the corpus
+// along the concept at the layer, its calibration scale) for a calibrated bank, raw (the norm added to the stream) otherwise.
 const SLIDER_UNITS = {
   natural: { min: -10, max: 10, step: 0.1,
-             text: "strength in natural units: 1 adds the concept's typical separation at each steered layer " +
+             text: "strength in natural units: 1 adds one standard deviation of the corpus along the concept at each steered layer " +
                    "(it raises that layer's calibrated score by 1)" },
   raw: { min: -40, max: 40, step: 0.5,
          text: "raw coefficient: the norm added to the residual stream (this bank has no calibration)" },
