@@ -20,6 +20,7 @@ steered continuation under the unsteered model (the same server's prompt log-pro
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, help="steer only this of the bank's layers (default: all of them)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 1 concept each way, 2 strengths")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="steering_real", help="results file name (a second bank beside the first)")
     add_server_args(parser)
     args = parser.parse_args()
     from plasticity_training.pretrained import resolve_model
@@ -98,6 +100,7 @@ def main() -> None:
             run(ExtractOptions(out=str(bank_dir), model=model, progress=False))
         loaded = lab.post("/readout/load", {"name": "emo", "path": bank_dir.name})
         layers = loaded.get("layers") or []
+        method = json.loads((bank_dir / "readout.json").read_text())["method"]
         chat = [lab.ids(lab.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                     tokenize=False), special=False) for p in prompts]
 
@@ -142,18 +145,18 @@ def main() -> None:
                 print(f"{concept:>10} x{s:<5g} shift {row['shift']:+.3f} distinct {row['distinct']:.2f} "
                       f"ppl x{row['ppl_ratio']:.2f} {'PASS' if row['passes'] else ''}", flush=True)
 
-    write_results("steering_real", args.out, {"model": args.model, "layers": layers, "steer_layer": args.layer,
+    write_results(args.name, args.out, {"model": args.model, "method": method, "layers": layers, "steer_layer": args.layer,
                                               "plain": {k: v for k, v in plain.items() if k != "texts"},
                                               "runs": runs})
-    _report(args, layers, plain, runs, strengths, positive, negative, len(prompts))
+    _report(args, method, layers, plain, runs, strengths, positive, negative, len(prompts))
 
 
-def _report(args, layers, plain, runs, strengths, positive, negative, n_prompts) -> None:
+def _report(args, method, layers, plain, runs, strengths, positive, negative, n_prompts) -> None:
     by = lambda c: [r for r in runs if r["concept"] == c]
-    plot_lines(args.out / "steering_real_effect.png",
+    plot_lines(args.out / f"{args.name}_effect.png",
                {c: ([r["strength"] for r in by(c)], [r["shift"] for r in by(c)]) for c in positive + negative},
                "strength (natural units)", "VADER compound - plain", "Judge's sentiment shift", logx=True)
-    plot_lines(args.out / "steering_real_fluency.png",
+    plot_lines(args.out / f"{args.name}_fluency.png",
                {c: ([r["strength"] for r in by(c)], [r["ppl_ratio"] for r in by(c)]) for c in positive + negative},
                "strength (natural units)", "perplexity / plain", "Fluency (unsteered model's perplexity)", logx=True)
     # The documented strength: the smallest at which every concept moves the judge its way by the target
@@ -165,7 +168,7 @@ def _report(args, layers, plain, runs, strengths, positive, negative, n_prompts)
              "yes" if r["passes"] else "no"] for r in runs]
     examples = [[r["concept"], r["strength"], repr(r["example"][:140])] for r in runs if r["strength"] == best]
     body = f"""
-Model: {args.model}; bank extracted with the defaults, layers {layers}; steered at
+Model: {args.model}; bank: method {method}, layers {layers}; steered at
 {f'layer {args.layer}' if args.layer is not None else 'each of the bank layers'}; {n_prompts} neutral chat prompts,
 greedy, {NEW_TOKENS} new tokens. Judge: VADER compound (vaderSentiment's own lexicon), mean over prompts.
 Plain: sentiment {plain['sentiment']:+.3f}, distinct bigrams {plain['distinct']:.2f}, perplexity {plain['ppl']:.2f}.
@@ -179,13 +182,13 @@ text stays fluent (distinct bigrams >= {MIN_DISTINCT} of tokens, perplexity unde
 Passing concepts per strength: {', '.join(f'{s:g}: {passing[s]}/{len(per_strength[s])}' for s in strengths)}.
 **Recommended strength: {best:g}** ({passing[best]} of {len(per_strength[best])} concepts pass).
 
-![effect](steering_real_effect.png) ![fluency](steering_real_fluency.png)
+![effect]({args.name}_effect.png) ![fluency]({args.name}_fluency.png)
 
 First prompt at the recommended strength:
 
 {table(['concept', 'strength', 'continuation'], examples)}
 """
-    write_report("steering_real", args.out, "Steering a real model, judged by a sentiment lexicon", body)
+    write_report(args.name, args.out, f"Steering a real model ({method} vectors), judged by a sentiment lexicon", body)
 
 
 if __name__ == "__main__":

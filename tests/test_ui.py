@@ -186,14 +186,14 @@ def test_a_steering_slider_changes_the_output(page, plasticity_server, default_m
 
 @pytest.fixture(scope="module")
 def ui_calibrated_bank(plasticity_server, ui_bank):
-    """ui-bank's vectors with a calibration: scale 4 for every concept and layer, so natural strength 10 is
-    the raw coefficient 40 the test above steers with."""
+    """ui-bank's vectors with a calibration: scale 1 for every concept and layer, so natural strength 40 (the
+    natural slider's end) is the raw coefficient 40 (the raw slider's end) the test above steers with."""
     from vllm_plasticity.contract.bank import Calibration, load_bank
 
     raw = load_bank(Path(plasticity_server.vectors_dir) / ui_bank)
     g = torch.Generator().manual_seed(8)
     calibration = Calibration({L: torch.randn(128, generator=g) for L in raw.layers},
-                              {L: torch.full((len(CONCEPTS),), 4.0) for L in raw.layers}, {"centre": "corpus"})
+                              {L: torch.full((len(CONCEPTS),), 1.0) for L in raw.layers}, {"centre": "corpus"})
     save_bank(Path(plasticity_server.vectors_dir) / "ui-cal", CONCEPTS, raw.vectors, model="test", method="random",
               calibration=calibration)
     return "ui-cal"
@@ -203,7 +203,7 @@ def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_se
     model, bank = str(default_model), ui_calibrated_bank
     load_in_page(page, bank)
     assert "natural units" in page.locator("#steer-units").inner_text()
-    assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "10"
+    assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "40"
     page.fill("#prompt", PROMPT)
     page.fill("#max-tokens", "10")
     page.click("#generate")
@@ -222,8 +222,8 @@ def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_se
     steered = page.locator("#steered-out").inner_text()
     page.screenshot(path=str(ARTIFACTS / "4b-calibrated.png"), full_page=True)
     assert steered == api_completion(plasticity_server, model, max_tokens=12,
-                                     vllm_xargs={"steer": [f"{bank}/storm", 10.0]})["text"]
-    # natural strength 10 at scale 4 is the raw 40 of the raw bank's slider end
+                                     vllm_xargs={"steer": [f"{bank}/storm", 40.0]})["text"]
+    # natural strength 40 at scale 1 is the raw 40 of the raw bank's slider end
     r = requests.post(plasticity_server.url + "/readout/load", headers=AUTH, timeout=60,
                       json={"name": "ui-bank", "path": "ui-bank"})
     assert r.status_code == 200, r.text

@@ -58,9 +58,9 @@ def stored_parameter_count(model_path: str) -> int | None:
 def trainable_architectures() -> str:
     """The architectures a training server takes, for refusal messages: every row of the architecture table
     (a stock one by the name its checkpoints carry), so the project's own architectures are named too."""
-    from vllm_plasticity.contract.architectures import REGISTRY
+    from vllm_plasticity.contract.architectures import served_names
 
-    return ", ".join(arch.extends or arch.name for arch in REGISTRY)
+    return served_names()
 
 
 class ServerState:

@@ -36,7 +36,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.qwen3_next import Qwen3NextForCausalLM
 from vllm.platforms import current_platform
 
-from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.config import process_config
 from vllm_plasticity.cpu_repack import use_repacked_kernels
 from vllm_plasticity.packed_copies import PackedCopies, may_pack_a_copy
 from vllm_plasticity.residual_tap import install_buffers_for, tap_layers, tapped_layer_class
@@ -56,7 +56,7 @@ class SharedWeightsMixin:
     _plasticity_packed_copies: PackedCopies | None = None
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        config = PlasticityConfig.from_env()
+        config = process_config()
         tap = config.vectors_dir is not None
         super().__init__(vllm_config=vllm_config, prefix=prefix, **(self.plasticity_tapped_layer_arg if tap else {}))
         self.plasticity_in_place = config.share_weights  # readout and steering need no in-place weights
@@ -73,7 +73,7 @@ class SharedWeightsMixin:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
-        if PlasticityConfig.from_env().share_weights and current_platform.is_cpu():
+        if process_config().share_weights and current_platform.is_cpu():
             self.plasticity_manifest = share_cpu_parameters(self)
             # kept before vLLM's process_weights_after_loading may serve some of them from packed copies
             self.plasticity_shared_views = {name: p.data for name, p in self.named_parameters()}

@@ -102,8 +102,10 @@ class ReadoutService:
             raise HTTPException(403, "readout and steering are off on this server: start it with "
                                      "`plasticity serve --vectors-dir DIR` (or PLASTICITY_VECTORS_DIR=DIR)")
         if self.limits is None:
-            raise HTTPException(503, "the served model has no residual tap (serve a Llama/Qwen2/Qwen3 or "
-                                     "causal-bank model through plasticity serve)")
+            from vllm_plasticity.contract.architectures import served_names
+
+            raise HTTPException(503, f"the served model has no residual tap (serve one of {served_names()} "
+                                     "through plasticity serve)")
 
     def bank_dir(self, path: str) -> Path:
         """`path` (relative to the vectors directory, or absolute) resolved; 400 unless it and every file

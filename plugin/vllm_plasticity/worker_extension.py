@@ -12,7 +12,7 @@ import torch
 from pathlib import Path
 
 from vllm_plasticity import SERVED_ARCHITECTURES
-from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.config import process_config
 from vllm_plasticity.readout_worker import ReadoutEngine, read_bank_files
 from vllm_plasticity.residual_tap import current_buffers
 from vllm_plasticity.contract.weights import export_cuda_parameters
@@ -69,7 +69,7 @@ class PlasticityWorkerExtension:
         if type(model).__name__ not in SERVED_ARCHITECTURES:
             return None
         if next(model.parameters()).device.type == "cuda":
-            if not PlasticityConfig.from_env().share_weights:
+            if not process_config().share_weights:
                 return None
             return export_cuda_parameters(model).to_dict()
         manifest = getattr(model, "plasticity_manifest", None)
@@ -90,7 +90,9 @@ class PlasticityWorkerExtension:
         if engine is None:
             buffers = current_buffers()
             if buffers is None:
-                raise RuntimeError("this model has no residual tap (serve a Llama/Qwen2/Qwen3 model with "
+                from vllm_plasticity.contract.architectures import served_names
+
+                raise RuntimeError(f"this model has no residual tap (serve one of {served_names()} with "
                                    "PLASTICITY_VECTORS_DIR set)")
             engine = self._plasticity_readout_engine = ReadoutEngine(buffers, self.model_runner)
         return engine

@@ -25,7 +25,7 @@ from vllm.model_executor.models.interfaces import HasInnerState
 from vllm.platforms import current_platform
 
 from vllm_plasticity.architectures.recurrent_layer import RecurrentStateLayer
-from vllm_plasticity.config import PlasticityConfig
+from vllm_plasticity.config import process_config
 from vllm_plasticity.contract.weights import WeightManifest, share_cpu_parameters
 from vllm_plasticity.residual_tap import install_buffers_for
 
@@ -49,7 +49,7 @@ class RecurrentForCausalLM(nn.Module, HasInnerState):
         shape = self.shape_class.from_fields(getattr(hf, self.field), hf.vocab_size)
         self.build(shape)
         self.hidden_width = shape.hidden_size
-        config = PlasticityConfig.from_env()
+        config = process_config()
         self.tapped = config.vectors_dir is not None
         # Per-token signals (readout's `signals`) only where they can be asked for: with the tap.
         names = tuple(self.signal_names()) if self.tapped and hasattr(self, "signal_names") else ()
@@ -109,6 +109,6 @@ class RecurrentForCausalLM(nn.Module, HasInnerState):
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} weights the configuration needs: {missing[:5]}")
-        if PlasticityConfig.from_env().share_weights and current_platform.is_cpu():
+        if process_config().share_weights and current_platform.is_cpu():
             self.plasticity_manifest = share_cpu_parameters(self)
         return loaded

@@ -62,6 +62,11 @@ REGISTRY: tuple[Architecture, ...] = (
 )
 
 
+def served_names() -> str:
+    """Every row, a stock one by the name its checkpoints carry: what refusal messages list as servable."""
+    return ", ".join(arch.extends or arch.name for arch in REGISTRY)
+
+
 def architecture(name: str) -> Architecture:
     """The row registered as `name`; KeyError naming the registered ones otherwise."""
     for arch in REGISTRY:

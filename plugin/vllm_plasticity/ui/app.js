@@ -280,7 +280,8 @@ function drawChart() {
 // The units the sliders count, as the server's steer_units: natural (1 = one standard deviation of the corpus
 // along the concept at the layer, its calibration scale) for a calibrated bank, raw (the norm added to the stream) otherwise.
 const SLIDER_UNITS = {
-  natural: { min: -10, max: 10, step: 0.1,
+  // SmolLM2-135M changed tone from ~16 standard deviations at one layer (research/results/steering_real.md).
+  natural: { min: -40, max: 40, step: 0.5,
              text: "strength in natural units: 1 adds one standard deviation of the corpus along the concept at each steered layer " +
                    "(it raises that layer's calibrated score by 1)" },
   raw: { min: -40, max: 40, step: 0.5,
