@@ -20,6 +20,14 @@ VARIANTS = {
     "selective_scan": {"state_dim": 16, "num_heads": 4, "substrate_mode": "learnable_mixing"},
 }
 
+# What the slow sweep serves: every supported variant's fields in two models, since a server start costs about a
+# minute here and the fields combine (each combination equals the reference: tests/test_causal_bank_forms.py).
+# The two substrate modes exclude each other, so they split the variants.
+SERVED_SWEEP = {
+    "decays_gated_bands_experts": {**VARIANTS["learnable_decays_gated"], **VARIANTS["bands_experts"]},
+    "scan_tied_shared": {**VARIANTS["selective_scan"], **VARIANTS["tied_embed_shared"]},
+}
+
 
 def reference_model(fields: dict, vocab: int = 256, seed: int = 0, max_seq_len: int = 256):
     from decepticons.causal_bank import CausalBankConfig
@@ -46,8 +54,8 @@ def reference_logprobs(model):
 
 
 def export_variant(name: str, out: Path, seed: int = 0):
-    """(model directory, reference model) for a named variant."""
+    """(model directory, reference model) for a named variant or served combination."""
     from plasticity_training.causal_bank_export import export_causal_bank
 
-    model = reference_model(VARIANTS[name], seed=seed)
+    model = reference_model({**VARIANTS, **SERVED_SWEEP}[name], seed=seed)
     return export_causal_bank(model, out), model

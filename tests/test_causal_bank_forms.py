@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from tests.causal_bank_models import VARIANTS, reference_model
+from tests.causal_bank_models import SERVED_SWEEP, VARIANTS, reference_model
 from vllm_plasticity.architectures.causal_bank_config import REFUSED, UnsupportedConfig, check_supported
 
 pytest.importorskip("decepticons")
@@ -25,11 +25,11 @@ def hf_form(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [*VARIANTS, *SERVED_SWEEP])
 def test_hf_form_equals_the_reference_and_continues_from_its_state(variant, tmp_path):
     from plasticity_training.causal_bank_export import export_causal_bank
 
-    ref = reference_model(VARIANTS[variant], seed=3)
+    ref = reference_model({**VARIANTS, **SERVED_SWEEP}[variant], seed=3)
     model = hf_form(export_causal_bank(ref, tmp_path / "m"))
     ids = torch.randint(0, 256, (3, 256), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
