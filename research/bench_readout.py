@@ -83,7 +83,11 @@ def child(args) -> None:
     results = {name: [] for name in cases}
     stats = {name: {"steps": 0, "bookkeeping_s": 0.0, "forward_s": 0.0} for name in cases}
     for r in range(args.rounds):
-        for name, xargs in cases.items():
+        # Each round starts with a different case: a fixed order would give one case (idle, the baseline)
+        # the same place in every round, and whatever that place brings (drift within a round).
+        order = list(cases.items())
+        order = order[r % len(order):] + order[:r % len(order)]
+        for name, xargs in order:
             if args.child == "plasticity":
                 llm.collective_rpc("plasticity_readout_stats")
             results[name].append(batch(r, xargs, args.requests, args.tokens))
@@ -93,6 +97,23 @@ def child(args) -> None:
         print(f"[bench] {args.child} round {r + 1}/{args.rounds}: "
               + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items()), file=sys.stderr, flush=True)
     Path(args.result).write_text(json.dumps({"tokens_per_s": results, "stats": stats}))
+
+
+def write_random_banks(model: Path, vectors: Path) -> int:
+    """The banks the tapped engine loads: "one" (32 random concepts at the middle layer) and "all" (32 at
+    every layer); returns that middle layer (where steering and one-layer readout run)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model)
+    hidden, n_layers = config.hidden_size, config.num_hidden_layers
+    layer = n_layers // 2
+    g = torch.Generator().manual_seed(0)
+    save_bank(vectors / "one", [f"c{i}" for i in range(32)], {layer: torch.randn(32, hidden, generator=g)},
+              model=str(model), method="random")
+    save_bank(vectors / "all", [f"c{i}" for i in range(32)],
+              {L: torch.randn(32, hidden, generator=g) for L in range(n_layers)}, model=str(model),
+              method="random")
+    return layer
 
 
 def run_child(kind: str, args, vectors: Path) -> dict[str, list[float]]:
@@ -131,14 +152,8 @@ def main() -> None:
 
     config = transformers.AutoConfig.from_pretrained(args.model)
     hidden, n_layers = config.hidden_size, config.num_hidden_layers
-    layer = n_layers // 2
     vectors = Path(tempfile.mkdtemp(prefix="bench-readout-"))
-    g = torch.Generator().manual_seed(0)
-    save_bank(vectors / "one", [f"c{i}" for i in range(32)], {layer: torch.randn(32, hidden, generator=g)},
-              model=str(args.model), method="random")
-    save_bank(vectors / "all", [f"c{i}" for i in range(32)],
-              {L: torch.randn(32, hidden, generator=g) for L in range(n_layers)}, model=str(args.model),
-              method="random")
+    layer = write_random_banks(args.model, vectors)
     stock = run_child("stock", args, vectors)["tokens_per_s"]
     untapped = run_child("untapped", args, vectors)["tokens_per_s"]
     tapped = run_child("plasticity", args, vectors)

@@ -53,6 +53,15 @@ def throughput(server: ServerProcess, model: str, concurrency: int, tokens: int)
     return generated / (time.perf_counter() - t0)
 
 
+def wait_trainer_ready(server: ServerProcess, timeout: float = 600) -> None:
+    """Block until the server's trainer reports ready (it builds its view of the weights after the server is up)."""
+    deadline = time.monotonic() + timeout
+    while requests.get(server.url + "/train/status", timeout=10).json()["trainer"]["state"] != "ready":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the trainer of {server.url} did not become ready in {timeout:.0f}s")
+        time.sleep(1)
+
+
 def train_job(server: ServerProcess, vocab: int, steps: int) -> dict:
     """One /train job of `steps` steps; median step and repack seconds."""
     import random
@@ -78,11 +87,7 @@ def run(kind: str, model: Path, args, workdir: Path) -> dict:
     try:
         server.wait_ready(progress=lambda s: print(f"  ... {kind} starting ({s:.0f}s)", file=sys.stderr))
         if kind.startswith("training"):  # the trainer builds its view at start: not while throughput is measured
-            deadline = time.monotonic() + 600
-            while requests.get(server.url + "/train/status", timeout=10).json()["trainer"]["state"] != "ready":
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{kind}: the trainer did not become ready")
-                time.sleep(1)
+            wait_trainer_ready(server)
         throughput(server, str(model), args.concurrency, 8)  # warm-up: compile paths, caches
         rates = [throughput(server, str(model), args.concurrency, args.tokens) for _ in range(args.rounds)]
         info, train = {}, {}

@@ -52,6 +52,13 @@ def samples_for(tok) -> list[dict]:
 
 def in_process_steps(model_dir: Path, samples: list[dict], steps: int) -> list[float]:
     """The baseline: a private HF model + APOLLO in this process, same loss as the trainer's."""
+    step = standalone_step(model_dir, samples)
+    return [step() for _ in range(steps)]
+
+
+def standalone_step(model_dir: Path, samples: list[dict], lr: float = LR):
+    """A private HF model + APOLLO in this process (same loss as the trainer's); returns a function that
+    takes one step on `samples` and answers its seconds. Model and optimizer state persist across calls."""
     import transformers
 
     from plasticity_training.trainer_core import TrainerCore
@@ -59,16 +66,17 @@ def in_process_steps(model_dir: Path, samples: list[dict], steps: int) -> list[f
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     core = TrainerCore.__new__(TrainerCore)  # reuse the trainer's loss on a private (non-shared) model
     core.model, core.pad_id = model.eval(), model.config.pad_token_id or 0
-    opt = Apollo(list(model.named_parameters()), **OptimizerSettings(lr=LR).model_dump())
-    times = []
-    for _ in range(steps):
+    opt = Apollo(list(model.named_parameters()), **OptimizerSettings(lr=lr).model_dump())
+
+    def step() -> float:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = core._loss(samples, "masked")
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
-    return times
+        return time.perf_counter() - t0
+
+    return step
 
 
 def state_bytes(model_dir: Path) -> dict[str, int]:

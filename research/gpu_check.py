@@ -9,7 +9,8 @@ rows). A check that could not run says so, with the reason; nothing is filled in
 Models: a random-init ~1B Llama in bf16 (hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 KV heads:
 Llama-3.2-1B's layer shapes, the built-in tokenizer's vocabulary; random weights are fine for speed), and
 the built-in model in fp32 for the tight readout parity. `--smoke` uses a tiny fp32 Llama on whatever
-device there is: it checks the script, not the GPU, and says so in the report.
+device there is (eager, without vLLM's compile, on a CPU): it checks the script, not the GPU, and says so in
+the report.
 
 In order, one server at a time:
   1. stock vLLM on the 1B model: prompt log-probs of fixed prompts, throughput (`--concurrency` requests of
@@ -389,6 +390,10 @@ def main() -> None:
     args.memory_args = ["--gpu-memory-utilization", "0.5"] if cuda else []
     args.server_args = ["--dtype", args.dtype, "--max-model-len", "1024", "--max-num-seqs", str(max(args.concurrency, 8)),
                         *args.memory_args]
+    if args.smoke and not cuda:
+        # The smoke run checks the script, not vLLM's compiled path (the plugin's tests check that): skipping
+        # torch.compile saves most of each CPU server start.
+        args.server_args.append("--enforce-eager")
     budget = Budget(args.budget or (1800.0 if args.smoke else 450.0))
     out = Path(args.out)
     header = (f"# GPU check{' (--smoke: the script on a tiny model, not a GPU result)' if args.smoke else ''}\n\n"

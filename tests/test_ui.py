@@ -193,7 +193,9 @@ def ui_calibrated_bank(plasticity_server, ui_bank):
     raw = load_bank(Path(plasticity_server.vectors_dir) / ui_bank)
     g = torch.Generator().manual_seed(8)
     calibration = Calibration({L: torch.randn(128, generator=g) for L in raw.layers},
-                              {L: torch.full((len(CONCEPTS),), 1.0) for L in raw.layers}, {"centre": "corpus"})
+                              {L: torch.full((len(CONCEPTS),), 1.0) for L in raw.layers},
+                              {"centre": "corpus", "steering_range": {  # as the extractor records it (steering_range.py)
+                                  "1": {"low": None, "high": 8.0}, "3": {"low": 16.0, "high": 32.0}}})
     save_bank(Path(plasticity_server.vectors_dir) / "ui-cal", CONCEPTS, raw.vectors, model="test", method="random",
               calibration=calibration)
     return "ui-cal"
@@ -202,7 +204,10 @@ def ui_calibrated_bank(plasticity_server, ui_bank):
 def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_server, default_model, ui_calibrated_bank):
     model, bank = str(default_model), ui_calibrated_bank
     load_in_page(page, bank)
-    assert "natural units" in page.locator("#steer-units").inner_text()
+    units = page.locator("#steer-units").inner_text()
+    assert "natural units" in units
+    # the measured recommendation, per layer; a layer where no strength moved the text recommends nothing
+    assert units.endswith("recommended strength, measured on this model at extraction: layer 3: 16 to 32")
     assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "40"
     page.fill("#prompt", PROMPT)
     page.fill("#max-tokens", "10")

@@ -306,7 +306,7 @@ class ServerSource:
         self.session = requests.Session()
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-        info = self._call("get", "/plasticity/info")
+        info = self.call("get", "/plasticity/info")
         limits = info.get("readout")
         if not limits:
             raise ServerUnavailableError(f"--server {url}: readout is off on that server; start it with "
@@ -314,13 +314,14 @@ class ServerSource:
         self.num_layers, self.hidden_size = limits["num_layers"], limits["hidden_size"]
         self.capture_layers = limits["capture_layers"]
         self.model_name = str(info.get("model"))
-        served = self._call("get", "/v1/models")["data"][0]
+        served = self.call("get", "/v1/models")["data"][0]
         self.served_name = served["id"]
         context = int(served.get("max_model_len") or MAX_TOKENS_CAP)
         self.max_tokens = min(max_tokens or MAX_TOKENS_CAP, context - 1)  # room for the one generated token
         self.n_heads = None
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One request to the server; its errors as ServerUnavailableError with the status and reason."""
         import requests
 
         try:
@@ -336,7 +337,7 @@ class ServerSource:
     def _layer_groups(self, layers: list[int]) -> list[list[int]]:
         """`layers` in groups the server can capture in one pass: a layer some loaded basis bank already
         reads shares its slot, any other needs a free one."""
-        held = {L for b in self._call("get", "/readout")["banks"] if b.get("kind") == "basis" for L in b["layers"]}
+        held = {L for b in self.call("get", "/readout")["banks"] if b.get("kind") == "basis" for L in b["layers"]}
         free = self.capture_layers - len(held)
         shared, new = [L for L in layers if L in held], [L for L in layers if L not in held]
         if new and free < 1:
@@ -353,7 +354,7 @@ class ServerSource:
 
         import numpy as np
 
-        out = self._call("post", "/v1/completions", {"model": self.served_name, "prompt": batch, "max_tokens": 1,
+        out = self.call("post", "/v1/completions", {"model": self.served_name, "prompt": batch, "max_tokens": 1,
                                                      "temperature": 0, "vllm_xargs": {"readout": bank,
                                                                                       "readout_encoding": "base64"}})
         choices = sorted(out["choices"], key=lambda c: c["index"])
@@ -382,14 +383,14 @@ class ServerSource:
         def forward(rows: list[int], bank: str) -> list[Tensor]:
             for i in rows:
                 if enc[i] is None:
-                    enc[i] = self._call("post", "/tokenize", {"model": self.served_name, "prompt": texts[i]})["tokens"]
+                    enc[i] = self.call("post", "/tokenize", {"model": self.served_name, "prompt": texts[i]})["tokens"]
             return self._states([enc[i][: self.max_tokens] for i in rows], bank)
 
         bar = progress_bar(N * len(groups), progress, desc="server forward")
         try:
             for k, group in enumerate(groups):
                 name = f"capture-{os.getpid()}-{k}"
-                self._call("post", "/readout/load", {"name": name, "basis": [0, H], "layers": group})
+                self.call("post", "/readout/load", {"name": name, "basis": [0, H], "layers": group})
                 try:
                     with ThreadPoolExecutor(self.concurrency) as pool:
                         for rows, blocks in zip(batches, pool.map(lambda rows: forward(rows, name), batches)):
@@ -399,7 +400,7 @@ class ServerSource:
                                     pooled["last"][L][i], pooled["mean"][L][i], basis_rows[L][i] = last, mean, basis
                             bar.update(len(rows))
                 finally:
-                    self._call("delete", f"/readout/{name}")
+                    self.call("delete", f"/readout/{name}")
         finally:
             bar.close()
         truncated = sum(len(ids) > self.max_tokens for ids in enc)

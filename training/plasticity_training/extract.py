@@ -25,7 +25,7 @@ from pathlib import Path
 
 from plasticity_training.activations import DEFAULT_LAYERS, POOLINGS, resolve_layers
 from plasticity_training.calibration import CENTRES
-from plasticity_training.corpus import CorpusError, load_corpus
+from plasticity_training.corpus import Corpus, CorpusError, load_corpus
 from plasticity_training.vectors import Contrasts, extract_vectors
 from plasticity_training.layer_choice import AUTO
 from plasticity_training.methods import (DEFAULT_SHRINKAGE, METHODS, TRAJECTORY_METHODS, WHITENED_METHODS,
@@ -52,6 +52,7 @@ def auto_subspace_rank(hidden_size: int) -> int:
 class ExtractOptions:
     out: str  # bank directory (created; our files in it are replaced)
     corpus: str = str(REPO_ROOT / "amygdala_stories")  # stories/ and paired/ layout
+    concepts: str | None = None  # comma-separated concepts to extract (their texts only); None = every concept
     model: str | None = None  # Hugging Face model directory; None = the built-in default model
     server: str | None = None  # a running `plasticity serve` URL instead of --model (its readout must be on)
     api_key: str | None = None  # the server's API key (default: $VLLM_API_KEY)
@@ -70,6 +71,7 @@ class ExtractOptions:
     subspace_k: int = 5  # subspace: eigenvectors summed
     subspace_rank: int | None = None  # subspace: singular vectors kept per text; None = auto_subspace_rank(hidden)
     report: bool = False  # write quality.json, summary.txt and PNGs
+    steering_range: bool = True  # measure the strengths steering is good for (steering_range.py; calibrated banks)
     loso: bool = True  # include leave-one-story-out accuracy in the report
     progress: bool = True  # tqdm bars with ETA on stderr
 
@@ -87,6 +89,8 @@ def run(options: ExtractOptions, log=None) -> Path:
         raise ValueError(f"Invalid calibration: {options.calibration!r} (expected one of {', '.join(CALIBRATIONS)})")
     check_shrinkage(options.shrinkage)
     corpus = load_corpus(options.corpus, options.min_positives, log=log)
+    if options.concepts is not None:
+        corpus = only_concepts(corpus, options.concepts)
     method = get_method(options.method, C=options.C, k=options.subspace_k)
     out = Path(options.out)
     if out.exists() and not out.is_dir():
@@ -188,6 +192,17 @@ def run(options: ExtractOptions, log=None) -> Path:
                 f"{calibrated.spread[L]:.4g} from the centre (RMS)")
     save_bank(out, extraction.concepts, extraction.vectors, model=source.model_name, method=options.method,
               extraction=settings, calibration=calibration)
+    if calibration is not None and options.steering_range:
+        from plasticity_training.steering_range import measure_bank
+
+        ranges = measure_bank(source, out, extraction.concepts, extraction.vectors, calibration.scale, corpus, log)
+        for found in ranges.values():
+            log(f"[extract] steering: {found.reason()}")
+        if ranges:  # saved again with the range beside the unit it counts (the server path steers the saved bank)
+            info = {**calibration.info, "steering_range": {str(L): found.record() for L, found in ranges.items()}}
+            calibration = dataclasses.replace(calibration, info=info)
+            save_bank(out, extraction.concepts, extraction.vectors, model=source.model_name, method=options.method,
+                      extraction=settings, calibration=calibration)
     log(f"[extract] wrote {out}: {len(extraction.concepts)} concepts x {len(layers)} layer(s) "
         f"in {time.monotonic() - t0:.1f}s")
     if options.report:
@@ -198,6 +213,25 @@ def run(options: ExtractOptions, log=None) -> Path:
         log(summary_text(report).rstrip())
         log(f"[extract] report: {', '.join(p.name for p in paths)}")
     return out
+
+
+def only_concepts(corpus: Corpus, names: str) -> Corpus:
+    """CORPUS cut down to the comma-separated concepts NAMES: their texts (positive of nothing else), and
+    the baselines their framings are paired with. ValueError naming an unknown concept, or fewer than two."""
+    wanted = sorted({n.strip() for n in names.split(",") if n.strip()})
+    unknown = [n for n in wanted if n not in corpus.concepts]
+    if unknown:
+        raise ValueError(f"Invalid --concepts: {', '.join(unknown)} not in the corpus {corpus.root} (it has "
+                         f"{len(corpus.concepts)} concepts: {', '.join(corpus.concepts[:8])}, ...)")
+    if len(wanted) < 2:
+        raise ValueError(f"Invalid --concepts: {names!r} names {len(wanted)} concept(s); extraction needs at least "
+                         "two (a concept's negatives are the others' positives)")
+    keep = frozenset(wanted)
+    scenarios = {s for t in corpus.texts for s, e in t.framing_of if e in keep}
+    texts = [dataclasses.replace(t, emotions=t.emotions & keep, baseline_of=t.baseline_of & scenarios,
+                                 framing_of=tuple((s, e) for s, e in t.framing_of if e in keep))
+             for t in corpus.texts if t.emotions & keep or t.baseline_of & scenarios]
+    return dataclasses.replace(corpus, texts=texts, concepts=wanted)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--corpus", default=d.corpus, metavar="DIR",
                      help="story corpus: stories/<emotion>.txt and paired/<scenario>/{baseline,<emotion>}.txt "
                           "(default: the project's amygdala_stories)")
+    src.add_argument("--concepts", metavar="A,B,...",
+                     help="extract only these concepts, from their own texts (and the baselines paired with them): "
+                          "a quicker, smaller bank (default: every concept of the corpus)")
     ex = src.add_mutually_exclusive_group()
     ex.add_argument("--model", metavar="MODEL_DIR",
                     help="Hugging Face model directory whose activations to read, or a name from `plasticity "
@@ -281,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-loso", action="store_true",
                      help="skip held-out accuracy in the report (3 folds: every concept's vector refitted without "
                           "the held-out texts, 3 method calls per concept)")
+    rep.add_argument("--no-steering-range", action="store_true",
+                     help="skip measuring the strengths steering is good for (recorded in the bank and shown by the "
+                          "page: neutral text's perplexity steered vs plain at strengths 2..128 for a few concepts; "
+                          "~30 short forwards; through --server only when --out lies in the server's vectors dir)")
     return p
 
 
@@ -293,7 +334,8 @@ output (BANK_DIR):
                        [hidden] and layer_<idx>.scale: [n_concepts] (calibrated banks); header metadata
                        "extraction" holds these options as JSON
   readout.json         {"concepts", "layers", "hidden_size", "dtype", "model", "method", "created",
-                        "calibration" (calibrated banks: centre source, pooling)}
+                        "calibration" (calibrated banks: centre source, pooling, and "steering_range" per
+                        layer: the strengths steering is good for, measured; the page shows them)}
   with --report        quality.json (per concept and layer), summary.txt (triage: clean / fragmented /
                        redundant / thin, leave-one-story-out accuracy, valence/arousal correlation),
                        cosine_L<idx>.png, spectrum_L<idx>.png
@@ -315,12 +357,13 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for `plasticity extract ARGV`; exits 2 with a one-line reason on a usage or corpus error."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     options = ExtractOptions(
-        out=args.out, corpus=args.corpus, model=args.model, server=args.server, api_key=args.api_key, method=args.method,
+        out=args.out, corpus=args.corpus, concepts=args.concepts,
+        model=args.model, server=args.server, api_key=args.api_key, method=args.method,
         layers=args.layers, pooling=args.pooling, calibration=args.calibration, skip_tokens=args.skip_tokens,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, min_positives=args.min_positives,
         C=args.C, shrinkage=args.shrinkage, subspace_k=args.subspace_k, subspace_rank=args.subspace_rank, report=args.report,
-        loso=not args.no_loso, progress=not args.no_progress)
+        loso=not args.no_loso, steering_range=not args.no_steering_range, progress=not args.no_progress)
     from plasticity_training.activations import ServerUnavailableError
     from plasticity_training.pretrained import PretrainedError
 

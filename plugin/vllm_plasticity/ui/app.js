@@ -288,9 +288,19 @@ const SLIDER_UNITS = {
          text: "raw coefficient: the norm added to the residual stream (this bank has no calibration)" },
 };
 
+// What the extractor measured steering to be good for on this model (calibration.steering_range per layer,
+// training/plasticity_training/steering_range.py), as one line: "layer 15: 32", "layer 3: 16 to 32".
+function recommendedStrengths(bank) {
+  const ranges = (bank && bank.calibration && bank.calibration.steering_range) || {};
+  return Object.entries(ranges).filter(([, r]) => r.low !== null && r.high !== null && r.high >= r.low)
+    .map(([layer, r]) => `layer ${layer}: ${r.low === r.high ? r.low : `${r.low} to ${r.high}`}`).join(", ");
+}
+
 function buildSliders(concepts, calibrated) {
   const units = SLIDER_UNITS[calibrated ? "natural" : "raw"];
-  $("steer-units").textContent = concepts.length ? units.text : "";
+  const recommended = calibrated ? recommendedStrengths(state.bank) : "";
+  $("steer-units").textContent = !concepts.length ? "" : units.text +
+    (recommended ? `; recommended strength, measured on this model at extraction: ${recommended}` : "");
   $("sliders").replaceChildren(...concepts.map((c) => {
     const row = document.createElement("label");
     row.className = "slider"; row.dataset.concept = c;

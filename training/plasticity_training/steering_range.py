@@ -1,0 +1,216 @@
+"""The steering strengths a bank is good for, measured on the model it was extracted from.
+
+Natural units make one number the same displacement for every concept (one corpus standard deviation along
+it, calibration.py), but not what a given model does with that displacement: SmolLM2-135M-Instruct's tone
+began to move at about 16 and the built-in model's completion did not change at 4
+(research/results/steering_real.md). So the extractor measures it. For a sample of the bank's concepts it
+scores neutral text (the corpus's baselines), teacher-forced, plain and with strength * s_k * v_k added to
+the residual stream after the bank's layer (where the server's steering adds it), for strengths on a
+doubling grid, and records how much less likely steering makes that text: the perplexity ratio
+steered / plain, the median over the sampled concepts.
+
+    low  = the smallest strength whose ratio reaches NOTICEABLE: the model's predictions on text that has
+           nothing to do with the concept have started to move
+    high = the largest strength whose ratio stays within FLUENT
+
+The thresholds come from the one model where steering was judged independently: on SmolLM2-135M-Instruct at
+layer 15 (lda), VADER-judged tone moved at strength 32, where this ratio is 1.13, and at 64 (ratio 1.77) the
+steered text failed the fluency bounds for half of the concepts (research/results/steering_real.md): the
+range recommended there is 32. Measuring costs 1 + len(STRENGTHS) * MAX_CONCEPTS forwards of MAX_TEXTS short
+texts (29 forwards of 4 x 48 tokens; about 15 s on 2 CPU cores for a 135M model).
+
+The range is written beside the unit it counts, in the bank's calibration (readout.json's
+calibration.steering_range, per layer), logged by the extractor, and shown by the page beside its sliders.
+
+    >>> ids = neutral_ids(tokenize, baseline_texts)
+    >>> found = measure_range(hf_nll(model, blocks[layer], vectors[layer], scales[layer]), ids, layer, concepts)
+    >>> found.low, found.high, found.reason()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+STRENGTHS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # natural units, doubling
+NOTICEABLE = 1.1  # perplexity ratio at which steering has started to move the model's predictions
+FLUENT = 1.5  # the largest perplexity ratio at which steered text still reads as text (module docstring)
+MAX_CONCEPTS = 4  # concepts sampled, evenly spaced over the bank's list
+MAX_TEXTS = 4  # neutral texts scored
+TEXT_TOKENS = 48  # each text's first tokens (the batch is cut to the shortest, at least MIN_TOKENS)
+MIN_TOKENS = 16
+
+# (token ids (B, T), concept index or None for plain, strength in natural units) -> mean negative
+# log-likelihood per predicted token, the concept's vector added after the measured layer
+SteeredNll = Callable[[Tensor, "int | None", float], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringRange:
+    layer: int
+    low: float | None  # None: no strength on the grid moved the predictions that much
+    high: float | None  # None: even the smallest strength broke the text
+    ratios: dict[float, float]  # strength -> median perplexity ratio over the sampled concepts
+    concepts: list[str]
+    n_texts: int
+    n_tokens: int
+
+    def record(self) -> dict:
+        return {"layer": self.layer, "low": self.low, "high": self.high, "noticeable": NOTICEABLE, "fluent": FLUENT,
+                "perplexity_ratio": {f"{s:g}": round(r, 4) for s, r in self.ratios.items()},
+                "concepts": self.concepts, "n_texts": self.n_texts, "n_tokens": self.n_tokens}
+
+    def reason(self) -> str:
+        curve = ", ".join(f"{s:g}: {r:.2f}x" for s, r in self.ratios.items())
+        if self.low is None:
+            verdict = f"no strength up to {STRENGTHS[-1]:g} moved neutral text's perplexity by {NOTICEABLE:g}x"
+        elif self.high is None or self.high < self.low:
+            verdict = (f"steering breaks the text (perplexity > {FLUENT:g}x) before it moves it: no usable strength "
+                       f"on this layer")
+        elif self.high == self.low:
+            verdict = f"recommended strength {self.low:g} (natural units)"
+        else:
+            verdict = f"recommended strength {self.low:g} to {self.high:g} (natural units)"
+        return (f"layer {self.layer}: {verdict}; perplexity of neutral text steered / plain by strength, median of "
+                f"{len(self.concepts)} concepts over {self.n_texts} texts: {curve}")
+
+
+def choose_range(ratios: dict[float, float], layer: int, concepts: Sequence[str], n_texts: int,
+                 n_tokens: int) -> SteeringRange:
+    """The range from a measured curve (strength -> median perplexity ratio)."""
+    strengths = sorted(ratios)
+    low = next((s for s in strengths if ratios[s] >= NOTICEABLE), None)
+    fluent = [s for s in strengths if ratios[s] <= FLUENT]
+    high = fluent[-1] if fluent else None
+    return SteeringRange(layer, low, high, {s: ratios[s] for s in strengths}, list(concepts), n_texts, n_tokens)
+
+
+def sample_concepts(concepts: Sequence[str], k: int = MAX_CONCEPTS) -> list[int]:
+    """Up to k indices evenly spaced over the bank's concepts (deterministic: the same bank, the same sample)."""
+    n = len(concepts)
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def measure_range(nll: SteeredNll, ids: Tensor, layer: int, concepts: Sequence[str],
+                  strengths: Sequence[float] = STRENGTHS) -> SteeringRange:
+    """Measure the curve with `nll` on the texts `ids` (B, T) for a sample of the bank's `concepts` at
+    `layer`, then choose the range."""
+    picked = sample_concepts(concepts)
+    plain = nll(ids, None, 0.0)
+    ratios = {}
+    for strength in strengths:
+        per_concept = [math.exp(min(nll(ids, k, strength) - plain, 50.0)) for k in picked]
+        ratios[float(strength)] = float(torch.tensor(per_concept).median())
+    return choose_range(ratios, layer, [concepts[k] for k in picked], ids.shape[0], ids.shape[0] * (ids.shape[1] - 1))
+
+
+def neutral_ids(tokenize: Callable[[str], list[int]], texts: Sequence[str]) -> Tensor | None:
+    """Up to MAX_TEXTS texts' first tokens as one (B, T) batch cut to the shortest (no padding to mask);
+    None when fewer than MIN_TOKENS tokens are available."""
+    encoded = [tokenize(t)[:TEXT_TOKENS] for t in texts[:MAX_TEXTS]]
+    encoded = [e for e in encoded if len(e) >= MIN_TOKENS]
+    if not encoded:
+        return None
+    length = min(len(e) for e in encoded)
+    return torch.tensor([e[:length] for e in encoded])
+
+
+def hf_nll(model: torch.nn.Module, block: torch.nn.Module, vectors: Tensor, scales: Tensor) -> SteeredNll:
+    """A SteeredNll for a Hugging Face model in process: strength * scales[k] * vectors[k] added to
+    `block`'s output stream (vectors (C, H) unit rows, scales (C,) the bank's natural units at that layer)."""
+    device = next(model.parameters()).device
+
+    def nll(ids: Tensor, concept: int | None, strength: float) -> float:
+        handle = None
+        if concept is not None:
+            vector = (strength * float(scales[concept]) * vectors[concept]).to(device)
+
+            def add(module, args, output):
+                if isinstance(output, tuple):
+                    return (output[0] + vector.to(output[0].dtype), *output[1:])
+                return output + vector.to(output.dtype)
+
+            handle = block.register_forward_hook(add)
+        try:
+            with torch.no_grad():
+                ids_d = ids.to(device)
+                logits = model(input_ids=ids_d).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids_d[:, 1:].reshape(-1))
+        finally:
+            if handle is not None:
+                handle.remove()
+        return float(loss)
+
+    return nll
+
+
+def server_nll(call: Callable[..., dict], served_name: str, bank: str, concepts: Sequence[str],
+               layer: int) -> SteeredNll:
+    """A SteeredNll through a running server: the bank (loaded as `bank`) steers the prompts with the
+    server's own steering, in natural units, at `layer`; `call(method, path, body)` sends one request."""
+
+    def nll(ids: Tensor, concept: int | None, strength: float) -> float:
+        body = {"model": served_name, "prompt": ids.tolist(), "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+        if concept is not None:
+            body["vllm_xargs"] = {"steer": [f"{bank}/{concepts[concept]}", strength], "steer_layers": [layer],
+                                  "steer_units": "natural"}
+        choices = sorted(call("post", "/v1/completions", body)["choices"], key=lambda c: c["index"])
+        total, count = 0.0, 0
+        for row, choice in zip(ids.tolist(), choices, strict=True):
+            entries = choice["prompt_logprobs"]  # per position: {token id: {"logprob": ...}}; None at 0
+            for i in range(1, len(row)):
+                total -= entries[i][str(row[i])]["logprob"]
+                count += 1
+        return total / count
+
+    return nll
+
+
+def neutral_texts(corpus) -> list[str]:
+    """The texts steering is measured on: the corpus's baselines (scenes told without an emotion), else all."""
+    return [corpus.texts[i].text for i in corpus.baselines()] or [t.text for t in corpus.texts]
+
+
+def measure_bank(source, bank_dir: Path, concepts: Sequence[str], vectors: dict[int, Tensor],
+                 scales: dict[int, Tensor], corpus, log) -> dict[int, SteeringRange]:
+    """The range at each of the bank's layers, measured through `source` (an HFSource in process, or a
+    ServerSource: then the bank, already saved at `bank_dir`, must lie in the server's vectors directory,
+    where it is loaded under a temporary name and unloaded after). Empty, with the reason logged, when it
+    cannot be measured."""
+    from plasticity_training.activations import HFSource
+
+    texts = neutral_texts(corpus)
+    if isinstance(source, HFSource):
+        ids = neutral_ids(lambda t: source.tokenizer(t)["input_ids"], texts)
+        if ids is None:
+            log(f"[extract] steering range not measured: no neutral text of at least {MIN_TOKENS} tokens")
+            return {}
+        return {L: measure_range(hf_nll(source.model, source.blocks[L], vectors[L], scales[L]), ids, L, concepts)
+                for L in vectors}
+    root = Path(source.call("get", "/readout/available")["vectors_dir"])
+    try:
+        relative = bank_dir.resolve().relative_to(root)
+    except ValueError:
+        log(f"[extract] steering range not measured: the bank is outside the server's vectors directory {root} "
+            "(extract into it, --out DIR/NAME, to measure it through the server)")
+        return {}
+    ids = neutral_ids(lambda t: source.call("post", "/tokenize", {"model": source.served_name, "prompt": t})["tokens"],
+                      texts)
+    if ids is None:
+        log(f"[extract] steering range not measured: no neutral text of at least {MIN_TOKENS} tokens")
+        return {}
+    name = f"steering-range-{os.getpid()}"
+    source.call("post", "/readout/load", {"name": name, "path": str(relative)})
+    try:
+        return {L: measure_range(server_nll(source.call, source.served_name, name, concepts, L), ids, L, concepts)
+                for L in vectors}
+    finally:
+        source.call("delete", f"/readout/{name}")
