@@ -77,10 +77,11 @@ def test_extract_records_the_range_in_the_banks_calibration(tiny, tmp_path):  # 
 
     model, corpus = tiny
     main(["--model", str(model), "--corpus", str(corpus), "--out", str(tmp_path / "bank"), "--layers", "1",
-          "--no-progress"])
+          "--no-progress", "--report", "--no-loso"])
     recorded = load_bank(tmp_path / "bank").calibration.info["steering_range"]
     assert list(recorded) == ["1"]
     assert list(recorded["1"]["perplexity_ratio"]) == [f"{s:g}" for s in sr.STRENGTHS]
+    assert "steering: layer 1: " in (tmp_path / "bank" / "summary.txt").read_text()  # the report says it too
     main(["--model", str(model), "--corpus", str(corpus), "--out", str(tmp_path / "skip"), "--layers", "1",
           "--no-progress", "--no-steering-range"])
     assert "steering_range" not in load_bank(tmp_path / "skip").calibration.info

@@ -199,6 +199,7 @@ def run(options: ExtractOptions, log=None) -> Path:
         for found in ranges.values():
             log(f"[extract] steering: {found.reason()}")
         if ranges:  # saved again with the range beside the unit it counts (the server path steers the saved bank)
+            settings["steering"] = [found.reason() for found in ranges.values()]  # the report's summary says it
             info = {**calibration.info, "steering_range": {str(L): found.record() for L, found in ranges.items()}}
             calibration = dataclasses.replace(calibration, info=info)
             save_bank(out, extraction.concepts, extraction.vectors, model=source.model_name, method=options.method,

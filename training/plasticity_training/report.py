@@ -129,6 +129,8 @@ def summary_text(report: dict) -> str:
     ]
     if s.get("layer_choice"):
         lines += ["", f"--layers auto: {s['layer_choice']['reason']}"]
+    for reason in s.get("steering", []):  # measured at extraction (steering_range.py)
+        lines += ["", f"steering: {reason}"]
     for L, layer in report["layers"].items():
         lines += ["", f"== layer {L} =="]
         if layer.get("saturated_texts"):
