@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,8 +66,14 @@ class Lab:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        # Its work directory (server logs, state, banks) is this run's own: removed after a clean run, kept
+        # for a look after a failed one.
+        if exc_type is None:
+            shutil.rmtree(self.work, ignore_errors=True)
+        else:
+            print(f"lab: the run failed; its logs and state are kept in {self.work}", file=sys.stderr, flush=True)
 
     def start(self) -> None:
         if self.external:
