@@ -99,8 +99,9 @@ class _Session:
         measured = (bank.get("calibration") or {}).get("steering_range", {}).get(str(READOUT_LAYER), {})
         if measured.get("low") is not None:
             self.strength = measured["low"]
-            print(f"  steering strength recommended by the extraction's measurement: {measured['low']:g} to "
-                  f"{measured['high']:g} natural units; the tour steers at {self.strength:g}")
+            span = f"{measured['low']:g}" + (f" to {measured['high']:g}" if measured["high"] != measured["low"] else "")
+            print(f"  steering strength recommended by the extraction's measurement: {span} natural units; the tour "
+                  f"steers at {self.strength:g}")
 
         self.step("Per-token readout of a story (vllm_xargs: readout); calibrated: 0 = the corpus mean, 1 = one "
                   "standard deviation of the corpus's texts")
