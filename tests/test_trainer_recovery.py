@@ -132,7 +132,9 @@ class InProcessTrainer:
         return True
 
     async def request(self, msg, timeout=None):
-        return decode_reply(msg, encode_reply(answer(self.core, encode(msg))))
+        reply = answer(self.core, encode(msg))
+        self.core.run_after_reply()  # as the trainer's serve loop does once the reply is sent
+        return decode_reply(msg, encode_reply(reply))
 
 
 def service(core, tmp_path):

@@ -86,14 +86,16 @@ def test_trainer_view_matches_vllm_before_and_after_training(plasticity_server, 
     info = requests.get(plasticity_server.url + "/plasticity/info", headers={"Authorization": f"Bearer {API_KEY}"},
                         timeout=10).json()
     assert info["repacked_after_step"] is True  # CPU training servers keep vLLM's packed kernels (oneDNN here)
-    for params in (None, None, {"layers": [2, 2]}):
+    # a three-step job: each step's layers are packed while the next step computes (training_service.py)
+    for params, steps in ((None, 1), (None, 3), ({"layers": [2, 2]}, 2)):
         served = prompt_logprobs(plasticity_server.url, model, ids, API_KEY)
         view = hf_view_logprobs(plasticity_server, ids)
         assert max(abs(a - b) for a, b in zip(served, view)) <= 1e-5
         r = post_train(plasticity_server, {"context_ids": ids[:5], "continuation_ids": ids[5:9], "force": True,
-                                           "optimizer": {"lr": 1e-3}, **({"params": params} if params else {})})
+                                           "steps": steps, "optimizer": {"lr": 1e-3},
+                                           **({"params": params} if params else {})})
         assert r.status_code == 200, r.text
-        assert len(status(plasticity_server, r.json()["job_id"])["repack_seconds"]) == 1
+        assert len(status(plasticity_server, r.json()["job_id"])["repack_seconds"]) == steps
     served = prompt_logprobs(plasticity_server.url, model, ids, API_KEY)
     assert max(abs(a - b) for a, b in zip(served, hf_view_logprobs(plasticity_server, ids))) <= 1e-5
 
