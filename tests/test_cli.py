@@ -126,3 +126,15 @@ def test_default_model_backbone_is_a_tkc_setting(capsys):
     with pytest.raises(SystemExit) as exc:
         default_model(["--arch", "llama", "--backbone", "mamba2"])
     assert exc.value.code == 2 and "--backbone is a setting of --arch tkc" in capsys.readouterr().err
+
+
+def test_serve_refuses_several_api_server_processes_instead_of_ignoring_the_option(tmp_path):
+    """vLLM's single-process server module would run one API server whatever --api-server-count says; the
+    plugin's per-process state (trainer, banks) would not be shared by several: refused with the reason."""
+    import pytest
+
+    for flag in (["--api-server-count", "2"], ["--api-server-count=4"]):
+        with pytest.raises(ValueError, match="one API server process.*trainer.*banks"):
+            build_serve_command([_model_dir(tmp_path), *flag], {}, cuda=False)
+    cmd, _ = build_serve_command([_model_dir(tmp_path), "--api-server-count", "1"], {}, cuda=False)
+    assert cmd[-2:] == ["--api-server-count", "1"]  # one is what runs anyway: passed through

@@ -84,6 +84,13 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     known, passthrough = parser.parse_known_args(argv)
     if known.training and tensor_parallel_size(passthrough) > 1:
         raise ValueError(training_needs_one_shard(tensor_parallel_size(passthrough)))
+    api_servers, _ = _option_value(passthrough, "--api-server-count")
+    if api_servers is not None and api_servers != "1":
+        # vLLM's single-process server module (below) would ignore the option without a word.
+        raise ValueError(f"--api-server-count {api_servers}: plasticity serve runs one API server process. The "
+                         "plugin's routes keep state in that process (the trainer and its job queue, the loaded "
+                         "banks and their readout columns), which several API server processes would not share; "
+                         "drop --api-server-count (README, 'Metrics')")
     model_from_flag, passthrough = _option_value(passthrough, "--model")
     model = model or model_from_flag
     if model is None:
