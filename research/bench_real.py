@@ -109,7 +109,6 @@ def first_goes_first(round_index: int) -> bool:
 
 # ---- the run --------------------------------------------------------------------------------------------------
 
-SETTLE_S = 1.0  # after a /train job, before the next timed work (see train_phase)
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32"]
 PHASES = ("serving", "extraction", "train", "checkpoint", "readout")
 # Which server each phase needs (readout runs vLLM's offline engine instead).
@@ -260,10 +259,6 @@ def train_phase(server, model_dir: Path, args) -> dict:
             r.raise_for_status()
             wall = time.perf_counter() - t0
             detail = requests.get(server.url + f"/train/status/{r.json()['job_id']}", timeout=30).json()
-            # The trainer saves its state right after answering the job's end (trainer.py): let that finish
-            # before the standalone side runs, so the two never share the cores. (A client that sends jobs
-            # back to back waits for it at the next job's start: ~0.15 s per job at this shape.)
-            time.sleep(SETTLE_S)
             return {"wall": wall, **detail}
 
         job(1)  # warm-up on the server side too

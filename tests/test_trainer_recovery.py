@@ -132,9 +132,7 @@ class InProcessTrainer:
         return True
 
     async def request(self, msg, timeout=None):
-        reply = answer(self.core, encode(msg))
-        self.core.run_after_reply()  # as the trainer's serve loop does once the reply is sent
-        return decode_reply(msg, encode_reply(reply))
+        return decode_reply(msg, encode_reply(answer(self.core, encode(msg))))
 
 
 def service(core, tmp_path):

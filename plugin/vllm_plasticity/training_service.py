@@ -6,12 +6,6 @@ changes nothing. Accepted jobs go into one queue; a single asyncio task drives t
 
     begin_job -> [pause generation?] step [publish, resume] x steps -> end_job
 
-On a CPU training server that packs the stepped layers again for its kernels (cpu_repack.py), and when no
-pause was asked, a step goes in two requests so that the packing overlaps the next step's forward/backward:
-
-    begin_job -> (prepare_step, [previous publish done], apply_step, publish starts) x steps
-              -> [last publish done] -> end_job
-
 Each trainer request takes the trainer lock on its own, so a checkpoint waits at most one step, and a job
 cancelled with DELETE /train/{job_id} stops before its next step. Limits on steps, samples, tokens and
 queued jobs (PLASTICITY_TRAIN_MAX_*) are checked before a job is queued.
@@ -49,8 +43,7 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 
 from vllm_plasticity.config import PlasticityConfig, TrainLimits
 from vllm_plasticity.contract.files import is_inside
-from vllm_plasticity.contract.messages import (ApplyStep, BeginJob, Checkpoint, EndJob, Ping, PrepareStep, Step,
-                                               TrainerError)
+from vllm_plasticity.contract.messages import BeginJob, Checkpoint, EndJob, Ping, Step, TrainerError
 from vllm_plasticity.kv_generations import KVGenerations
 from vllm_plasticity.contract.settings import (
     ContextMode, Number, Objective, OptimizerSettings, ParamsFilter, PreferenceSample, PreferenceSettings, Sample, Strict,
@@ -339,37 +332,25 @@ class TrainingService:
                                                                            begin.skipped_zero_weight)
             job.rollback_bytes = begin.rollback_bytes
             success, end = False, None
-            # A CPU training server packs the stepped layers again after each step (repack). Without a pause,
-            # that work runs while the trainer computes the next step's forward and backward, and the next
-            # update waits for it (the packing reads the weights the update writes): the step costs what the
-            # slower of the two costs, not their sum.
-            overlap = self.repack is not None and not req.pause
-            published: asyncio.Future | None = None  # the previous step's publish, while it runs
             try:
                 for _ in range(req.steps if begin.samples else 0):
                     if job.cancel_requested:
                         break
-                    if overlap:
-                        await self._trainer_request(PrepareStep())
-                        published = await self._settled(published)
-                        reply = await self._trainer_request(ApplyStep())
-                        published = asyncio.ensure_future(self._publish(job, begin.trained, reply.weight_version))
-                    else:
+                    if req.pause:
+                        await self.engine_client.pause_generation(mode="keep", clear_cache=False)
+                    try:
+                        reply = await self._trainer_request(Step())
+                        await self._publish(job, begin.trained)
+                    finally:
                         if req.pause:
-                            await self.engine_client.pause_generation(mode="keep", clear_cache=False)
-                        try:
-                            reply = await self._trainer_request(Step())
-                            await self._publish(job, begin.trained, reply.weight_version)
-                        finally:
-                            if req.pause:
-                                await self.engine_client.resume_generation()
+                            await self.engine_client.resume_generation()
                     job.losses.append(reply.loss)
                     if req.objective != "sft":
                         job.preference_steps.append({"chosen_logp": reply.chosen_logp,
                                                      "rejected_logp": reply.rejected_logp, "margin": reply.margin})
                     job.step_seconds.append(reply.seconds)
                     metrics.train_step(reply.seconds, reply.loss, reply.tokens)
-                published = await self._settled(published)
+                    job.weight_version = self._advance_version(reply.weight_version)
                 success = not job.cancel_requested
             except TrainerError as exc:
                 if exc.kind == "diverged":
@@ -377,16 +358,11 @@ class TrainingService:
                     job.error = f"{exc}; not rolled back: {begin.rollback_note or 'no copy was kept'}"
                 raise
             finally:
-                if published is not None and not published.done():  # an applied step is served, come what may
-                    await asyncio.wait([published])
-                    if published.exception() is not None:  # the job fails with its own error; say this one too
-                        print(f"plasticity: ERROR: {job.id}: publishing a step failed: {published.exception()!r}",
-                              file=sys.stderr, flush=True)
                 if self.trainer.alive():
                     end = await self._trainer_request(EndJob(success=success))
                     job.weight_version = self._advance_version(end.weight_version)
                     if end.rolled_back:  # the restore wrote the weights: serve and publish them like a step
-                        await self._publish(job, begin.trained, end.weight_version)
+                        await self._publish(job, begin.trained)
                         job.rolled_back = True
             if job.cancel_requested:
                 self._cancelled(job)
@@ -406,22 +382,14 @@ class TrainingService:
             if self.trainer.state == "busy":
                 self.trainer.state = "ready"
 
-    async def _publish(self, job: TrainJob, trained: list[str], version: int | None) -> None:
-        """The trainer wrote the weights (a step, a rollback) as `version`: the served kernels take them,
-        later requests never reuse KV computed before, and the server reports the version from then on."""
+    async def _publish(self, job: TrainJob, trained: list[str]) -> None:
+        """The trainer wrote the weights (a step, a rollback): the served kernels take them, and later
+        requests never reuse KV computed before."""
         if self.repack is not None:  # the served kernels take the new weights, between two engine steps
             job.repack_seconds.append((await self.repack(trained))["seconds"])
         t0 = time.perf_counter()
         self.kv_generations.publish()
         job.publish_seconds.append(time.perf_counter() - t0)
-        job.weight_version = self._advance_version(version)
-
-    @staticmethod
-    async def _settled(published: asyncio.Future | None) -> None:
-        """Wait for a step's publish (its error, if any, is the job's); None to clear the slot."""
-        if published is not None:
-            await published
-        return None
 
     def _diverged(self, job: TrainJob, reason: str) -> None:
         if job.rolled_back:

@@ -25,8 +25,8 @@ from pydantic import ValidationError
 
 from plasticity_training.trainer_core import TrainerCore
 from vllm_plasticity.contract.messages import (
-    Acknowledged, ApplyStep, BeginJob, Checkpoint, CheckpointWritten, EndJob, JobBegun, JobEnded, Ping, PrepareStep,
-    Reply, Shutdown, Status, Step, StepDone, StepPrepared, TrainerError, decode_request, encode_reply)
+    Acknowledged, BeginJob, Checkpoint, CheckpointWritten, EndJob, JobBegun, JobEnded, Ping, Reply, Shutdown,
+    Status, Step, StepDone, TrainerError, decode_request, encode_reply)
 from vllm_plasticity.contract.weights import WeightManifest, map_shared_weights
 
 HANDLERS: dict[type, Callable[[TrainerCore, object], Reply]] = {
@@ -35,9 +35,7 @@ HANDLERS: dict[type, Callable[[TrainerCore, object], Reply]] = {
         [s.model_dump() for s in m.samples], m.optimizer, m.params, m.force, m.context_mode, m.weight_version,
         m.objective, m.preference, m.rollback)),
     Step: lambda core, m: StepDone(**core.step()),
-    PrepareStep: lambda core, m: StepPrepared(**core.prepare_step()),
-    ApplyStep: lambda core, m: StepDone(**core.apply_step()),
-    EndJob: lambda core, m: JobEnded(**core.end_job(m.success, defer_saving=True)),
+    EndJob: lambda core, m: JobEnded(**core.end_job(m.success)),
     Checkpoint: lambda core, m: CheckpointWritten(**core.checkpoint(
         m.target, m.allowed_root, m.allow_model_dir, m.weight_version, m.max_names, m.replace, m.config or None)),
     Shutdown: lambda core, m: core.shutdown() or Acknowledged(),
@@ -63,7 +61,7 @@ def answer(core: TrainerCore, data: bytes) -> Reply | TrainerError:
                             f"({str(exc).splitlines()[0]}); lower vLLM's --gpu-memory-utilization, train fewer "
                             "parameters (params filter), use APOLLO-Mini, or send shorter samples")
     except Exception as exc:  # a bug or an unexpected state: report it, keep serving
-        if isinstance(message, (Step, PrepareStep, ApplyStep)):  # a step that failed half-way ends its job
+        if isinstance(message, Step):  # a step that failed half-way ends its job
             core.job = None
         return TrainerError("internal", f"{type(exc).__name__}: {exc}")
 
@@ -87,10 +85,6 @@ def serve(core: TrainerCore, endpoint: str) -> None:
             sock.send(encode_reply(reply))
             if isinstance(reply, Acknowledged):
                 return
-            try:
-                core.run_after_reply()
-            except Exception as exc:  # a failed state save: the next save (next job, checkpoint) tries again
-                print(f"[trainer] ERROR: after the reply: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     finally:
         sock.close()
         ctx.term()

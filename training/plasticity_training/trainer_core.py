@@ -109,7 +109,6 @@ class TrainerCore:
         self.trained = set(self.state.trained)
         self.optimizer: Apollo | None = None
         self.checkpoint_buffers = ckpt.BufferPool()  # a sync's window buffers, kept for the next one
-        self.after_reply: list = []  # work left until the current request's reply is sent (run_after_reply)
         self.checkpoint_changes = ckpt.ChangeTracker()  # which tensors steps changed since each generation
         self.job: dict | None = None
 
@@ -218,7 +217,7 @@ class TrainerCore:
         conts = ("continuation_ids",) if objective == "sft" else ("chosen_ids", "rejected_ids")
         job = {"samples": keep, "hashes": [h for _, h in fresh], "context_mode": context_mode,
                "objective": objective, "preference": preference, "steps": 0, "start_loss": None,
-               "diverged": None, "rollback": None, "prepared": None,
+               "diverged": None, "rollback": None,
                "tokens": sum(len(s[k]) for s in keep for k in conts)}
         if objective == "dpo" and keep:
             job["reference"] = self._dpo_reference(keep)
@@ -300,23 +299,12 @@ class TrainerCore:
 
     def step(self) -> dict:
         """One forward/backward/APOLLO step on the job's samples, applied in place to vLLM's weights."""
-        self.prepare_step()
-        return self.apply_step()
-
-    def prepare_step(self) -> dict:
-        """The step's forward and backward: its gradients are held until `apply_step`, and no weight changes.
-
-        Split from the update so that a server which must do work after each step before the next update
-        may touch the weights (a CPU training server packing the stepped layers again for its kernels) can
-        do that work while this runs. Refuses a diverged loss here, before any weight is touched."""
         if self.job is None:
             raise TrainerError("conflict", "no job: send begin_job first")
-        job = self.job
-        job["prepared"] = None
-        if not job["samples"]:
-            job["prepared"] = {"loss": None, "seconds": 0.0, "result": None}
-            return {"loss": None, "tokens": 0, "seconds": 0.0}
+        if not self.job["samples"]:
+            return {"loss": None, "tokens": 0, "weight_version": self.state.weight_version, "seconds": 0.0}
         t0 = time.perf_counter()
+        job = self.job
         self.optimizer.zero_grad(set_to_none=True)
         result = self._objective(job)
         loss = result.loss
@@ -327,21 +315,6 @@ class TrainerCore:
         else:
             self._refuse_if_diverged(divergence(job["start_loss"], loss.item(), job["steps"] + 1))
         loss.backward()
-        seconds = time.perf_counter() - t0
-        job["prepared"] = {"loss": loss.item(), "seconds": seconds, "result": result}
-        return {"loss": loss.item(), "tokens": job["tokens"], "seconds": seconds}
-
-    def apply_step(self) -> dict:
-        """The optimizer update of the step `prepare_step` computed, in place; the next weight version."""
-        if self.job is None:
-            raise TrainerError("conflict", "no job: send begin_job first")
-        job = self.job
-        prepared, job["prepared"] = job.get("prepared"), None
-        if prepared is None:
-            raise TrainerError("conflict", "no prepared step: send prepare_step first")
-        if prepared["result"] is None:  # every sample was a duplicate
-            return {"loss": None, "tokens": 0, "weight_version": self.state.weight_version, "seconds": 0.0}
-        t0 = time.perf_counter()
         try:
             self.optimizer.step()  # checks every gradient and every updated value before it touches any weight
         except (NonFiniteGradientError, NonFiniteUpdateError) as exc:
@@ -354,9 +327,8 @@ class TrainerCore:
         job["steps"] += 1
         self._new_version()
         self.state.total_steps += 1
-        result = prepared["result"]
-        return {"loss": prepared["loss"], "tokens": job["tokens"], "weight_version": self.state.weight_version,
-                "seconds": prepared["seconds"] + time.perf_counter() - t0, "chosen_logp": result.chosen_logp,
+        return {"loss": loss.item(), "tokens": self.job["tokens"], "weight_version": self.state.weight_version,
+                "seconds": time.perf_counter() - t0, "chosen_logp": result.chosen_logp,
                 "rejected_logp": result.rejected_logp, "margin": result.margin}
 
     def _refuse_if_diverged(self, reason: str | None) -> None:
@@ -370,15 +342,9 @@ class TrainerCore:
         self.state.weight_version += 1
         self.version_mark.reach(self.state.weight_version)
 
-    def end_job(self, success: bool = True, defer_saving: bool = False) -> dict:
-        """Close the job: record its samples (success), or roll a diverged job back where it kept a copy;
-        then save the state. `defer_saving` (the trainer process): saving the state (~0.1 s for 135M
-        parameters) and freeing the job's rollback copy wait in `after_reply` until the reply is sent, so
-        a synchronous /train answers without them; a crash in between loses this job's record as a crash
-        during the save would (the weights are vLLM's; a restarted trainer adopts the server's version)."""
+    def end_job(self, success: bool = True) -> dict:
+        """Close the job: record its samples (success), or roll a diverged job back where it kept a copy."""
         job, self.job = self.job, None
-        if job is not None and job.get("prepared") is not None and self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)  # a prepared step never applied (the job was cancelled)
         rolled_back = False
         if job is not None and job["diverged"] and job["rollback"] is not None and job["steps"]:
             self.checkpoint_changes.stepped(job["rollback"].restore(self.named, self.optimizer))
@@ -391,21 +357,11 @@ class TrainerCore:
                 if h not in self.trained:
                     self.trained.add(h)
                     self.state.trained.append(h)
-        if defer_saving:
-            self.after_reply += [self.save_state, lambda: job and job.clear()]  # the copy is freed with the job
-        else:
-            self.save_state()
+        self.save_state()
         return {"weight_version": self.state.weight_version, "rolled_back": rolled_back}
-
-    def run_after_reply(self) -> None:
-        """The work a request left for after its reply (end_job's state save); every later request waits for it."""
-        work, self.after_reply = self.after_reply, []
-        for task in work:
-            task()
 
     def shutdown(self) -> None:
         """Before the process exits: an open job ends unrecorded, and all state is saved."""
-        self.run_after_reply()
         if self.job is not None:
             self.end_job(success=False)
         else:

@@ -8,8 +8,6 @@ pause generation, reset the prefix cache, take a checkpoint or stop a cancelled 
     BeginJob(samples, objective, preference, optimizer, params, force, context_mode, weight_version,
              rollback)                    -> JobBegun
     Step                                  -> StepDone       (one optimizer step, in place)
-    PrepareStep                           -> StepPrepared   (its forward and backward; no weight changes)
-    ApplyStep                             -> StepDone       (the prepared step's update, in place)
     EndJob(success)                       -> JobEnded       (state saved; a diverged job rolled back)
     Checkpoint(target, allowed_root, allow_model_dir, weight_version, max_names, replace, config)
                                           -> CheckpointWritten
@@ -81,16 +79,6 @@ class Step(Strict):
     op: Literal["step"] = "step"
 
 
-class PrepareStep(Strict):
-    """Step in two requests: a server with work to do after a step before the next update may touch the
-    weights (a CPU training server packing the stepped layers again) does it while this one runs."""
-    op: Literal["prepare_step"] = "prepare_step"
-
-
-class ApplyStep(Strict):
-    op: Literal["apply_step"] = "apply_step"
-
-
 class EndJob(Strict):
     op: Literal["end_job"] = "end_job"
     success: bool = True  # record the job's samples as trained (dedup)
@@ -111,8 +99,7 @@ class Shutdown(Strict):
     op: Literal["shutdown"] = "shutdown"
 
 
-Request = Annotated[Ping | BeginJob | Step | PrepareStep | ApplyStep | EndJob | Checkpoint | Shutdown,
-                    Field(discriminator="op")]
+Request = Annotated[Ping | BeginJob | Step | EndJob | Checkpoint | Shutdown, Field(discriminator="op")]
 _requests = TypeAdapter(Request)
 
 
@@ -154,12 +141,6 @@ class StepDone(Reply):
     margin: float | None = None  # dpo: implicit reward margin; orpo: log odds ratio (sample means)
 
 
-class StepPrepared(Reply):
-    loss: float | None  # None when every sample was a duplicate
-    tokens: int
-    seconds: float  # forward and backward
-
-
 class JobEnded(Reply):
     weight_version: int
     rolled_back: bool = False  # a diverged job's trained tensors and optimizer state restored to its start
@@ -181,9 +162,8 @@ class Acknowledged(Reply):
     pass
 
 
-REPLY_TYPE: dict[type, type[Reply]] = {Ping: Status, BeginJob: JobBegun, Step: StepDone, PrepareStep: StepPrepared,
-                                       ApplyStep: StepDone, EndJob: JobEnded, Checkpoint: CheckpointWritten,
-                                       Shutdown: Acknowledged}
+REPLY_TYPE: dict[type, type[Reply]] = {Ping: Status, BeginJob: JobBegun, Step: StepDone, EndJob: JobEnded,
+                                       Checkpoint: CheckpointWritten, Shutdown: Acknowledged}
 
 
 # ---- the wire -------------------------------------------------------------------------------------
@@ -193,7 +173,7 @@ def encode(message: Strict) -> bytes:
     return message.model_dump_json().encode()
 
 
-def decode_request(data: bytes) -> Ping | BeginJob | Step | PrepareStep | ApplyStep | EndJob | Checkpoint | Shutdown:
+def decode_request(data: bytes) -> Ping | BeginJob | Step | EndJob | Checkpoint | Shutdown:
     """The typed request; pydantic's ValidationError for anything else."""
     return _requests.validate_json(data)
 
