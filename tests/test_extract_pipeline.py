@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plasticity_training.activations import HFSource, resolve_layers
+from plasticity_training.activations import HFSource, LayerParts, resolve_layers
 from vllm_plasticity.contract.bank import load_bank
 from plasticity_training.corpus import load_corpus
 from plasticity_training.extract import ExtractOptions, build_parser, main, run
@@ -75,8 +75,8 @@ def test_bases_heads_and_weights(tiny, source):
     for i, V in enumerate(acts.bases[1]):
         assert V.shape == (min(8, acts.n_tokens[i] - 1), 64)
         assert torch.allclose(V @ V.T, torch.eye(V.shape[0]), atol=1e-4)  # orthonormal rows
-    assert acts.heads["mean"][1].shape == (4, 2 * 32) and acts.n_heads == 2
-    assert acts.weights[1]["down_proj"].shape == (64, 128) and acts.weights[1]["o_proj"].shape == (64, 64)
+    assert acts.heads["mean"][1].shape == (4, 2 * 32) and acts.parts[1] == LayerParts("attention", 2)
+    assert acts.weights[1]["down_proj"].shape == (64, 128) and acts.weights[1]["heads_out"].shape == (64, 64)
 
 
 def test_help_explains_every_option(capsys):

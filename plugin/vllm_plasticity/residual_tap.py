@@ -192,14 +192,16 @@ direct_register_custom_op("residual_tap", _residual_tap, mutates_args=["residual
 class ResidualTapMixin:
     """Put in front of a vLLM decoder-layer class: after the layer, call the tap with its outputs.
 
-    `forward(positions, hidden_states, residual, ...)` returns `(hidden_states, residual)` in vLLM's
-    Llama/Qwen2/Qwen3 layers; the stream after the layer is their sum.
+    The layers' `forward` takes `positions`, `hidden_states` and `residual` (Llama/Qwen2/Qwen3 in that
+    order, Qwen3-Next as hidden_states, residual, positions) and returns `(hidden_states, residual)`; the
+    stream after the layer is their sum. The call below passes them by name, so either order is served.
     """
 
     plasticity_layer: int
 
-    def forward(self, positions, hidden_states, residual, *args, **kwargs):
-        hidden_states, residual = super().forward(positions, hidden_states, residual, *args, **kwargs)
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        hidden_states, residual = super().forward(positions=positions, hidden_states=hidden_states,
+                                                  residual=residual, **kwargs)
         torch.ops.plasticity.residual_tap(hidden_states, residual, self.plasticity_layer)
         return hidden_states, residual
 

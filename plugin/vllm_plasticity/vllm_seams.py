@@ -85,7 +85,8 @@ SEAMS: tuple[Seam, ...] = (
       params=("positions", "hidden_states", "residual"), ordered=True),
     S("Qwen3-Next decoder layer class", "vllm.model_executor.models.qwen3_next", "Qwen3NextDecoderLayer.forward",
       "replaces", "vllm_patches.py, residual_tap.py", "as Qwen2; its parameters come in another order "
-      "(hidden_states, residual, positions): the tap works only because Qwen3NextModel calls its layers by keyword",
+      "(hidden_states, residual, positions): the mixin takes them by name from Qwen3NextModel's keyword call and "
+      "passes them on by name",
       params=("positions", "hidden_states", "residual")),
     S("Qwen3-Next calls layers by keyword", "vllm.model_executor.models.qwen3_next", "Qwen3NextModel.forward", "reads",
       "residual_tap.py", "ResidualTapMixin.forward names its arguments (positions, hidden_states, residual): a "

@@ -39,6 +39,16 @@ DEFAULT_LAYERS = "0.66"  # relative depth: emotion concepts read best around two
 MAX_TOKENS_CAP = 2048  # default truncation: the model's context, at most this
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerParts:
+    """What the quality report decomposes one decoder layer's write into (read off the HF module by
+    `layer_parts`): its token mixer's heads and its MLP's neurons, and why a decomposition does not apply."""
+
+    mixer: str  # "attention", "gated_deltanet" (one block of out_proj columns per value head) or the class name
+    n_heads: int | None  # heads whose concatenated outputs `heads_out` projects; None: not decomposed
+    not_decomposed: tuple[str, ...] = ()  # one sentence per diagnostic this layer has no part for
+
+
 @dataclasses.dataclass
 class Activations:
     """What extraction and the report need from one pass over the corpus (all fp32, on the CPU)."""
@@ -48,9 +58,9 @@ class Activations:
     pooled: dict[str, dict[int, Tensor]]  # pooling -> layer -> (N, H)
     n_tokens: list[int]  # tokens forwarded per text, after truncation
     bases: dict[int, list[Tensor]] | None = None  # layer -> per text (r_i, H), orthonormal rows
-    heads: dict[str, dict[int, Tensor]] | None = None  # pooling -> layer -> (N, n_heads * head_dim): o_proj input
-    weights: dict[int, dict[str, Tensor]] | None = None  # layer -> {"down_proj": (H, I), "o_proj": (H, n_heads*hd)}
-    n_heads: int | None = None
+    heads: dict[str, dict[int, Tensor]] | None = None  # pooling -> layer -> (N, n_heads * head_dim): heads_out input
+    weights: dict[int, dict[str, Tensor]] | None = None  # layer -> {"down_proj": (H, I), "heads_out": (H, n_heads*hd)}
+    parts: dict[int, LayerParts] | None = None  # layer -> what its write decomposes into (HF models only)
     truncated: int = 0  # texts cut at max_tokens
 
     def only(self, layers: Sequence[int]) -> Activations:
@@ -60,7 +70,8 @@ class Activations:
             self, layers=list(layers), pooled={k: pick(v) for k, v in self.pooled.items()},
             bases=pick(self.bases) if self.bases is not None else None,
             heads={k: pick(v) for k, v in self.heads.items()} if self.heads is not None else None,
-            weights=pick(self.weights) if self.weights is not None else None)
+            weights=pick(self.weights) if self.weights is not None else None,
+            parts=pick(self.parts) if self.parts is not None else None)
 
     def saturated(self, layer: int) -> int:
         """Texts whose token states span the whole space at `layer` (projector = identity, no contrast)."""
@@ -171,7 +182,6 @@ class HFSource:
         self.blocks = find_decoder_layers(model)
         config = model.config
         self.num_layers, self.hidden_size = len(self.blocks), int(config.hidden_size)
-        self.n_heads = getattr(config, "num_attention_heads", None)
         self.batch_size = batch_size
         context = getattr(config, "max_position_embeddings", None) or MAX_TOKENS_CAP
         self.max_tokens = max_tokens or min(int(context), MAX_TOKENS_CAP)
@@ -218,11 +228,12 @@ class HFSource:
         captured: dict[str, Tensor] = {}
         hooks = [self.blocks[L].register_forward_hook(_capture(captured, f"res{L}", stop=L == layers[-1]))
                  for L in layers]
+        parts = {L: layer_parts(self.blocks[L], self.model.config) for L in layers}
         if heads:
             for L in layers:
-                o_proj = _o_proj(self.blocks[L])
-                if o_proj is not None:
-                    hooks.append(o_proj.register_forward_pre_hook(_capture_input(captured, f"head{L}")))
+                heads_out = parts[L][1]
+                if heads_out is not None:
+                    hooks.append(heads_out.register_forward_pre_hook(_capture_input(captured, f"head{L}")))
         batches = [order[i : i + self.batch_size] for i in range(0, N, self.batch_size)]
         bar = progress_bar(len(batches), progress, desc="forward")
         try:
@@ -258,19 +269,18 @@ class HFSource:
 
         weights = {}
         for L in layers:
-            block, o_proj = self.blocks[L], _o_proj(self.blocks[L])
-            down = getattr(getattr(block, "mlp", None), "down_proj", None)
+            _, heads_out, down = parts[L]
             w = {}
             if down is not None:
                 w["down_proj"] = down.weight.detach().float().cpu()  # (H, I): column j = neuron j's write
-            if o_proj is not None:
-                w["o_proj"] = o_proj.weight.detach().float().cpu()  # (H, n_heads * head_dim)
+            if heads_out is not None:
+                w["heads_out"] = heads_out.weight.detach().float().cpu()  # (H, n_heads * head_dim)
             weights[L] = w
         return Activations(
             layers=layers, hidden_size=H, pooled=pooled, n_tokens=[len(e) for e in enc],
             bases={L: list(basis_rows[L]) for L in layers} if bases else None,
             heads={p: d for p, d in head_acts.items() if d} or None if heads else None,
-            weights=weights, n_heads=self.n_heads, truncated=truncated,
+            weights=weights, parts={L: p for L, (p, _, _) in parts.items()}, truncated=truncated,
         )
 
 
@@ -318,7 +328,6 @@ class ServerSource:
         self.served_name = served["id"]
         context = int(served.get("max_model_len") or MAX_TOKENS_CAP)
         self.max_tokens = min(max_tokens or MAX_TOKENS_CAP, context - 1)  # room for the one generated token
-        self.n_heads = None
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One request to the server; its errors as ServerUnavailableError with the status and reason."""
@@ -406,7 +415,7 @@ class ServerSource:
         truncated = sum(len(ids) > self.max_tokens for ids in enc)
         return Activations(layers=layers, hidden_size=H, pooled=pooled,
                            n_tokens=[min(len(ids), self.max_tokens) for ids in enc],
-                           bases=basis_rows if bases else None, heads=None, weights=None, n_heads=None,
+                           bases=basis_rows if bases else None, heads=None, weights=None, parts=None,
                            truncated=truncated)
 
 
@@ -431,6 +440,31 @@ class _StopForward(Exception):
     pass
 
 
-def _o_proj(block: nn.Module) -> nn.Module | None:
-    attn = getattr(block, "self_attn", None)
-    return getattr(attn, "o_proj", None)  # hybrid layers (Mamba, GatedDeltaNet) have none: skipped
+def layer_parts(block: nn.Module, config) -> tuple[LayerParts, nn.Linear | None, nn.Linear | None]:
+    """The parts of HF decoder layer `block` the report decomposes, with the projection that writes its
+    mixer's heads into the stream (`heads_out`) and its MLP's down projection (None where absent).
+
+    Attention: `self_attn.o_proj`, num_attention_heads blocks of columns. Gated DeltaNet (Qwen3-Next,
+    Qwen 3.5): `linear_attn.out_proj`, whose input is the gated-normed value heads concatenated head by
+    head, so head h writes out_proj[:, block h] exactly as an attention head does (linear_num_value_heads
+    blocks). Other mixers (Mamba, the project's recurrent layers) and a mixture-of-experts MLP (a down
+    projection per expert, none for the layer) are named in `not_decomposed`.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    notes = []
+    attn, linear = getattr(block, "self_attn", None), getattr(block, "linear_attn", None)
+    if isinstance(getattr(attn, "o_proj", None), nn.Linear) and getattr(text, "num_attention_heads", None):
+        mixer, n_heads, heads_out = "attention", int(text.num_attention_heads), attn.o_proj
+    elif isinstance(getattr(linear, "out_proj", None), nn.Linear) and getattr(text, "linear_num_value_heads", None):
+        mixer, n_heads, heads_out = "gated_deltanet", int(text.linear_num_value_heads), linear.out_proj
+    else:
+        mixer = type(attn or linear or getattr(block, "mixer", None) or block).__name__
+        n_heads = heads_out = None
+        notes.append(f"per-head decomposition: the token mixer ({mixer}) has no per-head output projection")
+    mlp = getattr(block, "mlp", None)
+    down = getattr(mlp, "down_proj", None)
+    if not isinstance(down, nn.Linear):
+        down = None
+        why = "a mixture of experts, one down projection per expert" if hasattr(mlp, "experts") else "no down_proj"
+        notes.append(f"single-neuron alignment: the MLP ({type(mlp).__name__}) has {why}")
+    return LayerParts(mixer, n_heads, tuple(notes)), heads_out, down

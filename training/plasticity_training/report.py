@@ -7,8 +7,8 @@ Runs in the extraction process (`plasticity extract --report`).
 
 Per concept and layer (quality.py has the definitions): first-PC variance ratio and agreement of the
 positives' deltas, per-text alignment cosines with the two worst outliers, nearest concepts, best
-single-neuron alignment against the MLP down-projection columns, per-attention-head decomposition (top
-heads, concentration), ridge R^2 against all other concepts with the top contributors, the subspace
+single-neuron alignment against the MLP down-projection columns, per-head decomposition of the token
+mixer's write (attention heads, or a Gated DeltaNet layer's value heads: top heads, concentration), ridge R^2 against all other concepts with the top contributors, the subspace
 method's eigenvalue spectrum, leave-one-out hits, and a triage label. Per layer: leave-one-story-out
 accuracy, triage lists, and the correlation of the vectors' first principal components with the
 manifest's valence and arousal when it has them.
@@ -54,6 +54,9 @@ def build_report(contrasts: Contrasts, extraction: Extraction, method: Method, s
     for L in extraction.layers:
         V = extraction.vectors[L]  # (C, H)
         per_layer = {"r2_chance": r2_chance, "saturated_texts": acts.saturated(L) if acts.bases else None}
+        if acts.parts is not None and L in acts.parts:
+            per_layer["mixer"] = acts.parts[L].mixer
+            per_layer["not_decomposed"] = list(acts.parts[L].not_decomposed)
         for i, c in enumerate(concepts):
             report["concepts"][c]["layers"][str(L)] = _concept_metrics(contrasts, extraction, i, L, r2_meaningful)
         if loso:
@@ -95,15 +98,18 @@ def _concept_metrics(contrasts: Contrasts, extraction: Extraction, i: int, L: in
         j, cj = quality.neuron_alignment(v, weights["down_proj"])
         m["neuron"] = {"index": j, "cosine": _round(cj)}
     heads = (acts.heads or {}).get(contrasts.pooling, {}).get(L)
-    if heads is not None and "o_proj" in weights and acts.n_heads:
+    parts = (acts.parts or {}).get(L)
+    if heads is not None and "heads_out" in weights and parts is not None and parts.n_heads:
+        n_heads = parts.n_heads
         pos_h, neg_h = heads[contrasts.pos[c]], heads[contrasts.neg[c]]  # (P, nh*hd), (N, nh*hd)
         diff = pos_h.mean(0) - neg_h.mean(0)
-        contrib = quality.head_contributions(diff, weights["o_proj"], v, acts.n_heads)
-        norms = diff.reshape(acts.n_heads, -1).norm(dim=1)
-        spread = neg_h.reshape(len(neg_h), acts.n_heads, -1).std(0).mean(1).clamp(min=1e-12)  # (n_heads,)
+        contrib = quality.head_contributions(diff, weights["heads_out"], v, n_heads)
+        norms = diff.reshape(n_heads, -1).norm(dim=1)
+        spread = neg_h.reshape(len(neg_h), n_heads, -1).std(0).mean(1).clamp(min=1e-12)  # (n_heads,)
         order_h = torch.argsort(contrib.abs(), descending=True)[:TOP]
         a = contrib.abs().double()
         m["heads"] = {
+            "mixer": parts.mixer,
             "top": [[h, _round(float(contrib[h])), _round(float(norms[h])), _round(float(norms[h] / spread[h]))]
                     for h in order_h.tolist()],
             "concentration": _round(quality.head_concentration(contrib)),
@@ -132,7 +138,8 @@ def summary_text(report: dict) -> str:
     for reason in s.get("steering", []):  # measured at extraction (steering_range.py)
         lines += ["", f"steering: {reason}"]
     for L, layer in report["layers"].items():
-        lines += ["", f"== layer {L} =="]
+        lines += ["", f"== layer {L} ==" + (f" ({layer['mixer']})" if layer.get("mixer") else "")]
+        lines += [f"not decomposed: {why}" for why in layer.get("not_decomposed", [])]
         if layer.get("saturated_texts"):
             lines.append(f"subspace: {layer['saturated_texts']} text(s) span the whole hidden space at full rank "
                          "(their projector is the identity and carries no contrast)")
