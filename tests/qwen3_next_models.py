@@ -21,14 +21,16 @@ def tiny_qwen3_next_config(vocab_size: int):
     """4 layers: 3 Gated DeltaNet + 1 full attention, every layer MoE (4 experts, 2 per token) with a
     shared expert. Sizes vLLM's CPU kernels take: GDN head dims 128 (the chunked delta-rule kernel refused
     32: "Unexpected head dim size"), hidden and expert sizes multiples of 32 (the AMX MoE kernel's
-    alignment). vLLM makes the attention block hold at least one layer's GDN state: 2176 tokens here, more
-    than max_model_len, so the prefix cache never keeps a block of this model (see test_qwen3_next)."""
+    alignment). vLLM makes an attention block's KV at least one layer's GDN state (4 value heads of
+    128 x 128, float32): the attention layer's 16 KV heads of 128 make that a 128-token block, so a 200-token
+    prompt leaves a cached prefix block with its GDN state (with 1 KV head of 32 it was 2176 tokens, more
+    than the tests' max_model_len, and nothing was ever cached)."""
     from transformers import Qwen3NextConfig
 
     return Qwen3NextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        num_attention_heads=16, num_key_value_heads=16, head_dim=128,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=32, decoder_sparse_step=1, norm_topk_prob=True,
