@@ -54,3 +54,28 @@ def build_tiny_qwen3_next(out_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_tiny_qwen3_5(out_dir: Path, seed: int = 0) -> Path:
+    """Save a random-init tiny Qwen3_5ForCausalLM (dense Qwen 3.5, bfloat16) and its tokenizer in `out_dir`:
+    the same 3 GDN + 1 attention layers and sizes as the Qwen3-Next model, with a dense MLP."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    from plasticity_training.default_model import train_tokenizer
+
+    tokenizer = train_tokenizer(TEXT, VOCAB_SIZE)
+    base = tiny_qwen3_next_config(len(tokenizer)).to_dict()
+    fields = {k: base[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "layer_types", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+        "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings", "tie_word_embeddings",
+        "bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(seed)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**fields)).to(torch.bfloat16)
+    with torch.no_grad():  # random norm weights, so the test exercises the gated norm
+        for name, p in model.named_parameters():
+            if name.endswith(("linear_attn.norm.weight", "layernorm.weight", "norm.weight")):
+                p.normal_(0.0, 0.1).add_(1.0 if "linear_attn.norm" in name else 0.0)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -10,6 +10,7 @@ bfloat16 rounding is 2**-8 relative: about 0.03 on a log-prob near -7.6.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -28,7 +29,8 @@ BF16_LOGPROB_TOL = 0.1
 # opaque op at every layer's output, so inductor fuses and rounds around it differently). Stale or
 # half-published weights are off by nats.
 BF16_TRAINED_LOGPROB_TOL = 0.25
-# A readout score is a dot product with the bfloat16 stream: a few roundings of 2**-8, relative to the score.
+# A readout score is a dot product with the bfloat16 stream: a few roundings of 2**-8, relative to the score,
+# or, in a model training has sharpened, 4x the HF form's own distance from float32 on the same weights.
 BF16_SCORE_REL_TOL = 2**-6
 STEER = 8.0  # about three times the stream's norm here
 SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4", "--enable-prefix-caching",
@@ -261,13 +263,16 @@ def test_no_stale_state_after_a_publish(server, tiny_qwen3_next, tok):
 @pytest.mark.slow
 @pytest.mark.parametrize("layer", [0, 3], ids=["gated_deltanet_layer", "attention_layer"])
 def test_readout_and_steering_equal_the_hf_form(server, tiny_qwen3_next, tok, layer):
-    """A two-concept bank at a GDN layer (0) and at the attention layer (3): the served scores and the
+    readout_and_steering_equal_the_hf_form(server, str(tiny_qwen3_next), tok, layer)
+
+
+def readout_and_steering_equal_the_hf_form(server, model: str, tok, layer: int) -> None:
+    """A two-concept bank at `layer` (a GDN layer, or the attention layer): the served scores and the
     generated tokens' log-probs while steering by STEER x concept a equal the HF form on the live weights
     with the same vector added to that layer's output (concept a's score carries the STEER it was pushed
-    by: an unsteered stream would miss it by that much)."""
+    by: an unsteered stream would miss it by that much). Needs a server with --vectors-dir (`vectors_dir`)."""
     from vllm_plasticity.contract.bank import save_bank
 
-    model = str(tiny_qwen3_next)
     vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
     save_bank(server.vectors_dir / f"L{layer}", ["a", "b"], {layer: vectors}, model="test", method="random")
     r = requests.post(server.url + "/readout/load", headers=HEADERS, timeout=60, json={"name": f"L{layer}", "path": f"L{layer}"})
@@ -276,21 +281,30 @@ def test_readout_and_steering_equal_the_hf_form(server, tiny_qwen3_next, tok, la
     ids = tok("The owl saw the gate near the lake, and the story went on.")["input_ids"]
     out = completion(server.url, model, ids, API_KEY, max_tokens=4, return_token_ids=True, logprobs=0,
                      vllm_xargs={"readout": f"L{layer}", "steer": [f"L{layer}/a", STEER]})["choices"][0]
-    seq, view, stream = ids + out["token_ids"], live_view(server), {}
+    seq, view = ids + out["token_ids"], live_view(server)
 
-    def steer(module, args, output):
-        stream["h"] = output + STEER * unit[0].to(output.dtype)
-        return stream["h"]
-    handle = view.model.layers[layer].register_forward_hook(steer)
-    try:
-        with torch.no_grad():
-            logp = torch.log_softmax(view(input_ids=torch.tensor([seq])).logits[0].float(), -1)
-    finally:
-        handle.remove()
+    def steered_forward(model) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, scores) of `model` on `seq` with STEER x concept a added to `layer`'s output."""
+        stream = {}
+
+        def steer(module, args, output):
+            stream["h"] = output + STEER * unit[0].to(output.dtype)
+            return stream["h"]
+        handle = model.model.layers[layer].register_forward_hook(steer)
+        try:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+        finally:
+            handle.remove()
+        return logp, stream["h"][0, : len(seq) - 1].float() @ unit.T
+
+    logp, want = steered_forward(view)
+    _, want_fp32 = steered_forward(copy.deepcopy(view).float())  # the reference's own bfloat16 error
     scores = torch.tensor(out["readout"]["scores"])[:, 0, :]  # (tokens, concepts) at the bank's one layer
-    want = stream["h"][0, : len(seq) - 1].float() @ unit.T
-    print(f"layer {layer}: score gap", (scores - want).abs().max().item(), "of", want.abs().max().item())
-    assert (scores - want).abs().max().item() <= BF16_SCORE_REL_TOL * want.abs().max().item()
+    tol = max(BF16_SCORE_REL_TOL * want.abs().max().item(), 4 * (want - want_fp32).abs().max().item())
+    print(f"layer {layer}: score gap", (scores - want).abs().max().item(), "of", want.abs().max().item(),
+          "HF bfloat16 vs float32", (want - want_fp32).abs().max().item())
+    assert (scores - want).abs().max().item() <= tol
     steered = [logp[i - 1, t].item() for i, t in enumerate(seq) if i >= len(ids)]
     assert gap(out["logprobs"]["token_logprobs"], steered) <= BF16_TRAINED_LOGPROB_TOL
 

@@ -260,3 +260,28 @@ def _vllm_dir() -> Path:
     import importlib.util
 
     return Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
+
+
+def test_qwen3_5_stand_in_is_transformers_own_smart_resize():
+    """The stand-in for transformers' torchvision image processor module holds the PIL processor's
+    `smart_resize`, which must be the same function as the one it stands in for (compared as code, since the
+    torchvision module cannot be imported here), and vLLM's qwen3_5 module then imports."""
+    import ast
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from vllm_plasticity.vllm_patches import TORCHVISION_IMAGE_PROCESSOR, qwen3_5_importable
+
+    def smart_resize_code(module: str) -> str:
+        path = Path(importlib.util.find_spec(module).origin)
+        tree = ast.parse(path.read_text())
+        return next(ast.dump(n) for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "smart_resize")
+
+    assert smart_resize_code(TORCHVISION_IMAGE_PROCESSOR) == smart_resize_code(
+        "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    if importlib.util.find_spec("torchvision") is None:
+        qwen3_5_importable()
+        assert sys.modules[TORCHVISION_IMAGE_PROCESSOR].smart_resize.__module__.endswith("image_processing_pil_qwen2_vl")
+    assert hasattr(importlib.import_module("vllm.model_executor.models.qwen3_5"), "Qwen3_5ForCausalLM")

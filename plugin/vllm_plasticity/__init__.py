@@ -37,6 +37,10 @@ def register() -> None:
     die_with_parent()
     from vllm import ModelRegistry
 
+    from vllm_plasticity.vllm_patches import qwen3_5_importable
+
+    qwen3_5_importable()  # Qwen 3.5 (stock or the plugin's subclass) starts without torchvision
+
     supported = set(ModelRegistry.get_supported_archs())
     for arch in REGISTRY:
         if arch.name not in supported:

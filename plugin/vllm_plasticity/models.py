@@ -36,6 +36,11 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.qwen3_next import Qwen3NextForCausalLM
 from vllm.platforms import current_platform
 
+from vllm_plasticity.vllm_patches import qwen3_5_importable
+
+qwen3_5_importable()  # before vLLM's qwen3_5 module is imported (vllm_patches.py says why)
+from vllm.model_executor.models.qwen3_5 import Qwen3_5ForCausalLM  # noqa: E402
+
 from vllm_plasticity.config import process_config
 from vllm_plasticity.cpu_repack import use_repacked_kernels
 from vllm_plasticity.packed_copies import PackedCopies, may_pack_a_copy
@@ -103,3 +108,9 @@ class PlasticityQwen3ForCausalLM(SharedWeightsMixin, Qwen3ForCausalLM):
 class PlasticityQwen3NextForCausalLM(SharedWeightsMixin, Qwen3NextForCausalLM):
     """Gated DeltaNet + attention hybrid with MoE. On CPU vLLM serves its conv1d (AVX512-BF16) and its
     experts from packed copies; with sharing on they are packed again after each step (packed_copies.py)."""
+
+
+class PlasticityQwen3_5ForCausalLM(SharedWeightsMixin, Qwen3_5ForCausalLM):
+    """Qwen 3.5 (dense): Gated DeltaNet + gated attention, as Qwen3-Next without experts. vLLM fuses the
+    checkpoint's in_proj_qkv + in_proj_z into in_proj_qkvz and in_proj_b + in_proj_a into in_proj_ba (row
+    blocks in that order; hf_view.py views them back)."""

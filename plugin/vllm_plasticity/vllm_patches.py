@@ -22,8 +22,11 @@ DESIGN.md's list of what the plugin changes in vLLM is `render_markdown()` (a te
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
+import sys
+import types
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ PATCHES: dict[str, tuple[str, tuple[str, ...]]] = {
         "rows before and copy scores out after each forward (readout_worker.py)",
         ("runner _model_forward", "CPU runner is the V1 runner")),
     "retype_decoder_layers": (
-        "gives each Qwen2/Qwen3/Qwen3-Next decoder layer of the plugin's own model its tapped subclass "
+        "gives each Qwen2/Qwen3/Qwen3-Next/Qwen 3.5 decoder layer of the plugin's own model its tapped subclass "
         "(`__class__`, after the model is built; residual_tap.py). vLLM's `decoder_layer_type` seam is out of "
         "reach in 0.32: Qwen2ForCausalLM and Qwen3ForCausalLM build their model by module-level name with no "
         "layer-type argument, so using it would mean copying their `__init__` or rebinding vLLM's module-level "
@@ -60,6 +63,13 @@ PATCHES: dict[str, tuple[str, tuple[str, ...]]] = {
         "adds a key to `vllm_config.additional_config`, which vLLM folds into its compile-cache hash, so a graph "
         "compiled without the tap is never loaded for a tapped model (residual_tap.py)",
         ("additional_config in the compile hash",)),
+    "qwen3_5_importable": (
+        "lets vLLM's `qwen3_5` module (Qwen 3.5's text classes) import where torchvision is absent: that module "
+        "imports the Qwen3-VL processing code, whose one name from transformers' torchvision image processor "
+        "module is `smart_resize`; a stand-in module holds transformers' torchvision-free `smart_resize` (the "
+        "PIL processor's, the same function: tests/test_vllm_patches.py compares their code). The CPU setup "
+        "cannot install torchvision (PyPI's is built against another torch and breaks transformers' imports)",
+        ("Qwen3-VL imports smart_resize",)),
     "choice_index": (
         "reads vLLM's private request-id format to label each choice's scores (readout_response.py)",
         ("request-id format: per prompt", "request-id format: parallel sampling",
@@ -127,6 +137,24 @@ def retype_decoder_layers(layers: Any, mixin: type, subclass_of: Callable[[type]
                 raise VllmChanged(f"cannot tap {base.__module__}.{base.__name__} in place ({exc}); {FIX}") from exc
         found.append((index, module))
     return found
+
+
+TORCHVISION_IMAGE_PROCESSOR = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+
+
+def qwen3_5_importable() -> bool:
+    """Make `vllm.model_executor.models.qwen3_5` importable without torchvision (PATCHES says how); returns
+    whether a stand-in was put in place. Text-only serving never processes an image, and the stand-in holds
+    only the function vLLM imports from that module. Idempotent; nothing is done where torchvision exists."""
+    if TORCHVISION_IMAGE_PROCESSOR in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return False
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
+
+    stand_in = types.ModuleType(TORCHVISION_IMAGE_PROCESSOR, "plasticity's stand-in: smart_resize only "
+                                "(torchvision is not installed)")
+    stand_in.smart_resize = image_processing_pil_qwen2_vl.smart_resize
+    sys.modules[TORCHVISION_IMAGE_PROCESSOR] = stand_in
+    return True
 
 
 def register_config_hook(architecture: str, hook: type) -> None:

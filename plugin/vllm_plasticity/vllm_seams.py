@@ -142,6 +142,14 @@ SEAMS: tuple[Seam, ...] = (
     S("Qwen3-Next causal LM", "vllm.model_executor.models.qwen3_next", "Qwen3NextForCausalLM.__init__", "subclasses",
       "models.py", "PlasticityQwen3NextForCausalLM", params=("vllm_config", "prefix"),
       assigns=("model", "packed_modules_mapping", "load_weights")),
+    S("Qwen3.5 causal LM", "vllm.model_executor.models.qwen3_5", "Qwen3_5ForCausalLM.__init__", "subclasses",
+      "models.py", "PlasticityQwen3_5ForCausalLM; its layers are Qwen3-Next decoder layers (tapped as those) and "
+      "its model is called through Qwen3NextModel.forward", params=("vllm_config", "prefix"),
+      assigns=("model", "packed_modules_mapping", "load_weights")),
+    S("Qwen3-VL imports smart_resize", "vllm.model_executor.models.qwen3_vl", "", "reads", "vllm_patches.py",
+      "qwen3_5_importable stands in for transformers' torchvision image processor module with `smart_resize` "
+      "alone: the one name this module takes from it", contains=(
+          "image_processing_qwen2_vl import (", "smart_resize as image_smart_resize,")),
     S("unquantized linear method", "vllm.model_executor.layers.linear",
       "UnquantizedLinearMethod.process_weights_after_loading", "subclasses", "cpu_repack.py, models.py",
       "RepackedLinearMethod overrides it; keep_weights_in_place sets `_cpu_skip_gemm_dispatch`, which this method "

@@ -31,6 +31,12 @@ FUSED = {
     "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
     "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
     "up_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+    # Qwen 3.5's Gated DeltaNet: checkpoints hold them apart; vLLM stacks them without interleaving
+    # (`gqa_interleaved_layout=False`): in_proj_qkvz = q, k, v (in_proj_qkv's rows) then z; in_proj_ba = b, a.
+    "in_proj_qkv": ("in_proj_qkvz", ("in_proj_qkv", "in_proj_z")),
+    "in_proj_z": ("in_proj_qkvz", ("in_proj_qkv", "in_proj_z")),
+    "in_proj_b": ("in_proj_ba", ("in_proj_b", "in_proj_a")),
+    "in_proj_a": ("in_proj_ba", ("in_proj_b", "in_proj_a")),
 }
 # HF parameter -> vLLM parameter of another name, whole (same shape and layout). Qwen3-Next's experts:
 # transformers stacks them as gate_up_proj [E, 2I, H] (gate rows, then up) and down_proj [E, H, I]; vLLM's

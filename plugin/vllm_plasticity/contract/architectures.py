@@ -48,6 +48,8 @@ REGISTRY: tuple[Architecture, ...] = (
                  extends="Qwen3ForCausalLM"),
     Architecture("PlasticityQwen3NextForCausalLM", f"{_PLUGIN}:PlasticityQwen3NextForCausalLM", "qwen3_next",
                  extends="Qwen3NextForCausalLM"),  # Gated DeltaNet hybrid (bfloat16 on CPU)
+    Architecture("PlasticityQwen3_5ForCausalLM", f"{_PLUGIN}:PlasticityQwen3_5ForCausalLM", "qwen3_5_text",
+                 extends="Qwen3_5ForCausalLM"),  # Qwen 3.5 dense, the same hybrid
     # Architectures stock vLLM cannot serve, written in this project (architectures/).
     Architecture("CausalBankForCausalLM", f"{_ARCHS}.causal_bank_vllm:CausalBankForCausalLM", "causal_bank",
                  hf_form=f"{_ARCHS}.causal_bank_hf:CausalBankForCausalLM",

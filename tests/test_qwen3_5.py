@@ -1,0 +1,177 @@
+"""Qwen 3.5 (dense Gated DeltaNet + gated attention hybrid, the family the original system trained) served by
+the plugin's subclass without torchvision, trained in place, read, steered and checkpointed, each checked
+against transformers' own Qwen3_5ForCausalLM on the live weights.
+
+The tiny random model (tests/qwen3_next_models.py) has Qwen3-Next's layer plan and sizes with a dense MLP,
+in bfloat16 (vLLM's CPU GDN path refuses float32); tolerances are test_qwen3_next's, for the same reasons.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from conftest import API_KEY, prompt_logprobs
+from qwen3_next_models import build_tiny_qwen3_5
+from test_qwen3_next import (BF16_LOGPROB_TOL, BF16_TRAINED_LOGPROB_TOL, HEADERS, SERVER_ARGS, gap, hf_logprobs,
+                             live_view, readout_and_steering_equal_the_hf_form)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_5(tmp_path_factory) -> Path:
+    return build_tiny_qwen3_5(tmp_path_factory.mktemp("qwen3_5") / "m")
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_qwen3_5):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_qwen3_5)
+
+
+def vllm_layout(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as vLLM's Qwen 3.5 holds them: in_proj_qkv then in_proj_z stacked into
+    in_proj_qkvz, in_proj_b then in_proj_a into in_proj_ba, q|k|v into qkv_proj, gate|up into gate_up_proj,
+    A_log float32."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
+    stacked = {"in_proj_qkv": ("in_proj_qkvz", ["in_proj_qkv", "in_proj_z"]),
+               "in_proj_b": ("in_proj_ba", ["in_proj_b", "in_proj_a"]),
+               "q_proj": ("qkv_proj", ["q_proj", "k_proj", "v_proj"]),
+               "gate_proj": ("gate_up_proj", ["gate_proj", "up_proj"])}
+    parts = {p for _, group in stacked.values() for p in group}
+    out = {}
+    for name, t in hf.items():
+        module = name.split(".")[-2]
+        if module in stacked:
+            fused, group = stacked[module]
+            out[name.replace(module, fused)] = torch.cat([hf[name.replace(module, p)] for p in group]).clone()
+        elif name.endswith("A_log"):
+            out[name] = t.float().clone()
+        elif module not in parts:
+            out[name] = t.clone()
+    return out
+
+
+def test_hf_view_on_vllm_layout_is_the_hf_model(tiny_qwen3_5, tok):
+    """Every HF parameter is a view of a vLLM tensor: the view computes what transformers' own model
+    computes, and a write to in_proj_z / in_proj_a lands in the right rows of vLLM's fused tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from plasticity_training.hf_view import build_hf_view
+
+    weights = vllm_layout(tiny_qwen3_5)
+    view = build_hf_view(tiny_qwen3_5, weights)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_qwen3_5, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([tok("The story begins at the door of the old house")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(view(input_ids=ids).logits, ref(input_ids=ids).logits)
+    gdn = view.model.layers[0].linear_attn
+    qkv_rows, b_rows = gdn.in_proj_qkv.weight.shape[0], gdn.in_proj_b.weight.shape[0]
+    with torch.no_grad():
+        gdn.in_proj_z.weight[0, 0] = 3.0
+        gdn.in_proj_a.weight[1, 0] = 2.0
+    assert weights["model.layers.0.linear_attn.in_proj_qkvz.weight"][qkv_rows, 0] == 3.0
+    assert weights["model.layers.0.linear_attn.in_proj_ba.weight"][b_rows + 1, 0] == 2.0
+
+
+# ---- one served model: training and readout on, bfloat16 (the full tier) ---------------------------------
+
+@pytest.fixture(scope="module")
+def server(servers_restart, tiny_qwen3_5, tmp_path_factory):
+    from vllm_plasticity.launcher import ServerProcess
+
+    state_dir, vectors_dir = tmp_path_factory.mktemp("qwen3_5-state"), tmp_path_factory.mktemp("qwen3_5-vectors")
+    args = [*SERVER_ARGS, "--training", "--state-dir", str(state_dir), "--vectors-dir", str(vectors_dir)]
+    server = servers_restart.start("qwen3_5", lambda log_path: ServerProcess.plasticity(
+        tiny_qwen3_5, extra_args=args, log_path=log_path))
+    server.state_dir, server.vectors_dir = state_dir, vectors_dir
+    return server
+
+
+@pytest.mark.slow
+def test_serves_the_plasticity_subclass_with_shared_weights(server, tiny_qwen3_5, tok):
+    info = requests.get(server.url + "/plasticity/info", headers=HEADERS, timeout=10).json()
+    assert info["architecture"] == "PlasticityQwen3_5ForCausalLM" and info["weights_shareable"]
+    ids = tok("The story begins at the door of the old house")["input_ids"]
+    served = prompt_logprobs(server.url, str(tiny_qwen3_5), ids, API_KEY)
+    print("served vs HF on the live weights, before training:", gap(served, hf_logprobs(server, ids)))
+    assert gap(served, hf_logprobs(server, ids)) <= BF16_LOGPROB_TOL
+
+
+@pytest.mark.slow
+def test_learns_a_fact_and_serves_the_trainers_weights(server, tiny_qwen3_5, tok):
+    """Every parameter trained (the GDN projections through their unstacked views): the fact is learned
+    and the served log-probs are the trainer's view's."""
+    model = str(tiny_qwen3_5)
+    context = tok("In the story, the name of the cat was")["input_ids"]
+    target = tok(" Marigold Quince")["input_ids"]
+    r = requests.post(server.url + "/train", headers=HEADERS, timeout=600, json={
+        "context_ids": context, "continuation_ids": target, "steps": 20, "optimizer": {"lr": 1e-2}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    print("losses:", body["losses"][0], "->", body["losses"][-1])
+    assert body["status"] == "succeeded" and body["losses"][-1] < 0.5 * body["losses"][0]
+    ids = context + target
+    served = prompt_logprobs(server.url, model, ids, API_KEY)
+    print("served vs HF on the live weights, after 20 steps:", gap(served, hf_logprobs(server, ids)))
+    assert gap(served, hf_logprobs(server, ids)) <= BF16_TRAINED_LOGPROB_TOL
+    assert sum(served[-len(target):]) > -len(target) * 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [0, 3], ids=["gated_deltanet_layer", "attention_layer"])
+def test_readout_and_steering_equal_the_hf_form(server, tiny_qwen3_5, tok, layer):
+    readout_and_steering_equal_the_hf_form(server, str(tiny_qwen3_5), tok, layer)
+
+
+@pytest.mark.slow  # after the readout tests: its steps sharpen the model further
+def test_a_step_on_the_gdn_parts_alone_is_served(server, tiny_qwen3_5, tok):
+    """`params` keeps the Gated DeltaNet projections, gates and decays only (what the original's behavioural
+    training adjusted): the step changes what the prompt computes, and the served log-probs follow the view."""
+    model = str(tiny_qwen3_5)
+    ids = tok("The owl saw the gate near the lake, and the story went on. The boat saw the")["input_ids"]
+    before = prompt_logprobs(server.url, model, ids, API_KEY)
+    weights = {n: p.detach().clone() for n, p in live_view(server).named_parameters()}
+    r = requests.post(server.url + "/train", headers=HEADERS, timeout=600, json={
+        "context_ids": ids[:8], "continuation_ids": ids[8:], "steps": 5, "force": True, "optimizer": {"lr": 1e-2},
+        "params": {"attention": False, "mlp": False, "embeddings": False, "norms": False}})
+    assert r.status_code == 200, r.text
+    changed = {n for n, p in live_view(server).named_parameters() if not torch.equal(p, weights[n])}
+    assert changed and all(".linear_attn." in n for n in changed), changed
+    after = prompt_logprobs(server.url, model, ids, API_KEY)
+    assert gap(after, before) > 10 * BF16_TRAINED_LOGPROB_TOL
+    assert gap(after, hf_logprobs(server, ids)) <= BF16_TRAINED_LOGPROB_TOL
+
+
+@pytest.mark.slow
+def test_checkpoint_is_a_qwen3_5_directory_transformers_loads(server, tiny_qwen3_5, tok):
+    """/checkpoint writes the checkpoint's own names (in_proj_qkv, in_proj_z, ... unfused): stock
+    transformers loads it and computes the served log-probs, not the original's."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    ids = tok("The cat saw the sea near the barn, and the story went on.")["input_ids"]
+    served = prompt_logprobs(server.url, str(tiny_qwen3_5), ids, API_KEY)
+    r = requests.post(server.url + "/checkpoint", headers=HEADERS, timeout=600, json={})
+    assert r.status_code == 200, r.text
+    ckpt = Path(r.json()["path"])
+    assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["Qwen3_5ForCausalLM"]
+    names = set()
+    for shard in ckpt.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names |= set(f.keys())
+    assert "model.layers.0.linear_attn.in_proj_z.weight" in names and not any("in_proj_qkvz" in n for n in names)
+
+    def hf(path) -> list[float]:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            logp = torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+    print("checkpoint in transformers vs served:", gap(hf(ckpt), served), "original vs served:", gap(hf(tiny_qwen3_5), served))
+    assert gap(hf(ckpt), served) <= BF16_TRAINED_LOGPROB_TOL < gap(hf(tiny_qwen3_5), served)
