@@ -109,7 +109,7 @@ def first_goes_first(round_index: int) -> bool:
 
 # ---- the run --------------------------------------------------------------------------------------------------
 
-SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32"]
+SERVER_ARGS = ["--max-model-len", "512", "--max-num-seqs", "32"]  # and --dtype (args.dtype)
 PHASES = ("serving", "extraction", "train", "checkpoint", "readout")
 # Which server each phase needs (readout runs vLLM's offline engine instead).
 NEEDS = {"stock": {"serving"}, "plugin": {"serving", "extraction"}, "training": {"serving", "train", "checkpoint"}}
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, help="steps per /train round (default 3, --quick 1)")
     ap.add_argument("--phases", default=",".join(PHASES),
                     help=f"comma-separated subset of {','.join(PHASES)} (a targeted rerun; servers start only as needed)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="served and standalone dtype (bfloat16 for Gated DeltaNet hybrids on CPU)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     args.phases = set(args.phases.split(","))
@@ -142,7 +144,8 @@ def main() -> None:
     model_dir = Path(resolve_model(args.model))
     work = Path(tempfile.mkdtemp(prefix="plasticity-bench-real-"))
     results = {"model": args.model, "model_dir": str(model_dir), "settings": {
-        k: getattr(args, k) for k in ("quick", "rounds", "paired_rounds", "concurrency", "tokens", "texts", "train_steps")},
+        k: getattr(args, k) for k in ("quick", "rounds", "paired_rounds", "concurrency", "tokens", "texts", "train_steps",
+                                      "dtype")},
         "phases": sorted(args.phases),
         "load": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     t_start = time.monotonic()
@@ -178,9 +181,9 @@ def serve_phase(kind: str, model_dir: Path, args, work: Path, results: dict) -> 
     vectors = work / "vectors"
     vectors.mkdir(exist_ok=True)
     if kind.startswith("stock"):
-        server = ServerProcess.stock(model_dir, extra_args=SERVER_ARGS, log_path=work / f"{kind}.log")
+        server = ServerProcess.stock(model_dir, extra_args=[*SERVER_ARGS, "--dtype", args.dtype], log_path=work / f"{kind}.log")
     else:
-        extra = [*SERVER_ARGS, "--vectors-dir", str(vectors), "--state-dir", str(work / f"state-{kind}")]
+        extra = [*SERVER_ARGS, "--dtype", args.dtype, "--vectors-dir", str(vectors), "--state-dir", str(work / f"state-{kind}")]
         server = ServerProcess.plasticity(model_dir, extra_args=extra + (["--training"] if kind == "training" else []),
                                           log_path=work / f"{kind}.log")
     try:
@@ -249,7 +252,7 @@ def train_phase(server, model_dir: Path, args) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the trainer subprocess's budget (trainer.py)
     try:
-        step = standalone_step(model_dir, samples)
+        step = standalone_step(model_dir, samples, dtype=getattr(torch, args.dtype))
         step()  # warm-up: optimizer state, allocator
 
         def job(steps: int) -> dict:

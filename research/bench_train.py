@@ -56,14 +56,15 @@ def in_process_steps(model_dir: Path, samples: list[dict], steps: int) -> list[f
     return [step() for _ in range(steps)]
 
 
-def standalone_step(model_dir: Path, samples: list[dict], lr: float = LR):
-    """A private HF model + APOLLO in this process (same loss as the trainer's); returns a function that
-    takes one step on `samples` and answers its seconds. Model and optimizer state persist across calls."""
+def standalone_step(model_dir: Path, samples: list[dict], lr: float = LR, dtype: torch.dtype = torch.float32):
+    """A private HF model (in `dtype`, the served one) + APOLLO in this process (same loss as the trainer's);
+    returns a function that takes one step on `samples` and answers its seconds. Model and optimizer state
+    persist across calls."""
     import transformers
 
     from plasticity_training.trainer_core import TrainerCore
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     core = TrainerCore.__new__(TrainerCore)  # reuse the trainer's loss on a private (non-shared) model
     core.model, core.pad_id = model.eval(), model.config.pad_token_id or 0
     opt = Apollo(list(model.named_parameters()), **OptimizerSettings(lr=lr).model_dump())

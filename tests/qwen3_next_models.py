@@ -1,4 +1,5 @@
-"""A tiny random Qwen3-Next (Gated DeltaNet hybrid with MoE), made by transformers, for the tests.
+"""Tiny random Gated DeltaNet hybrids made by transformers, for the tests: Qwen3-Next (with MoE), Qwen 3.5
+(dense) and Qwen 3.5 as released (image-text, its language model under `model.language_model.`).
 
 bfloat16 on disk because vLLM's CPU Gated DeltaNet path refuses float32 ("CPU GDN attention requires BF16").
 The tokenizer is a byte-level BPE trained on a few sentences (the built-in model's recipe), so building
@@ -64,14 +65,8 @@ def build_tiny_qwen3_5(out_dir: Path, seed: int = 0) -> Path:
     from plasticity_training.default_model import train_tokenizer
 
     tokenizer = train_tokenizer(TEXT, VOCAB_SIZE)
-    base = tiny_qwen3_next_config(len(tokenizer)).to_dict()
-    fields = {k: base[k] for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "layer_types", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-        "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings", "tie_word_embeddings",
-        "bos_token_id", "eos_token_id", "pad_token_id")}
     torch.manual_seed(seed)
-    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**fields)).to(torch.bfloat16)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**_qwen3_5_text_fields(len(tokenizer)))).to(torch.bfloat16)
     with torch.no_grad():  # random norm weights, so the test exercises the gated norm
         for name, p in model.named_parameters():
             if name.endswith(("linear_attn.norm.weight", "layernorm.weight", "norm.weight")):
@@ -79,3 +74,32 @@ def build_tiny_qwen3_5(out_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_tiny_qwen3_5_image_text(out_dir: Path, seed: int = 0) -> Path:
+    """Save a random-init tiny `Qwen3_5ForConditionalGeneration` (Qwen 3.5 as it is released: the language
+    model above under `model.language_model.`, plus a one-block vision tower under `model.visual.`)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from plasticity_training.default_model import train_tokenizer
+
+    tokenizer = train_tokenizer(TEXT, VOCAB_SIZE)
+    text = _qwen3_5_text_fields(len(tokenizer))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision,
+                                                          tie_word_embeddings=False)).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _qwen3_5_text_fields(vocab_size: int) -> dict:
+    """The Qwen3-Next model's layer plan and sizes as Qwen 3.5 text config fields (dense MLP, no experts)."""
+    base = tiny_qwen3_next_config(vocab_size).to_dict()
+    return {k: base[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "layer_types", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+        "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings", "tie_word_embeddings",
+        "bos_token_id", "eos_token_id", "pad_token_id")}

@@ -16,9 +16,9 @@ import requests
 import torch
 
 from conftest import API_KEY, prompt_logprobs
-from qwen3_next_models import build_tiny_qwen3_5
+from qwen3_next_models import build_tiny_qwen3_5, build_tiny_qwen3_5_image_text
 from test_qwen3_next import (BF16_LOGPROB_TOL, BF16_TRAINED_LOGPROB_TOL, HEADERS, SERVER_ARGS, gap, hf_logprobs,
-                             live_view, readout_and_steering_equal_the_hf_form)
+                             live_view, readout_and_steering_equal_the_hf_form, serving_invariances)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,40 @@ def test_hf_view_on_vllm_layout_is_the_hf_model(tiny_qwen3_5, tok):
     assert weights["model.layers.0.linear_attn.in_proj_ba.weight"][b_rows + 1, 0] == 2.0
 
 
+@pytest.fixture(scope="module")
+def image_text(tmp_path_factory) -> Path:
+    return build_tiny_qwen3_5_image_text(tmp_path_factory.mktemp("qwen3_5-image-text") / "m")
+
+
+def test_a_checkpoint_of_an_image_text_release_is_the_whole_release(image_text, tok, tmp_path):
+    """Qwen 3.5 as released is image-text: the trainer's view is its language model (`model.*` where the
+    release has `model.language_model.*`). A checkpoint written from the view after a change keeps the
+    release's names and carries its vision tower over: transformers loads it as the image-text model, its
+    text logits are the view's, and every vision tensor is the release's, bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from plasticity_training.checkpoint import sync_checkpoint
+    from plasticity_training.checkpoint_form import CheckpointForm
+    from plasticity_training.hf_view import build_hf_view
+
+    view = build_hf_view(image_text, vllm_layout(image_text))
+    with torch.no_grad():
+        view.model.layers[0].linear_attn.in_proj_z.weight.mul_(-1.0)  # a trained change, say
+    form = CheckpointForm(image_text)
+    assert form.image_text and form.name("model.layers.0.linear_attn.A_log") == "model.language_model.layers.0.linear_attn.A_log"
+    sync_checkpoint(form.tensors(view), tmp_path / "ckpt", image_text)
+    loaded = Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "ckpt" / "current", dtype=torch.bfloat16).eval()
+    ids = torch.tensor([tok("The story begins at the door of the old house")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, view(input_ids=ids).logits)
+    release = load_file(str(image_text / "model.safetensors"))
+    visual = {n: t for n, t in release.items() if n.startswith("model.visual.")}
+    assert visual and all(torch.equal(loaded.state_dict()[n], t) for n, t in visual.items())
+    assert not torch.equal(loaded.state_dict()["model.language_model.layers.0.linear_attn.in_proj_z.weight"],
+                           release["model.language_model.layers.0.linear_attn.in_proj_z.weight"])
+
+
 # ---- one served model: training and readout on, bfloat16 (the full tier) ---------------------------------
 
 @pytest.fixture(scope="module")
@@ -102,6 +136,11 @@ def test_serves_the_plasticity_subclass_with_shared_weights(server, tiny_qwen3_5
     served = prompt_logprobs(server.url, str(tiny_qwen3_5), ids, API_KEY)
     print("served vs HF on the live weights, before training:", gap(served, hf_logprobs(server, ids)))
     assert gap(served, hf_logprobs(server, ids)) <= BF16_LOGPROB_TOL
+
+
+@pytest.mark.slow
+def test_decode_prefill_batch_chunking_causality_and_isolation(server, tiny_qwen3_5):
+    serving_invariances(server, str(tiny_qwen3_5))
 
 
 @pytest.mark.slow
@@ -149,10 +188,14 @@ def test_a_step_on_the_gdn_parts_alone_is_served(server, tiny_qwen3_5, tok):
     assert gap(after, hf_logprobs(server, ids)) <= BF16_TRAINED_LOGPROB_TOL
 
 
-@pytest.mark.slow
-def test_checkpoint_is_a_qwen3_5_directory_transformers_loads(server, tiny_qwen3_5, tok):
+@pytest.mark.slow  # stops the module's server: the last test to use it
+def test_checkpoint_is_a_qwen3_5_directory_transformers_loads_and_a_restart_serves(server, servers_restart,
+                                                                                 tiny_qwen3_5, tok, tmp_path):
     """/checkpoint writes the checkpoint's own names (in_proj_qkv, in_proj_z, ... unfused): stock
-    transformers loads it and computes the served log-probs, not the original's."""
+    transformers loads it and computes the served log-probs, not the original's, and a fresh server from
+    it (started as the first was) serves them unchanged."""
+    from vllm_plasticity.launcher import ServerProcess
+
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -175,3 +218,45 @@ def test_checkpoint_is_a_qwen3_5_directory_transformers_loads(server, tiny_qwen3
         return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
     print("checkpoint in transformers vs served:", gap(hf(ckpt), served), "original vs served:", gap(hf(tiny_qwen3_5), served))
     assert gap(hf(ckpt), served) <= BF16_TRAINED_LOGPROB_TOL < gap(hf(tiny_qwen3_5), served)
+
+    servers_restart.stop()
+    args = [*SERVER_ARGS, "--training", "--state-dir", str(tmp_path / "state"), "--vectors-dir", str(server.vectors_dir)]
+    fresh = servers_restart.start("qwen3_5-restored", lambda log_path: ServerProcess.plasticity(
+        ckpt.parent, extra_args=args, log_path=log_path))
+    name = requests.get(fresh.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    assert gap(prompt_logprobs(fresh.url, name, ids), served) <= 1e-6
+    servers_restart.stop()
+
+
+@pytest.mark.slow
+def test_an_image_text_release_is_served_as_its_language_model_trained_and_checkpointed_whole(
+        servers_restart, image_text, tok, tmp_path):
+    """`plasticity serve` on Qwen 3.5 as released serves its language model (the vision tower not loaded),
+    trains it in place, and /checkpoint writes the whole release back: transformers loads it as the
+    image-text model with the served text log-probs and the release's vision tower."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from vllm_plasticity.launcher import ServerProcess
+
+    args = [*SERVER_ARGS, "--training", "--state-dir", str(tmp_path / "state")]
+    server = servers_restart.start("qwen3_5-image-text", lambda log_path: ServerProcess.plasticity(
+        image_text, extra_args=args, log_path=log_path))
+    info = requests.get(server.url + "/plasticity/info", timeout=10).json()
+    assert info["architecture"] == "PlasticityQwen3_5ForConditionalGeneration" and info["weights_shareable"]
+    ids = tok("The cat saw the sea near the barn, and the story went on.")["input_ids"]
+    assert gap(prompt_logprobs(server.url, str(image_text), ids), hf_logprobs(server, ids)) <= BF16_LOGPROB_TOL
+    r = requests.post(server.url + "/train", timeout=600, json={
+        "context_ids": ids[:5], "continuation_ids": ids[5:], "steps": 5, "optimizer": {"lr": 1e-2}})
+    assert r.status_code == 200, r.text
+    served = prompt_logprobs(server.url, str(image_text), ids)
+    r = requests.post(server.url + "/checkpoint", timeout=600, json={})
+    assert r.status_code == 200, r.text
+    loaded = Qwen3_5ForConditionalGeneration.from_pretrained(r.json()["path"], dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(loaded(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    print("checkpoint (image-text, transformers) vs served:", gap([logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0], served))
+    assert gap([logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0], served) <= BF16_TRAINED_LOGPROB_TOL
+    release = load_file(str(image_text / "model.safetensors"))
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in release.items() if n.startswith("model.visual."))
+    servers_restart.stop()

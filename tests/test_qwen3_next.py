@@ -33,8 +33,10 @@ BF16_TRAINED_LOGPROB_TOL = 0.25
 # or, in a model training has sharpened, 4x the HF form's own distance from float32 on the same weights.
 BF16_SCORE_REL_TOL = 2**-6
 STEER = 8.0  # about three times the stream's norm here
+# Prefills longer than 128 tokens (one prefix block) are chunked: the invariance tests cross chunk boundaries.
+# No API key: tests/recurrent_parity.py's checks post without one (the key is tested on the built-in model).
 SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4", "--enable-prefix-caching",
-               "--api-key", API_KEY]
+               "--max-num-batched-tokens", "128"]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -199,6 +201,27 @@ def test_serves_the_plasticity_subclass_with_shared_weights(server, tiny_qwen3_n
     served = prompt_logprobs(server.url, str(tiny_qwen3_next), ids, API_KEY)
     print("served vs HF on the live weights, before training:", gap(served, hf_logprobs(server, ids)))
     assert gap(served, hf_logprobs(server, ids)) <= BF16_LOGPROB_TOL
+
+
+@pytest.mark.slow
+def test_decode_prefill_batch_chunking_causality_and_isolation(server, tiny_qwen3_next):
+    serving_invariances(server, str(tiny_qwen3_next))
+
+
+def serving_invariances(server, model: str) -> None:
+    """What any served architecture must keep (tests/recurrent_parity.py), in bfloat16: generated tokens'
+    log-probs = the same text prefilled; a batch of prompts (chunked: 128 tokens per step) = each alone;
+    later tokens never change earlier log-probs; concurrent generations = each alone."""
+    from tests import recurrent_parity as parity
+
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    rng = torch.Generator().manual_seed(0)
+    prompt = lambda n: torch.randint(1, vocab, (n,), generator=rng).tolist()  # noqa: E731
+    parity.decode_equals_prefill(server, model, prompt(30), 40, BF16_LOGPROB_TOL)
+    parity.batch_invariant(server, model, [prompt(n) for n in (3, 17, 64, 127, 129, 200, 255)], BF16_LOGPROB_TOL)
+    for t in (0, 31, 150):
+        parity.causal(server, model, prompt(200), t, vocab, BF16_LOGPROB_TOL)
+    parity.isolated(server, model, [prompt(n) for n in (7, 50, 90, 140)], 12, BF16_LOGPROB_TOL)
 
 
 @pytest.mark.slow

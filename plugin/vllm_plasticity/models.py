@@ -40,6 +40,7 @@ from vllm_plasticity.vllm_patches import qwen3_5_importable
 
 qwen3_5_importable()  # before vLLM's qwen3_5 module is imported (vllm_patches.py says why)
 from vllm.model_executor.models.qwen3_5 import Qwen3_5ForCausalLM  # noqa: E402
+from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
 
 from vllm_plasticity.config import process_config
 from vllm_plasticity.cpu_repack import use_repacked_kernels
@@ -114,3 +115,12 @@ class PlasticityQwen3_5ForCausalLM(SharedWeightsMixin, Qwen3_5ForCausalLM):
     """Qwen 3.5 (dense): Gated DeltaNet + gated attention, as Qwen3-Next without experts. vLLM fuses the
     checkpoint's in_proj_qkv + in_proj_z into in_proj_qkvz and in_proj_b + in_proj_a into in_proj_ba (row
     blocks in that order; hf_view.py views them back)."""
+
+
+class PlasticityQwen3_5ForConditionalGeneration(PlasticityQwen3_5ForCausalLM):
+    """The language model of a Qwen 3.5 image-text release (`Qwen3_5ForConditionalGeneration`, how Qwen 3.5
+    is published), served text only: vLLM's text class already reads `model.language_model.*` as `model.*`
+    and drops the multi-token-prediction head; the vision tower's tensors are skipped here too. They stay in
+    the release's files, and trainer checkpoints carry them over (plasticity_training/checkpoint_form.py)."""
+
+    hf_to_vllm_mapper = Qwen3_5ForCausalLM.hf_to_vllm_mapper | WeightsMapper(orig_to_new_prefix={"model.visual.": None})

@@ -146,6 +146,13 @@ SEAMS: tuple[Seam, ...] = (
       "models.py", "PlasticityQwen3_5ForCausalLM; its layers are Qwen3-Next decoder layers (tapped as those) and "
       "its model is called through Qwen3NextModel.forward", params=("vllm_config", "prefix"),
       assigns=("model", "packed_modules_mapping", "load_weights")),
+    S("weights mapper", "vllm.model_executor.models.utils", "WeightsMapper", "public", "models.py",
+      "PlasticityQwen3_5ForConditionalGeneration adds `model.visual.` (dropped) to the Qwen 3.5 text class's mapper "
+      "with `|`", assigns=("orig_to_new_prefix", "__or__")),
+    S("Qwen3.5 text class maps checkpoint names", "vllm.model_executor.models.qwen3_5", "Qwen3_5ForCausalLMBase", "reads",
+      "models.py", "its `hf_to_vllm_mapper` reads `model.language_model.*` as `model.*` and drops `mtp.*`, so an "
+      "image-text release's language model loads into the text class", assigns=("hf_to_vllm_mapper",),
+      contains=('"model.language_model.": "model."', '"mtp.": None')),
     S("Qwen3-VL imports smart_resize", "vllm.model_executor.models.qwen3_vl", "", "reads", "vllm_patches.py",
       "qwen3_5_importable stands in for transformers' torchvision image processor module with `smart_resize` "
       "alone: the one name this module takes from it", contains=(

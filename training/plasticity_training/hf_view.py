@@ -96,6 +96,7 @@ def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn
         raise ViewError(f"model type {config.model_type!r} is not supported "
                         f"(supported: {SUPPORTED_MODEL_TYPES + PROJECT_MODEL_TYPES})")
     some = next(iter(weights.values()))
+    config = config.get_text_config()  # an image-text release (Qwen 3.5) is served and trained as its text model
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=some.dtype)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from plasticity_training import checkpoint as ckpt
 from plasticity_training.divergence import Rollback, divergence
 from plasticity_training.apollo import Apollo, NonFiniteGradientError, NonFiniteUpdateError, flatten_state, unflatten_state
+from plasticity_training.checkpoint_form import CheckpointForm
 from plasticity_training.hf_view import build_hf_view
 from plasticity_training.objectives import ObjectiveResult, continuation_logprobs, dpo_loss, orpo_loss, sft_loss
 from plasticity_training.state_store import VersionMark, open_model_state
@@ -110,6 +111,7 @@ class TrainerCore:
         self.optimizer: Apollo | None = None
         self.checkpoint_buffers = ckpt.BufferPool()  # a sync's window buffers, kept for the next one
         self.checkpoint_changes = ckpt.ChangeTracker()  # which tensors steps changed since each generation
+        self.checkpoint_form = CheckpointForm(model_path)  # the checkpoint's names for them, what it carries over
         self.job: dict | None = None
 
     def _restore_from_checkpoint(self) -> str | None:
@@ -323,7 +325,7 @@ class TrainerCore:
                 self._refuse_if_diverged(f"step {job['steps'] + 1}: {exc}")
             raise TrainerError("rejected", f"{exc}; step rejected, weights unchanged") from exc
         self.optimizer.zero_grad(set_to_none=True)
-        self.checkpoint_changes.stepped(name for name, p in self.named.items() if p.requires_grad)
+        self.checkpoint_changes.stepped(self.checkpoint_form.names(n for n, p in self.named.items() if p.requires_grad))
         job["steps"] += 1
         self._new_version()
         self.state.total_steps += 1
@@ -347,7 +349,8 @@ class TrainerCore:
         job, self.job = self.job, None
         rolled_back = False
         if job is not None and job["diverged"] and job["rollback"] is not None and job["steps"]:
-            self.checkpoint_changes.stepped(job["rollback"].restore(self.named, self.optimizer))
+            restored = job["rollback"].restore(self.named, self.optimizer)
+            self.checkpoint_changes.stepped(self.checkpoint_form.names(restored))
             self._new_version()  # other weights than the last step's: a new version (never an old number)
             rolled_back = True
         if job is not None and success:
@@ -393,10 +396,11 @@ class TrainerCore:
         if config is not None:
             extra[PROCESS_CONFIG] = json.dumps(config, indent=1, sort_keys=True).encode()
         try:
-            report = ckpt.sync_checkpoint(ckpt.hf_tensors(self.model), target, self.model_path, extra_files=extra,
-                                          buffers=self.checkpoint_buffers, changes=self.checkpoint_changes,
-                                          allowed_root=allowed_root, allow_model_dir=allow_model_dir,
-                                          max_names=max_names, origin=self.origin, replace=replace)
+            report = ckpt.sync_checkpoint(self.checkpoint_form.tensors(self.model), target, self.model_path,
+                                          extra_files=extra, buffers=self.checkpoint_buffers,
+                                          changes=self.checkpoint_changes, allowed_root=allowed_root,
+                                          allow_model_dir=allow_model_dir, max_names=max_names, origin=self.origin,
+                                          replace=replace)
         except ckpt.CheckpointOriginError as exc:
             raise TrainerError("other_model", f"{exc}; name another checkpoint (\"path\"), or send \"replace\": true "
                                               "to overwrite it") from exc

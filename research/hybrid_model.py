@@ -1,0 +1,43 @@
+"""A random Qwen 3.5 (Gated DeltaNet hybrid, dense MLP) at a larger shape, for benchmarks on 2 CPU cores.
+
+The original system trained Qwen 3.5 27B: 64 layers, three Gated DeltaNet layers to one attention layer,
+hidden 5120. This keeps its layer plan and head sizes (128) at a width 2 cores run in minutes: hidden 1024,
+8 layers (GDN, GDN, GDN, attention, twice), GDN 4 key / 8 value heads, attention 8 query / 2 KV heads,
+MLP 3072, vocabulary 32768 (the tokenizer is the built-in model's small BPE; the unused rows still cost
+what a real vocabulary costs): 175M parameters, bfloat16 (vLLM's CPU GDN path refuses float32).
+
+    python research/hybrid_model.py OUT_DIR        # prints OUT_DIR; then bench_real.py --model OUT_DIR --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPE = dict(vocab_size=32768, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
+             layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+             num_attention_heads=8, num_key_value_heads=2, head_dim=128, linear_num_key_heads=4,
+             linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+             max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+TOKENIZER_TEXT = "\n\n".join(f"The {a} saw the {b}, and the story went on." for a in ("cat", "owl", "boat", "door")
+                             for b in ("river", "gate", "lamp", "letter"))
+
+
+def build(out_dir: Path, seed: int = 0) -> Path:
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    from plasticity_training.default_model import train_tokenizer
+
+    torch.manual_seed(seed)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**SHAPE)).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    train_tokenizer(TOKENIZER_TEXT, 512).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__.strip().splitlines()[-1].strip())
+    print(build(Path(sys.argv[1])))
