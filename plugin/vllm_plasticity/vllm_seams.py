@@ -231,10 +231,12 @@ SEAMS: tuple[Seam, ...] = (
       "repack swaps the native pointer inside `handler_tensor` (the compiled graph holds the tensor); the handler "
       "releases whatever pointer it holds when dropped", reads=("handler_tensor",), assigns=("handler_tensor",)),
     S("CPU GEMM dispatch order", "vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm", "reads",
-      "cpu_repack.py, packed_copies.py", "onednn_serves mirrors its choice (zentorch, then sgl kernels, then "
-      "oneDNN); packed conv1d weights keep `_cpu_unpacked_conv_weight`", params=("layer", "remove_weight"),
+      "cpu_repack.py, packed_copies.py", "repackable_kernels_serve and repackable_gemm mirror its choice (zentorch, "
+      "then sgl kernels over `convert_weight_packed` copies, then oneDNN); packed conv1d weights keep "
+      "`_cpu_unpacked_conv_weight`", params=("layer", "remove_weight"),
       reads=("is_zen_cpu", "zentorch_linear_unary", "check_cpu_sgl_kernel", "_supports_onednn", "create_onednn_mm",
-             "cpu_linear", "_cpu_unpacked_conv_weight", "causal_conv1d_weight_pack")),
+             "cpu_linear", "_cpu_unpacked_conv_weight", "causal_conv1d_weight_pack", "weight_packed_linear_cpu"),
+      contains=("torch.ops._C.convert_weight_packed(layer.weight)",)),
     S("CPU GEMM call", "vllm.model_executor.layers.utils", "cpu_unquantized_gemm", "reads", "cpu_repack.py, models.py",
       "a layer's `cpu_linear` is what multiplies, so replacing it changes the kernel", reads=("cpu_linear",)),
     S("GDN conv unpacked weight", "vllm.model_executor.layers.mamba.ops.cpu.gdn_attention", "_unpacked_conv_weight",
@@ -271,7 +273,10 @@ SEAMS: tuple[Seam, ...] = (
     S("pipeline placeholder", "vllm.model_executor.models.utils", "PPMissingLayer", "calls", "vllm_patches.py",
       "layers of other pipeline stages are skipped when tapping"),
     S("sgl kernel test", "vllm.model_executor.layers.utils", "check_cpu_sgl_kernel", "calls", "cpu_repack.py",
-      "onednn_serves asks vLLM's own size test", params=("n", "k", "dtype"), ordered=True),
+      "repackable_gemm asks vLLM's own size test", params=("n", "k", "dtype"), ordered=True),
+    S("sgl packed matmul", "vllm._custom_ops", "weight_packed_linear_cpu", "calls", "cpu_repack.py",
+      "a small bfloat16 layer's multiply with its packed copy (RepackableSglGemm)",
+      params=("x", "packed_weight", "n", "bias"), ordered=True),
     S("oneDNN handle create", "vllm._custom_ops", "create_onednn_mm", "calls", "cpu_repack.py",
       "a handle of the plugin's own per layer", params=("weight", "primitive_cache_size"), ordered=True),
     S("oneDNN matmul", "vllm._custom_ops", "onednn_mm", "calls", "cpu_repack.py", "the repacked layer's multiply",
