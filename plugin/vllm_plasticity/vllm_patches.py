@@ -148,7 +148,11 @@ def qwen3_5_importable() -> bool:
     only the function vLLM imports from that module. Idempotent; nothing is done where torchvision exists."""
     if TORCHVISION_IMAGE_PROCESSOR in sys.modules or importlib.util.find_spec("torchvision") is not None:
         return False
-    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
+    try:
+        from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
+    except ImportError as exc:  # another transformers: Qwen 3.5 is left as vLLM leaves it (it says why)
+        logger.warning("plasticity: Qwen 3.5 needs torchvision here (%s)", exc)
+        return False
 
     stand_in = types.ModuleType(TORCHVISION_IMAGE_PROCESSOR, "plasticity's stand-in: smart_resize only "
                                 "(torchvision is not installed)")
