@@ -24,6 +24,13 @@ In order, one server at a time:
      publish cost, served log-probs moved and equal to Hugging Face on the live weights (in place);
      /checkpoint of the whole model, then after a one-layer step (bytes and seconds, block diff vs full).
   3. `plasticity serve --vectors-dir` on the built-in model (fp32): readout and steering vs Hugging Face.
+  4. Qwen 3.5 (the original system's family, Gated DeltaNet hybrid): a random model with Qwen 3.5 27B's layer
+     shapes, four layers (3 GDN + 1 gated attention, 1.85B parameters, bf16; research/hybrid_model.py), under
+     `plasticity serve --training --vectors-dir`: weights shared by CUDA IPC, served log-probs vs Hugging Face
+     on the live weights, throughput, readout + steering at a GDN layer vs Hugging Face, a /train step
+     (ms/step, tok/s, MFU) and the server serving the trained weights. `--smoke`: a tiny Qwen 3.5.
+
+`--phases` picks a subset (e.g. `--phases hybrid` when a device's time is short).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
+from hybrid_model import QWEN3_5_27B_LAYERS  # noqa: E402
+from hybrid_model import build as build_hybrid  # noqa: E402
 
 from plasticity_training.default_model import ModelSpec, build_model, default_model_path  # noqa: E402
 from vllm_plasticity.contract.bank import save_bank  # noqa: E402
@@ -61,6 +70,14 @@ TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_atte
 # fp32 on CPU is exact to rounding; fp32 on a GPU may use other reduction orders; bf16 keeps 8 bits.
 PHASE_SECONDS = 150  # what starting a server, measuring and stopping it needs at least
 TOLERANCE = {("cpu", "float32"): 1e-4, ("cuda", "float32"): 1e-3, ("cuda", "bfloat16"): 5e-2}
+# The Gated DeltaNet hybrid is bf16 on both sides with different GDN kernels (vLLM's chunked delta rule vs
+# transformers' own): the tests' tolerance for it (tests/test_qwen3_next.py, BF16_LOGPROB_TOL).
+HYBRID_TOLERANCE = 0.1
+# --smoke's hybrid: Qwen 3.5's layer plan at a width a CPU builds and serves in seconds (GDN heads stay 128:
+# vLLM's CPU delta-rule kernel takes no other head size).
+TINY_HYBRID = dict(QWEN3_5_27B_LAYERS, vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=128, linear_num_key_heads=2, linear_num_value_heads=2)
+PHASES = ("stock", "plugin", "builtin", "hybrid")
 
 
 @dataclasses.dataclass
@@ -322,12 +339,7 @@ def plugin_phase(model_dir: Path, args, prompts, stock: dict | None, report: Rep
                        "the generation salt (kv_generations.py) after each step; goal < 1 ms"))
         after = prompt_logprobs(server, model, probe)
         moved = max_gap(before, after)
-        view = live_view(server)
-        device = next(view.parameters()).device
-        with torch.no_grad():
-            logp = torch.log_softmax(view(torch.tensor(probe, device=device)).logits[0].float(), -1)
-        hf = [[logp[i - 1, t].item() for i, t in enumerate(probe[0]) if i > 0]]
-        gap = max_gap(after, hf)
+        gap = max_gap(after, [hf_logprobs(live_view(server), probe[0])])
         report.add(Row("/train in place: the server serves the trained weights", "pass" if moved > tol and gap <= tol else "FAIL",
                        f"served log-probs moved {moved:.1e}; served vs HF on the live weights {gap:.1e} (tolerance {tol:g})", ""))
 
@@ -368,6 +380,78 @@ def builtin_phase(args, report: Report, workdir: Path) -> None:
         server.stop()
 
 
+def hybrid_phase(args, report: Report, workdir: Path) -> None:
+    """Qwen 3.5 at 27B's layer shapes (four layers), bf16, under `plasticity serve --training --vectors-dir`."""
+    t0 = time.monotonic()
+    shape = TINY_HYBRID if args.smoke else QWEN3_5_27B_LAYERS
+    model_dir = build_hybrid(workdir / "hybrid", shape=shape)
+    plan = ", ".join(t.split("_")[0] for t in shape["layer_types"])
+    report.add(Row("Qwen 3.5: build the model", "measured", f"{time.monotonic() - t0:.0f} s",
+                   f"random init, {'tiny' if args.smoke else '27B layer shapes'}, {shape['num_hidden_layers']} layers ({plan})"))
+    vectors, vocab, tol = workdir / "vectors-hybrid", shape["vocab_size"], HYBRID_TOLERANCE
+    vectors.mkdir(exist_ok=True)
+    server_args = ["--dtype", "bfloat16", *args.common_args, "--training", "--vectors-dir", str(vectors),
+                   "--state-dir", str(workdir / "state-hybrid")]
+    server = ServerProcess.plasticity(model_dir, extra_args=server_args, log_path=workdir / "hybrid.log")
+    server.vectors_dir, model = vectors, str(model_dir)
+    try:
+        server.wait_ready()
+        details = info(server)
+        kind = json.loads(Path(details["weight_manifest"]).read_text())["kind"] if details["weight_manifest"] else None
+        report.add(Row("Qwen 3.5: weights shared in place", "pass" if kind == ("cuda_ipc" if args.device == "cuda" else "cpu_shm") else "FAIL",
+                       f"manifest kind {kind}", f"{details.get('num_parameters', 0) / 1e6:.1f}M parameters"))
+        rng = random.Random(5)
+        probe = [[rng.randrange(10, vocab) for _ in range(64)] for _ in range(2)]
+        gap = max_gap(prompt_logprobs(server, model, probe), [hf_logprobs(live_view(server), p) for p in probe])
+        report.add(Row("Qwen 3.5: served vs Hugging Face on the live weights", "pass" if gap <= tol else "FAIL",
+                       f"max log-prob gap {gap:.1e} (tolerance {tol:g})", f"{len(probe)} prompts of 64 tokens, bf16"))
+        throughput(server, model, vocab, args.concurrency, 8)  # warm-up
+        tps = throughput(server, model, vocab, args.concurrency, args.tokens)
+        report.add(Row("Qwen 3.5: throughput (--training --vectors-dir, idle)", "measured", f"{tps:.0f} tok/s",
+                       f"{args.concurrency} concurrent x {args.tokens} tokens"))
+        row = readout_parity(server, model, vocab, details["readout"]["hidden_size"], 0, tol)
+        report.add(dataclasses.replace(row, check="Qwen 3.5: readout + steering at a GDN layer vs Hugging Face"))
+
+        # The probe's own text is one of the samples, so the step moves what the probe reads.
+        samples = [{"context_ids": probe[0][:16], "continuation_ids": probe[0][16:]}] + [
+            {"context_ids": [rng.randrange(10, vocab) for _ in range(64)],
+             "continuation_ids": [rng.randrange(10, vocab) for _ in range(192)]} for _ in range(3)]
+        before = prompt_logprobs(server, model, probe[:1])
+        r = requests.post(server.url + "/train", timeout=900,
+                          json={"samples": samples, "steps": args.train_steps, "optimizer": {"lr": 1e-3}})
+        if r.status_code != 200:
+            report.add(Row("Qwen 3.5: /train step", "FAIL", "", f"{r.status_code}: {r.text[:200]}"))
+            return
+        job = requests.get(server.url + f"/train/status/{r.json()['job_id']}", timeout=30).json()
+        losses, step = job["losses"], statistics.median(job["step_seconds"][1:] or job["step_seconds"])
+        tokens_per_step = sum(len(s["context_ids"]) + len(s["continuation_ids"]) for s in samples)
+        flops = 6 * details.get("num_parameters", 0) * tokens_per_step / step
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in args.gpu_name), None)
+        mfu = f", MFU {flops / peak:.1%}" if peak and args.device == "cuda" else ""
+        report.add(Row("Qwen 3.5: /train step", "pass" if losses[-1] < losses[0] else "FAIL",
+                       f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; {step * 1e3:.0f} ms/step, "
+                       f"{tokens_per_step / step:.0f} tok/s{mfu}",
+                       f"{len(samples)} samples, {tokens_per_step} tokens per step, {args.train_steps} steps at lr 1e-3, "
+                       "every parameter (APOLLO)"))
+        after = prompt_logprobs(server, model, probe[:1])
+        moved, gap = max_gap(before, after), max_gap(after, [hf_logprobs(live_view(server), probe[0])])
+        # Served follows the trainer: within tolerance of HF on the new weights, and nearer them than its own
+        # log-probs before the step were.
+        ok = gap <= tol and gap < moved / 2
+        report.add(Row("Qwen 3.5: the server serves the trained weights", "pass" if ok else "FAIL",
+                       f"served log-probs moved {moved:.1e}; served vs HF on the live weights {gap:.1e} (tolerance {tol:g})", ""))
+    finally:
+        server.stop()
+
+
+def hf_logprobs(model, ids: list[int]) -> list[float]:
+    """log p(token_i | <i) for i >= 1 from the HF form, as prompt_logprobs lists the server's."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids], device=device)).logits[0].float(), -1)
+    return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "gpu_results.md"))
@@ -377,7 +461,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
     args = parser.parse_args()
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if unknown := set(phases) - set(PHASES):
+        parser.error(f"--phases: unknown {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     cuda = torch.cuda.is_available()
     args.device = "cuda" if cuda else "cpu"
     args.gpu_name = torch.cuda.get_device_name(0) if cuda else ""
@@ -388,37 +476,41 @@ def main() -> None:
     args.train_steps = 3 if args.smoke else 4
     args.extract_texts = 16 if args.smoke else 128
     args.memory_args = ["--gpu-memory-utilization", "0.5"] if cuda else []
-    args.server_args = ["--dtype", args.dtype, "--max-model-len", "1024", "--max-num-seqs", str(max(args.concurrency, 8)),
-                        *args.memory_args]
+    # Every server's arguments but its dtype (the Llama phases take args.dtype, the hybrid bf16).
+    args.common_args = ["--max-model-len", "1024", "--max-num-seqs", str(max(args.concurrency, 8)), *args.memory_args]
     if args.smoke and not cuda:
         # The smoke run checks the script, not vLLM's compiled path (the plugin's tests check that): skipping
         # torch.compile saves most of each CPU server start.
-        args.server_args.append("--enforce-eager")
+        args.common_args.append("--enforce-eager")
+    args.server_args = ["--dtype", args.dtype, *args.common_args]
     budget = Budget(args.budget or (1800.0 if args.smoke else 450.0))
     out = Path(args.out)
     header = (f"# GPU check{' (--smoke: the script on a tiny model, not a GPU result)' if args.smoke else ''}\n\n"
               f"Machine: {machine()}. GPU: {args.gpu_name or 'none (CUDA not available)'}. torch {torch.__version__}, "
               f"vLLM {_vllm_version()}. Command: `{command()}`.\n"
               f"Model: a random-init Llama ({'tiny' if args.smoke else '~1B, Llama-3.2-1B layer shapes'}), {args.dtype}; "
-              f"throughput = generated tokens/s for {args.concurrency} concurrent greedy requests of {args.tokens} tokens.\n")
+              f"throughput = generated tokens/s for {args.concurrency} concurrent greedy requests of {args.tokens} tokens.\n"
+              f"Phases: {', '.join(phases)}.\n")
     report = Report(out, header)
     if not cuda and not args.smoke:
         for name in ("CUDA IPC weight sharing", "logits: plugin architecture vs stock vLLM", "throughput",
                      "readout + steering vs Hugging Face",
-                     "extraction through the server vs Hugging Face in-process", "/train step", "publishing a step", "/checkpoint"):
+                     "extraction through the server vs Hugging Face in-process", "/train step", "publishing a step", "/checkpoint",
+                     "Qwen 3.5 (Gated DeltaNet hybrid, 27B's layer shapes)"):
             report.add(Row(name, "not run", "", "no CUDA device (torch.cuda.is_available() is False); --smoke runs the script on CPU"))
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        t0 = time.monotonic()
-        spec = ModelSpec(**(TINY if args.smoke else ONE_B), max_position_embeddings=1024, train_steps=0)
-        model_dir = build_model(spec, workdir / "model", log=lambda m: print(m, flush=True))
-        args.vocab = spec.vocab_size
-        report.add(Row("build the model", "measured", f"{time.monotonic() - t0:.0f} s", f"random init, {spec.num_hidden_layers} layers"))
-        rng = random.Random(1)
-        prompts = [[rng.randrange(10, args.vocab) for _ in range(64)] for _ in range(4)]
-        stock = None
-        for phase in ("stock", "plugin", "builtin"):
+        model_dir, prompts, stock = None, [], None
+        if {"stock", "plugin"} & set(phases):  # the Llama: only the phases that serve it build it
+            t0 = time.monotonic()
+            spec = ModelSpec(**(TINY if args.smoke else ONE_B), max_position_embeddings=1024, train_steps=0)
+            model_dir = build_model(spec, workdir / "model", log=lambda m: print(m, flush=True))
+            args.vocab = spec.vocab_size
+            report.add(Row("build the model", "measured", f"{time.monotonic() - t0:.0f} s", f"random init, {spec.num_hidden_layers} layers"))
+            rng = random.Random(1)
+            prompts = [[rng.randrange(10, args.vocab) for _ in range(64)] for _ in range(4)]
+        for phase in phases:
             if budget.left() < PHASE_SECONDS:  # a phase starts a server: do not begin one that cannot end in time
                 report.add(Row(f"{phase} phase", "not run", "", f"less than {PHASE_SECONDS} s of the --budget left"))
                 continue
@@ -431,8 +523,10 @@ def main() -> None:
                     stock = stock_phase(model_dir, args, prompts, report, workdir)
                 elif phase == "plugin":
                     plugin_phase(model_dir, args, prompts, stock, report, workdir, budget)
-                else:
+                elif phase == "builtin":
                     builtin_phase(args, report, workdir)
+                else:
+                    hybrid_phase(args, report, workdir)
             except Exception as exc:  # the report says what broke; later phases still run
                 report.add(Row(f"{phase} phase", "FAIL", "", f"{type(exc).__name__}: {str(exc)[:300]}"))
     print(out.read_text())

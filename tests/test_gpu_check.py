@@ -1,6 +1,6 @@
-"""research/gpu_check.py runs end to end here with --smoke (a tiny fp32 model on CPU): every check it can run
-on CPU passes, the CUDA-only ones say they did not run and why, and the report is written. The GPU figures
-themselves come only from a GPU run."""
+"""research/gpu_check.py runs end to end here with --smoke (a tiny fp32 Llama and a tiny bf16 Qwen 3.5 on
+CPU): every check it can run on CPU passes, the CUDA-only ones say they did not run and why, and the report
+is written. The GPU figures themselves come only from a GPU run."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ def test_the_gpu_check_runs_end_to_end_and_says_what_it_could_not_run(servers_re
     assert rows.pop("built-in model (fp32): readout + steering vs Hugging Face") == "not run"
     for check in ("logits: plugin architecture vs stock vLLM", "readout + steering vs Hugging Face",
                   "extraction through the server vs Hugging Face in-process", "/train step",
-                  "/train in place: the server serves the trained weights"):
+                  "/train in place: the server serves the trained weights", "Qwen 3.5: weights shared in place",
+                  "Qwen 3.5: served vs Hugging Face on the live weights",
+                  "Qwen 3.5: readout + steering at a GDN layer vs Hugging Face", "Qwen 3.5: /train step",
+                  "Qwen 3.5: the server serves the trained weights"):
         assert rows.pop(check) == "pass", check
     for check in ("throughput: plugin (--training --vectors-dir, idle) vs stock", "throughput: readout 1 layer vs idle",
                   "throughput: steer 1 layer vs idle", "throughput: readout every layer vs idle", "publishing a step",
-                  "/checkpoint: the first, then after a one-layer step", "stock vLLM serves the model", "build the model"):
+                  "/checkpoint: the first, then after a one-layer step", "stock vLLM serves the model", "build the model",
+                  "Qwen 3.5: build the model", "Qwen 3.5: throughput (--training --vectors-dir, idle)"):
         assert rows.pop(check) == "measured", check
     assert not rows, f"unexpected rows (a phase failed?): {rows}"
     assert "--smoke: the script on a tiny model, not a GPU result" in out_file.read_text()
