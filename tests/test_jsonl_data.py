@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from plasticity_training.jsonl_data import (ChatExample, LineError, PreferenceExample, check_limits, check_objective,
+from vllm_plasticity.contract.chat_samples import (ChatExample, LineError, PreferenceExample, check_limits, check_objective,
                                             read_jsonl, to_samples)
 from plasticity_training.train_cli import build_samples, make_batches, ServerLimits
 

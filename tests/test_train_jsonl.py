@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from conftest import API_KEY, prompt_logprobs
-from plasticity_training.jsonl_data import read_jsonl, to_samples
+from vllm_plasticity.contract.chat_samples import read_jsonl, to_samples
 from plasticity_training.served_chat import ServedChatTemplate
 
 pytestmark = pytest.mark.server
@@ -126,3 +126,31 @@ def test_preference_file_trains_with_dpo(plasticity_server, auth, tmp_path):
     job = recent_jobs(plasticity_server, auth)[0]
     assert job["objective"] == "dpo" and job["status"] == "succeeded" and job["steps"] == 3
     assert job["margins"][-1] > job["margins"][0]
+
+
+def test_the_server_converts_chat_lines_as_plasticity_train_does(plasticity_server, auth):
+    """POST /train/convert (what the page's teach panel sends) gives exactly the samples `plasticity train`
+    builds for the same lines, and refuses a bad line with its line and field, without the key with 401."""
+    url = plasticity_server.url
+    lines = [{"messages": CONVERSATION},
+             {"input": {"messages": [{"role": "user", "content": "Which door?"}]},
+              "preferred_output": [{"role": "assistant", "content": "The blue one."}],
+              "non_preferred_output": [{"role": "assistant", "content": "The red one."}]}]
+    template = ServedChatTemplate(url, api_key=API_KEY)
+    (chat, preference), errors = read_jsonl(map(json.dumps, lines))
+    assert not errors
+    r = requests.post(url + "/train/convert", headers=auth, timeout=60, json={"lines": lines[:1]})
+    assert r.status_code == 200, r.text
+    assert r.json()["samples"] == [i.body() for i in to_samples(chat, template)]
+    assert r.json()["sources"] == [{"line": 1, "field": "messages[2]"}, {"line": 1, "field": "messages[4]"}]
+    r = requests.post(url + "/train/convert", headers=auth, timeout=60, json={"lines": lines[1:], "objective": "dpo"})
+    assert r.status_code == 200, r.text
+    assert r.json()["samples"] == [i.body() for i in to_samples(preference, template)]
+
+    bad = [lines[0], {"messages": [{"role": "robot", "content": "x"}]}]
+    r = requests.post(url + "/train/convert", headers=auth, timeout=60, json={"lines": bad})
+    assert r.status_code == 400 and "line 2: messages[0].role: unknown role 'robot'" in r.text, r.text
+    r = requests.post(url + "/train/convert", headers=auth, timeout=60, json={"lines": lines})
+    assert r.status_code == 400 and "line 2: input: a preference line trains with --objective dpo or orpo" in r.text
+    assert requests.post(url + "/train/convert", timeout=60, json={"lines": lines[:1]}).status_code == 401
+    assert requests.post(url + "/train/convert", headers=auth, timeout=60, json={"lines": []}).status_code == 400

@@ -237,8 +237,32 @@ def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_se
     assert page.errors == []
 
 
+def test_the_training_panel_teaches_a_chat_answer_through_the_chat_template(page, plasticity_server):
+    """The panel starts in chat mode on a model with a chat template, and teaches the answer as a chat
+    request will see it: the samples are the server's /train/convert (plasticity train's conversion)."""
+    assert page.locator("#train-mode-chat").is_checked() and page.locator("#train-question").is_visible()
+    assert not page.locator("#train-context").is_visible()
+    assert page.input_value("#train-lr") == "0.01"  # the built-in model's size: its fact-learning rate
+    question, answer = "Who rows the night ferry?", "Old Tamsin with the lantern."
+    page.fill("#train-question", question)
+    page.fill("#train-answer", answer)
+    page.fill("#train-steps", "25")
+    page.click("#teach")
+    wait_status(page, "taught in 25 steps", timeout=300000)
+    assert page.locator("#train-before").inner_text().strip() != answer
+    assert page.locator("#train-after").inner_text().strip() == answer
+    page.screenshot(path=str(ARTIFACTS / "5a-taught-chat.png"), full_page=True)
+    # the answer is what a chat request now gets
+    model = requests.get(plasticity_server.url + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"]
+    chat = requests.post(plasticity_server.url + "/v1/chat/completions", headers=AUTH, timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0}).json()
+    assert chat["choices"][0]["message"]["content"].strip() == answer
+    assert page.errors == []
+
+
 def test_the_training_panel_teaches_a_fact_and_checkpoints(page):
     assert page.locator("#train-panel").is_visible()
+    page.click("#train-mode-text")
     page.fill("#train-context", "The keeper of the lighthouse was called")
     page.fill("#train-continuation", " Ottoline Brask")
     page.fill("#train-steps", "25")

@@ -25,7 +25,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
-from vllm_plasticity import __version__, metrics
+from vllm_plasticity import __version__, chat_convert, metrics
+from vllm_plasticity.chat_convert import ConvertRequest
 from vllm_plasticity.config import PlasticityConfig, process_config, training_needs_one_shard
 from vllm_plasticity.contract.files import write_atomically
 from vllm_plasticity.readout_routes import attach_readout_routes
@@ -196,6 +197,16 @@ async def train(req: TrainRequest, training: TrainingService = Depends(require_t
     if job.http_status >= 400:
         raise HTTPException(job.http_status, f"{job.id}: {job.error}")
     return job.summary()
+
+
+@router.post("/train/convert")
+async def convert_chat(req: ConvertRequest, request: Request, state: ServerState = Depends(require_api_key)) -> dict:
+    """OpenAI fine-tuning lines (chat or preference) -> the /train samples they make with the served chat
+    template, the conversion `plasticity train` runs (chat_convert.py). Trains nothing; a training server's
+    limits (tokens per request, model length) are checked so the samples can be sent as they are."""
+    training = require_training(state)
+    return await chat_convert.convert(request.app, req, state.model_path, training.max_model_len, training.limits.max_tokens,
+                                      request.headers.get("authorization"))
 
 
 @router.get("/train/status")

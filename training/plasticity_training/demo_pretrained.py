@@ -135,7 +135,7 @@ class _Session:
                 print(f"    {concept}: {self.chat(prompt, 40, {'steer': [f'emotions/{concept}', self.strength]})!r}")
 
     def teach(self) -> None:
-        from plasticity_training.jsonl_data import parse_line, to_samples
+        from vllm_plasticity.contract.chat_samples import parse_line, to_samples
         from plasticity_training.served_chat import ServedChatTemplate
 
         self.step("Teach it a fact: one chat turn, through the served chat template, to POST /train")

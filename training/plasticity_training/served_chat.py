@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import requests
+
+from vllm_plasticity.contract import chat_samples
 
 TIMEOUT_SECONDS = 120
 
@@ -31,7 +32,7 @@ class ServerError(RuntimeError):
 
 
 class ServedChatTemplate:
-    """jsonl_data.ChatTemplate backed by a running server."""
+    """chat_samples.ChatTemplate backed by a running server (over HTTP)."""
 
     def __init__(self, server: str, api_key: str | None = None, session: requests.Session | None = None) -> None:
         self.url = server.rstrip("/")
@@ -75,24 +76,16 @@ class ServedChatTemplate:
 
 
 def stop_tokens(model_path: str) -> tuple[int | None, frozenset[int]]:
-    """(the token to append to a turn that renders none, every token a generation stops at), as vLLM
-    reads them: the tokenizer's eos and generation_config.json's eos_token_id (an id or a list). Unknown
-    (None, empty) when the model's directory is not on this machine: turns are then trained as the
-    template renders them, which for most chat templates includes their end-of-turn token."""
-    path = Path(model_path)
-    if not path.is_dir():
+    """chat_samples.stop_tokens of the served model's directory; unknown (None, empty) when the directory is
+    not on this machine: turns are then trained as the template renders them, which for most chat templates
+    includes their end-of-turn token (said once on stderr)."""
+    found = chat_samples.stop_tokens(model_path)
+    if found is None:
         print(f"plasticity train: the served model's directory {model_path!r} is not on this machine; its "
               "end-of-generation token is unknown, so assistant turns are trained as the chat template renders "
               "them (most templates end a turn with their own end token)", file=sys.stderr)
         return None, frozenset()
-    from transformers import AutoTokenizer
-
-    eos = AutoTokenizer.from_pretrained(path).eos_token_id
-    generation = path / "generation_config.json"
-    configured = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
-    configured = [configured] if isinstance(configured, int) else list(configured or [])
-    stops = frozenset([*configured, *([eos] if eos is not None else [])])
-    return (configured[0] if configured else eos), stops
+    return found
 
 
 def _reason(r: requests.Response) -> str:

@@ -1,7 +1,7 @@
 """`plasticity train`: teach a running server an OpenAI fine-tuning JSONL file.
 
 Client side; imports no vLLM. Every line is checked and tokenized with the served model's own chat template
-(jsonl_data.py, served_chat.py) before anything is sent: a file with errors sends nothing unless
+(contract/chat_samples.py, served_chat.py) before anything is sent: a file with errors sends nothing unless
 --skip-bad. The samples then go to POST /train in batches (one job per batch, --steps optimizer steps
 each), with a progress bar over the steps, and a summary at the end.
 
@@ -19,8 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from plasticity_training.jsonl_data import (OBJECTIVES, LineError, TrainItem, check_limits, check_objective,
-                                            read_jsonl, to_samples)
+from vllm_plasticity.contract.chat_samples import OBJECTIVES, LineError, TrainItem, convert_lines
 from plasticity_training.served_chat import ServedChatTemplate, ServerError
 from vllm_plasticity.config import TrainLimits
 from vllm_plasticity.contract.settings import OptimizerSettings, sample_tokens
@@ -123,20 +122,8 @@ def server_limits(template: ServedChatTemplate) -> ServerLimits:
 
 def build_samples(lines: list[str], template, objective: str, limits: ServerLimits) -> tuple[list[TrainItem], list[LineError]]:
     """Every line's samples, and every line's error (a line with an error gives no sample)."""
-    examples, errors = read_jsonl(lines)
-    items = []
-    for example in tqdm(examples, desc="tokenize", unit="line", leave=False, disable=len(examples) < 50):
-        try:
-            check_objective(example, objective)
-            line_items = to_samples(example, template)
-            for item in line_items:
-                check_limits(item, limits.max_model_len, limits.max_tokens)
-        except LineError as exc:
-            errors.append(exc)
-            continue
-        items.extend(line_items)
-    errors.sort(key=lambda e: e.line)
-    return items, errors
+    bar = lambda examples: tqdm(examples, desc="tokenize", unit="line", leave=False, disable=len(examples) < 50)
+    return convert_lines(lines, template, objective, limits.max_model_len, limits.max_tokens, progress=bar)
 
 
 def make_batches(items: list[TrainItem], max_samples: int, max_tokens: int) -> list[list[TrainItem]]:

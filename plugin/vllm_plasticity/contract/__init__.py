@@ -11,4 +11,6 @@ plasticity_training (tests/test_import_graph.py checks it):
     bank.py      the concept-bank format on disk and the readout capacity rule
     files.py     atomic writes and the path-inside-a-directory rule
     architectures.py  every architecture served: the one table both sides derive their lists from
+    chat_samples.py  OpenAI fine-tuning lines -> /train samples with a chat template (`plasticity train`,
+                     the server's /train/convert); transformers only to read a tokenizer's end token
 """

@@ -62,6 +62,7 @@ async function refresh() {
     state.model = (await api("/v1/models")).data[0].id;
     $("model-name").textContent = `${state.info.architecture} · ${state.model}`;
     $("train-panel").hidden = !state.info.features.training;
+    if (state.info.features.training) await chooseTrainDefaults();
     await refreshBanks();
     setStatus("ready");
   } catch (err) { reportError(err); }
@@ -355,19 +356,32 @@ async function tokenize(text, special) {
   return (await api("/tokenize", { model: state.model, prompt: text, add_special_tokens: special })).tokens;
 }
 
+// The sample to teach, as the mode says: chat turns through the server's own conversion (POST
+// /train/convert: the model's chat template, as `plasticity train` uses it), or raw text tokenized here.
+async function trainSample() {
+  if ($("train-mode-chat").checked) {
+    const user = $("train-question").value, assistant = $("train-answer").value;
+    if (!user.trim() || !assistant.trim()) throw new ApiError(400, "write both the user's message and the answer");
+    const line = { messages: [{ role: "user", content: user }, { role: "assistant", content: assistant }] };
+    return (await api("/train/convert", { lines: [line] })).samples[0];
+  }
+  const context_ids = await tokenize($("train-context").value, true);
+  const continuation_ids = await tokenize($("train-continuation").value, false);
+  if (!continuation_ids.length) throw new ApiError(400, "the continuation is empty");
+  return { context_ids, continuation_ids };
+}
+
 async function teach() {
   const button = $("teach");
   button.disabled = true;
   try {
-    const context = await tokenize($("train-context").value, true);
-    const continuation = await tokenize($("train-continuation").value, false);
-    if (!continuation.length) throw new ApiError(400, "the continuation is empty");
-    $("train-before").textContent = await completeText(context, continuation.length);
+    const sample = await trainSample();
+    const n = sample.continuation_ids.length;
+    $("train-before").textContent = await completeText(sample.context_ids, n);
     setStatus(`training ${$("train-steps").value} steps ...`);
-    const job = await api("/train", { context_ids: context, continuation_ids: continuation,
-                                      steps: Number($("train-steps").value), force: true,
+    const job = await api("/train", { samples: [sample], steps: Number($("train-steps").value), force: true,
                                       optimizer: { lr: Number($("train-lr").value) } });
-    $("train-after").textContent = await completeText(context, continuation.length);
+    $("train-after").textContent = await completeText(sample.context_ids, n);
     const losses = job.losses || [];
     lineChart($("loss-chart"), [{ colour: PALETTE[0], points: losses.map((v, i) => [i, v]) }], 720, 160, "step");
     $("train-log").textContent = `${job.job_id}: ${job.status}, ${job.steps} steps on ${job.tokens} tokens, ` +
@@ -375,6 +389,28 @@ async function teach() {
     setStatus(`taught in ${job.steps} steps`);
   } catch (err) { reportError(err); }
   finally { button.disabled = false; }
+}
+
+function showTrainMode() {
+  const chat = $("train-mode-chat").checked;
+  $("train-chat-fields").hidden = !chat;
+  $("train-text-fields").hidden = chat;
+}
+
+// Chat mode where the served model has a chat template (its /tokenize renders messages), text otherwise.
+// The learning rate starts where a fact is learned in the default steps without wrecking the model:
+// measured, the built-in 1.3M model needs ~1e-2 for 25 steps; SmolLM2-135M learns one in <= 10 steps at
+// 1e-4 (research/results/facts_real.md), where 1e-2 destroys what it knew.
+async function chooseTrainDefaults() {
+  let chat = true;
+  try {
+    await api("/tokenize", { model: state.model, messages: [{ role: "user", content: "hi" }], add_generation_prompt: true });
+  } catch { chat = false; }
+  (chat ? $("train-mode-chat") : $("train-mode-text")).checked = true;
+  showTrainMode();
+  const small = (state.info.num_parameters || 0) < 1e7;
+  $("train-lr").value = small ? "0.01" : "0.0001";
+  $("train-steps").value = small ? "20" : "10";
 }
 
 async function checkpoint() {
@@ -414,6 +450,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("steer-generate").addEventListener("click", steerGenerate);
   $("teach").addEventListener("click", teach);
+  for (const radio of document.getElementsByName("train-mode")) radio.addEventListener("change", showTrainMode);
   $("checkpoint").addEventListener("click", checkpoint);
   refresh();
 });

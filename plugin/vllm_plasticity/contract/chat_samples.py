@@ -1,7 +1,10 @@
 """OpenAI fine-tuning JSONL: each line checked, then turned into /train samples with the served model's own
 chat template.
 
-Client side (`plasticity train`); imports no vLLM. Two kinds of line, as OpenAI's fine-tuning takes them:
+One conversion for every caller: `plasticity train` (client side, rendering through the server's
+/tokenize over HTTP: served_chat.py) and the server's `POST /train/convert`, which the page's teach panel
+uses (rendering through the same /tokenize in-process: chat_convert.py). Imports no vLLM. Two kinds of
+line, as OpenAI's fine-tuning takes them:
 
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 1}]}
     {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": "..."}],
@@ -15,7 +18,7 @@ including the token that ends a generation (appended when the template writes no
 to stop. Errors name the line (1-based) and the field: `line 3: messages[1].role: unknown role 'bot' ...`.
 
     >>> examples, errors = read_jsonl(path.read_text().splitlines())
-    >>> items = to_samples(examples[0], template)   # template: the server's /tokenize (served_chat.py)
+    >>> items = to_samples(examples[0], template)   # template: the server's /tokenize
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Protocol
 
 from vllm_plasticity.contract.settings import PreferenceSample, Sample, sample_length, sample_tokens
@@ -104,6 +108,26 @@ def read_jsonl(lines: Iterable[str]) -> tuple[list[Example], list[LineError]]:
     return examples, errors
 
 
+def convert_lines(lines: Iterable[str], template: ChatTemplate, objective: str, max_model_len: int,
+                  max_request_tokens: int, progress=lambda examples: examples) -> tuple[list[TrainItem], list[LineError]]:
+    """Every line's samples, and every line's error (a line with an error gives no sample), in line order.
+    PROGRESS wraps the parsed examples (a progress bar) while they are tokenized."""
+    examples, errors = read_jsonl(lines)
+    items = []
+    for example in progress(examples):
+        try:
+            check_objective(example, objective)
+            line_items = to_samples(example, template)
+            for item in line_items:
+                check_limits(item, max_model_len, max_request_tokens)
+        except LineError as exc:
+            errors.append(exc)
+            continue
+        items.extend(line_items)
+    errors.sort(key=lambda e: e.line)
+    return items, errors
+
+
 def parse_line(text: str, line: int) -> Example:
     try:
         obj = json.loads(text)
@@ -150,6 +174,23 @@ def to_samples(example: Example, template: ChatTemplate) -> list[TrainItem]:
         continuation = _continuation(template, context, before, example.messages[i], example.tools, example.line, field)
         items.append(TrainItem(example.line, field, Sample(context_ids=context, continuation_ids=continuation)))
     return items
+
+
+def stop_tokens(model_dir: str) -> tuple[int | None, frozenset[int]] | None:
+    """(the token to append to a turn that renders none, every token a generation stops at), as vLLM reads
+    them: the tokenizer's eos and generation_config.json's eos_token_id (an id or a list). None when
+    `model_dir` is not a directory on this machine."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return None
+    from transformers import AutoTokenizer  # the tokenizer's own eos (its files name it several ways)
+
+    eos = AutoTokenizer.from_pretrained(path).eos_token_id
+    generation = path / "generation_config.json"
+    configured = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    stops = frozenset([*configured, *([eos] if eos is not None else [])])
+    return (configured[0] if configured else eos), stops
 
 
 def check_limits(item: TrainItem, max_model_len: int, max_request_tokens: int) -> None:
