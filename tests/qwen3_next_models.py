@@ -1,5 +1,6 @@
 """Tiny random Gated DeltaNet hybrids made by transformers, for the tests: Qwen3-Next (with MoE), Qwen 3.5
-(dense) and Qwen 3.5 as released (image-text, its language model under `model.language_model.`).
+(dense, and with experts) and Qwen 3.5 as released (image-text, its language model under
+`model.language_model.`).
 
 bfloat16 on disk because vLLM's CPU Gated DeltaNet path refuses float32 ("CPU GDN attention requires BF16").
 The tokenizer is a byte-level BPE trained on a few sentences (the built-in model's recipe), so building
@@ -76,6 +77,36 @@ def build_tiny_qwen3_5(out_dir: Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+def build_tiny_qwen3_5_moe(out_dir: Path, seed: int = 0, image_text: bool = False) -> Path:
+    """Save a random-init tiny Qwen 3.5 with experts (bfloat16): the Qwen 3.5 model above with the Qwen3-Next
+    model's experts and random router. `image_text`: as the MoE releases are published
+    (`Qwen3_5MoeForConditionalGeneration`: that language model under `model.language_model.`, plus a
+    one-block vision tower under `model.visual.`); else `Qwen3_5MoeForCausalLM`."""
+    from transformers import (Qwen3_5MoeConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
+                              Qwen3_5MoeTextConfig)
+
+    from plasticity_training.default_model import train_tokenizer
+
+    tokenizer = train_tokenizer(TEXT, VOCAB_SIZE)
+    base = tiny_qwen3_next_config(len(tokenizer)).to_dict()
+    text = {**_qwen3_5_text_fields(len(tokenizer)), **{k: base[k] for k in (
+        "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")}}
+    torch.manual_seed(seed)
+    if image_text:
+        model = Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeConfig(
+            text_config=text, vision_config=_tiny_vision(text["hidden_size"]), tie_word_embeddings=False))
+    else:
+        model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text))
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():  # random router/norm weights, as the Qwen3-Next model
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "linear_attn.norm.weight", "layernorm.weight", "norm.weight")):
+                p.normal_(0.0, 0.2 if "gate" in name else 0.1).add_(1.0 if "linear_attn.norm" in name else 0.0)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def build_tiny_qwen3_5_image_text(out_dir: Path, seed: int = 0) -> Path:
     """Save a random-init tiny `Qwen3_5ForConditionalGeneration` (Qwen 3.5 as it is released: the language
     model above under `model.language_model.`, plus a one-block vision tower under `model.visual.`)."""
@@ -85,8 +116,7 @@ def build_tiny_qwen3_5_image_text(out_dir: Path, seed: int = 0) -> Path:
 
     tokenizer = train_tokenizer(TEXT, VOCAB_SIZE)
     text = _qwen3_5_text_fields(len(tokenizer))
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
-                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    vision = _tiny_vision(text["hidden_size"])
     torch.manual_seed(seed)
     model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision,
                                                           tie_word_embeddings=False)).to(torch.bfloat16)
@@ -103,3 +133,9 @@ def _qwen3_5_text_fields(vocab_size: int) -> dict:
         "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
         "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings", "tie_word_embeddings",
         "bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def _tiny_vision(out_hidden_size: int) -> dict:
+    """A one-block vision tower: present in the release's files, never served or trained here."""
+    return dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=out_hidden_size,
+                patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)

@@ -39,7 +39,7 @@ from vllm.platforms import current_platform
 from vllm_plasticity.vllm_patches import qwen3_5_importable
 
 qwen3_5_importable()  # before vLLM's qwen3_5 module is imported (vllm_patches.py says why)
-from vllm.model_executor.models.qwen3_5 import Qwen3_5ForCausalLM  # noqa: E402
+from vllm.model_executor.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM  # noqa: E402
 from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
 
 from vllm_plasticity.config import process_config
@@ -117,6 +117,11 @@ class PlasticityQwen3_5ForCausalLM(SharedWeightsMixin, Qwen3_5ForCausalLM):
     blocks in that order; hf_view.py views them back)."""
 
 
+class PlasticityQwen3_5MoeForCausalLM(SharedWeightsMixin, Qwen3_5MoeForCausalLM):
+    """Qwen 3.5 with mixture-of-experts MLPs (the 35B-A3B .. 397B-A17B releases' language model): Qwen 3.5's
+    GDN and attention layers with Qwen3-Next's experts (packed copies on CPU, packed again per step)."""
+
+
 class PlasticityQwen3_5ForConditionalGeneration(PlasticityQwen3_5ForCausalLM):
     """The language model of a Qwen 3.5 image-text release (`Qwen3_5ForConditionalGeneration`, how Qwen 3.5
     is published), served text only: vLLM's text class already reads `model.language_model.*` as `model.*`
@@ -124,3 +129,10 @@ class PlasticityQwen3_5ForConditionalGeneration(PlasticityQwen3_5ForCausalLM):
     the release's files, and trainer checkpoints carry them over (plasticity_training/checkpoint_form.py)."""
 
     hf_to_vllm_mapper = Qwen3_5ForCausalLM.hf_to_vllm_mapper | WeightsMapper(orig_to_new_prefix={"model.visual.": None})
+
+
+class PlasticityQwen3_5MoeForConditionalGeneration(PlasticityQwen3_5MoeForCausalLM):
+    """The language model of a Qwen 3.5 MoE image-text release (`Qwen3_5MoeForConditionalGeneration`), served
+    text only as PlasticityQwen3_5ForConditionalGeneration serves the dense one."""
+
+    hf_to_vllm_mapper = PlasticityQwen3_5ForConditionalGeneration.hf_to_vllm_mapper

@@ -146,6 +146,10 @@ SEAMS: tuple[Seam, ...] = (
       "models.py", "PlasticityQwen3_5ForCausalLM; its layers are Qwen3-Next decoder layers (tapped as those) and "
       "its model is called through Qwen3NextModel.forward", params=("vllm_config", "prefix"),
       assigns=("model", "packed_modules_mapping", "load_weights")),
+    S("Qwen3.5 MoE causal LM", "vllm.model_executor.models.qwen3_5", "Qwen3_5MoeForCausalLM.__init__", "subclasses",
+      "models.py", "PlasticityQwen3_5MoeForCausalLM: the Qwen 3.5 text class with Qwen3-Next's experts (its "
+      "QwenNextMixtureOfExperts), set up in its own __init__", params=("vllm_config", "prefix"),
+      contains=("self.set_moe_parameters()",)),
     S("weights mapper", "vllm.model_executor.models.utils", "WeightsMapper", "public", "models.py",
       "PlasticityQwen3_5ForConditionalGeneration adds `model.visual.` (dropped) to the Qwen 3.5 text class's mapper "
       "with `|`", assigns=("orig_to_new_prefix", "__or__")),

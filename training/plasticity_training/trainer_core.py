@@ -325,7 +325,8 @@ class TrainerCore:
                 self._refuse_if_diverged(f"step {job['steps'] + 1}: {exc}")
             raise TrainerError("rejected", f"{exc}; step rejected, weights unchanged") from exc
         self.optimizer.zero_grad(set_to_none=True)
-        self.checkpoint_changes.stepped(self.checkpoint_form.names(n for n, p in self.named.items() if p.requires_grad))
+        self.checkpoint_changes.stepped(self.checkpoint_form.names((n for n, p in self.named.items() if p.requires_grad),
+                                                                   self.model))
         job["steps"] += 1
         self._new_version()
         self.state.total_steps += 1
@@ -350,7 +351,7 @@ class TrainerCore:
         rolled_back = False
         if job is not None and job["diverged"] and job["rollback"] is not None and job["steps"]:
             restored = job["rollback"].restore(self.named, self.optimizer)
-            self.checkpoint_changes.stepped(self.checkpoint_form.names(restored))
+            self.checkpoint_changes.stepped(self.checkpoint_form.names(restored, self.model))
             self._new_version()  # other weights than the last step's: a new version (never an old number)
             rolled_back = True
         if job is not None and success:

@@ -50,8 +50,13 @@ REGISTRY: tuple[Architecture, ...] = (
                  extends="Qwen3NextForCausalLM"),  # Gated DeltaNet hybrid (bfloat16 on CPU)
     Architecture("PlasticityQwen3_5ForCausalLM", f"{_PLUGIN}:PlasticityQwen3_5ForCausalLM", "qwen3_5_text",
                  extends="Qwen3_5ForCausalLM"),  # Qwen 3.5 dense, the same hybrid
+    Architecture("PlasticityQwen3_5MoeForCausalLM", f"{_PLUGIN}:PlasticityQwen3_5MoeForCausalLM", "qwen3_5_moe_text",
+                 extends="Qwen3_5MoeForCausalLM"),  # Qwen 3.5 with experts
     Architecture("PlasticityQwen3_5ForConditionalGeneration", f"{_PLUGIN}:PlasticityQwen3_5ForConditionalGeneration",
                  "qwen3_5", extends="Qwen3_5ForConditionalGeneration"),  # Qwen 3.5 as released: its text model
+    Architecture("PlasticityQwen3_5MoeForConditionalGeneration",
+                 f"{_PLUGIN}:PlasticityQwen3_5MoeForConditionalGeneration", "qwen3_5_moe",
+                 extends="Qwen3_5MoeForConditionalGeneration"),  # Qwen 3.5 MoE as released: its text model
     # Architectures stock vLLM cannot serve, written in this project (architectures/).
     Architecture("CausalBankForCausalLM", f"{_ARCHS}.causal_bank_vllm:CausalBankForCausalLM", "causal_bank",
                  hf_form=f"{_ARCHS}.causal_bank_hf:CausalBankForCausalLM",
