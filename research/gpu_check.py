@@ -319,21 +319,10 @@ def plugin_phase(model_dir: Path, args, prompts, stock: dict | None, report: Rep
                     "continuation_ids": [rng.randrange(10, args.vocab) for _ in range(192)]} for _ in range(8)]
         probe = prompts[:1]
         before = prompt_logprobs(server, model, probe)
-        r = requests.post(server.url + "/train", timeout=900, json={"samples": samples, "steps": args.train_steps})
-        if r.status_code != 200:
-            report.add(Row("/train on the live server", "FAIL", "", f"{r.status_code}: {r.text[:200]}"))
+        row, job = train_step(server, details, args, "/train step", samples, {})
+        report.add(row)
+        if job is None:
             return
-        job = requests.get(server.url + f"/train/status/{r.json()['job_id']}", timeout=30).json()
-        losses, step = job["losses"], statistics.median(job["step_seconds"][1:] or job["step_seconds"])
-        # Every token runs forward and backward (context and continuation; the loss is on the continuation).
-        tokens_per_step = sum(len(s["context_ids"]) + len(s["continuation_ids"]) for s in samples)
-        flops = 6 * details.get("num_parameters", 0) * tokens_per_step / step
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in args.gpu_name), None)
-        mfu = f", MFU {flops / peak:.1%}" if peak and args.device == "cuda" else ""
-        report.add(Row("/train step", "pass" if losses[-1] < losses[0] else "FAIL",
-                       f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; {step * 1e3:.0f} ms/step, "
-                       f"{tokens_per_step / step:.0f} tok/s, {flops / 1e12:.1f} TFLOP/s{mfu}",
-                       f"{len(samples)} samples x 256 tokens, {args.train_steps} steps (APOLLO defaults); 6N FLOPs/token"))
         publish = job["publish_seconds"]
         report.add(Row("publishing a step", "measured", f"median {statistics.median(publish) * 1e3:.2f} ms, max {max(publish) * 1e3:.2f} ms",
                        "the generation salt (kv_generations.py) after each step; goal < 1 ms"))
@@ -417,22 +406,10 @@ def hybrid_phase(args, report: Report, workdir: Path) -> None:
             {"context_ids": [rng.randrange(10, vocab) for _ in range(64)],
              "continuation_ids": [rng.randrange(10, vocab) for _ in range(192)]} for _ in range(3)]
         before = prompt_logprobs(server, model, probe[:1])
-        r = requests.post(server.url + "/train", timeout=900,
-                          json={"samples": samples, "steps": args.train_steps, "optimizer": {"lr": 1e-3}})
-        if r.status_code != 200:
-            report.add(Row("Qwen 3.5: /train step", "FAIL", "", f"{r.status_code}: {r.text[:200]}"))
+        row, job = train_step(server, details, args, "Qwen 3.5: /train step", samples, {"lr": 1e-3})
+        report.add(row)
+        if job is None:
             return
-        job = requests.get(server.url + f"/train/status/{r.json()['job_id']}", timeout=30).json()
-        losses, step = job["losses"], statistics.median(job["step_seconds"][1:] or job["step_seconds"])
-        tokens_per_step = sum(len(s["context_ids"]) + len(s["continuation_ids"]) for s in samples)
-        flops = 6 * details.get("num_parameters", 0) * tokens_per_step / step
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in args.gpu_name), None)
-        mfu = f", MFU {flops / peak:.1%}" if peak and args.device == "cuda" else ""
-        report.add(Row("Qwen 3.5: /train step", "pass" if losses[-1] < losses[0] else "FAIL",
-                       f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; {step * 1e3:.0f} ms/step, "
-                       f"{tokens_per_step / step:.0f} tok/s{mfu}",
-                       f"{len(samples)} samples, {tokens_per_step} tokens per step, {args.train_steps} steps at lr 1e-3, "
-                       "every parameter (APOLLO)"))
         after = prompt_logprobs(server, model, probe[:1])
         moved, gap = max_gap(before, after), max_gap(after, [hf_logprobs(live_view(server), probe[0])])
         # Served follows the trainer: within tolerance of HF on the new weights, and nearer them than its own
@@ -442,6 +419,29 @@ def hybrid_phase(args, report: Report, workdir: Path) -> None:
                        f"served log-probs moved {moved:.1e}; served vs HF on the live weights {gap:.1e} (tolerance {tol:g})", ""))
     finally:
         server.stop()
+
+
+def train_step(server: ServerProcess, details: dict, args, check: str, samples: list[dict],
+               optimizer: dict) -> tuple[Row, dict | None]:
+    """One /train job of args.train_steps steps on `samples`: its row (loss down; ms/step, tokens/s, TFLOP/s
+    and MFU at 6N FLOPs per token) and the job's detail (None when /train refused it)."""
+    r = requests.post(server.url + "/train", timeout=900,
+                      json={"samples": samples, "steps": args.train_steps, **({"optimizer": optimizer} if optimizer else {})})
+    if r.status_code != 200:
+        return Row(check, "FAIL", "", f"{r.status_code}: {r.text[:200]}"), None
+    job = requests.get(server.url + f"/train/status/{r.json()['job_id']}", timeout=30).json()
+    losses, step = job["losses"], statistics.median(job["step_seconds"][1:] or job["step_seconds"])
+    # Every token runs forward and backward (context and continuation; the loss is on the continuation).
+    tokens_per_step = sum(len(s["context_ids"]) + len(s["continuation_ids"]) for s in samples)
+    flops = 6 * details.get("num_parameters", 0) * tokens_per_step / step
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in args.gpu_name), None)
+    mfu = f", MFU {flops / peak:.1%}" if peak and args.device == "cuda" else ""
+    lr = f" at lr {optimizer['lr']:g}" if "lr" in optimizer else " (APOLLO defaults)"
+    return Row(check, "pass" if losses[-1] < losses[0] else "FAIL",
+               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; {step * 1e3:.0f} ms/step, "
+               f"{tokens_per_step / step:.0f} tok/s, {flops / 1e12:.1f} TFLOP/s{mfu}",
+               f"{len(samples)} samples, {tokens_per_step} tokens per step, {args.train_steps} steps{lr}, every "
+               "parameter; 6N FLOPs/token"), job
 
 
 def hf_logprobs(model, ids: list[int]) -> list[float]:

@@ -49,13 +49,19 @@ def build_tiny_qwen3_next(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = train_tokenizer(TEXT, VOCAB_SIZE)
     torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(tiny_qwen3_next_config(len(tokenizer))).to(torch.bfloat16)
-    with torch.no_grad():  # random router/norm weights, so the test exercises the routing and the gated norm
-        for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "linear_attn.norm.weight", "layernorm.weight", "norm.weight")):
-                p.normal_(0.0, 0.2 if "gate" in name else 0.1).add_(1.0 if "linear_attn.norm" in name else 0.0)
+    randomise_router_and_norms(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def randomise_router_and_norms(model) -> None:
+    """Random router and norm weights (transformers starts them at zero and one), so the tests exercise the
+    routing and the gated norm."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "linear_attn.norm.weight", "layernorm.weight", "norm.weight")):
+                p.normal_(0.0, 0.2 if "gate" in name else 0.1).add_(1.0 if "linear_attn.norm" in name else 0.0)
 
 
 def build_tiny_qwen3_5(out_dir: Path, seed: int = 0) -> Path:
@@ -68,10 +74,7 @@ def build_tiny_qwen3_5(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = train_tokenizer(TEXT, VOCAB_SIZE)
     torch.manual_seed(seed)
     model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**_qwen3_5_text_fields(len(tokenizer)))).to(torch.bfloat16)
-    with torch.no_grad():  # random norm weights, so the test exercises the gated norm
-        for name, p in model.named_parameters():
-            if name.endswith(("linear_attn.norm.weight", "layernorm.weight", "norm.weight")):
-                p.normal_(0.0, 0.1).add_(1.0 if "linear_attn.norm" in name else 0.0)
+    randomise_router_and_norms(model)  # norms only: a dense MLP has no router
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
@@ -98,10 +101,7 @@ def build_tiny_qwen3_5_moe(out_dir: Path, seed: int = 0, image_text: bool = Fals
     else:
         model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text))
     model = model.to(torch.bfloat16)
-    with torch.no_grad():  # random router/norm weights, as the Qwen3-Next model
-        for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "linear_attn.norm.weight", "layernorm.weight", "norm.weight")):
-                p.normal_(0.0, 0.2 if "gate" in name else 0.1).add_(1.0 if "linear_attn.norm" in name else 0.0)
+    randomise_router_and_norms(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)

@@ -147,7 +147,12 @@ def test_decode_prefill_batch_chunking_causality_and_isolation(server, tiny_qwen
 def test_learns_a_fact_and_serves_the_trainers_weights(server, tiny_qwen3_5, tok):
     """Every parameter trained (the GDN projections through their unstacked views): the fact is learned
     and the served log-probs are the trainer's view's."""
-    model = str(tiny_qwen3_5)
+    learns_a_fact(server, str(tiny_qwen3_5), tok)
+
+
+def learns_a_fact(server, model: str, tok) -> None:
+    """20 steps at lr 1e-2 on one fact: the loss halves, the served log-probs equal the HF form on the live
+    weights, and the fact's tokens are likely."""
     context = tok("In the story, the name of the cat was")["input_ids"]
     target = tok(" Marigold Quince")["input_ids"]
     r = requests.post(server.url + "/train", headers=HEADERS, timeout=600, json={
@@ -234,29 +239,39 @@ def test_an_image_text_release_is_served_as_its_language_model_trained_and_check
     """`plasticity serve` on Qwen 3.5 as released serves its language model (the vision tower not loaded),
     trains it in place, and /checkpoint writes the whole release back: transformers loads it as the
     image-text model with the served text log-probs and the release's vision tower."""
-    from safetensors.torch import load_file
     from transformers import Qwen3_5ForConditionalGeneration
+
+    image_text_release_round_trip(servers_restart, image_text, tok, tmp_path,
+                                  "PlasticityQwen3_5ForConditionalGeneration", Qwen3_5ForConditionalGeneration)
+
+
+def image_text_release_round_trip(servers_restart, release: Path, tok, tmp_path, architecture: str, hf_class) -> None:
+    """Serve an image-text release (as `architecture`), check it against the HF form, train 5 steps,
+    checkpoint: `hf_class` loads the checkpoint with the served log-probs and the release's vision tower."""
+    from safetensors.torch import load_file
 
     from vllm_plasticity.launcher import ServerProcess
 
     args = [*SERVER_ARGS, "--training", "--state-dir", str(tmp_path / "state")]
-    server = servers_restart.start("qwen3_5-image-text", lambda log_path: ServerProcess.plasticity(
-        image_text, extra_args=args, log_path=log_path))
+    server = servers_restart.start(f"{architecture}-release", lambda log_path: ServerProcess.plasticity(
+        release, extra_args=args, log_path=log_path))
     info = requests.get(server.url + "/plasticity/info", timeout=10).json()
-    assert info["architecture"] == "PlasticityQwen3_5ForConditionalGeneration" and info["weights_shareable"]
+    assert info["architecture"] == architecture and info["weights_shareable"]
     ids = tok("The cat saw the sea near the barn, and the story went on.")["input_ids"]
-    assert gap(prompt_logprobs(server.url, str(image_text), ids), hf_logprobs(server, ids)) <= BF16_LOGPROB_TOL
+    assert gap(prompt_logprobs(server.url, str(release), ids), hf_logprobs(server, ids)) <= BF16_LOGPROB_TOL
     r = requests.post(server.url + "/train", timeout=600, json={
         "context_ids": ids[:5], "continuation_ids": ids[5:], "steps": 5, "optimizer": {"lr": 1e-2}})
     assert r.status_code == 200, r.text
-    served = prompt_logprobs(server.url, str(image_text), ids)
+    served = prompt_logprobs(server.url, str(release), ids)
     r = requests.post(server.url + "/checkpoint", timeout=600, json={})
     assert r.status_code == 200, r.text
-    loaded = Qwen3_5ForConditionalGeneration.from_pretrained(r.json()["path"], dtype=torch.bfloat16).eval()
+    loaded = hf_class.from_pretrained(r.json()["path"], dtype=torch.bfloat16).eval()
     with torch.no_grad():
         logp = torch.log_softmax(loaded(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-    print("checkpoint (image-text, transformers) vs served:", gap([logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0], served))
-    assert gap([logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0], served) <= BF16_TRAINED_LOGPROB_TOL
-    release = load_file(str(image_text / "model.safetensors"))
-    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in release.items() if n.startswith("model.visual."))
+    from_checkpoint = [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+    print("checkpoint (image-text, transformers) vs served:", gap(from_checkpoint, served))
+    assert gap(from_checkpoint, served) <= BF16_TRAINED_LOGPROB_TOL
+    original = load_file(str(release / "model.safetensors"))
+    visual = {n: t for n, t in original.items() if n.startswith("model.visual.")}
+    assert visual and all(torch.equal(loaded.state_dict()[n], t) for n, t in visual.items())
     servers_restart.stop()

@@ -18,6 +18,7 @@ import torch
 
 from conftest import API_KEY, prompt_logprobs
 from qwen3_next_models import build_tiny_qwen3_5_moe
+from test_qwen3_5 import image_text_release_round_trip, learns_a_fact
 from test_qwen3_next import (BF16_LOGPROB_TOL, BF16_TRAINED_LOGPROB_TOL, HEADERS, SERVER_ARGS, gap, hf_logprobs,
                              live_view, readout_and_steering_equal_the_hf_form)
 
@@ -113,20 +114,7 @@ def test_serves_the_plasticity_subclass_with_shared_weights(server, tiny_qwen3_5
 def test_learns_a_fact_and_serves_the_trainers_weights(server, tiny_qwen3_5_moe, tok):
     """Every parameter trained, experts and router included: the fact is learned and the served log-probs
     are the trainer's view's."""
-    model = str(tiny_qwen3_5_moe)
-    context = tok("In the story, the name of the cat was")["input_ids"]
-    target = tok(" Marigold Quince")["input_ids"]
-    r = requests.post(server.url + "/train", headers=HEADERS, timeout=600, json={
-        "context_ids": context, "continuation_ids": target, "steps": 20, "optimizer": {"lr": 1e-2}})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    print("losses:", body["losses"][0], "->", body["losses"][-1])
-    assert body["status"] == "succeeded" and body["losses"][-1] < 0.5 * body["losses"][0]
-    ids = context + target
-    served = prompt_logprobs(server.url, model, ids, API_KEY)
-    print("served vs HF on the live weights, after 20 steps:", gap(served, hf_logprobs(server, ids)))
-    assert gap(served, hf_logprobs(server, ids)) <= BF16_TRAINED_LOGPROB_TOL
-    assert sum(served[-len(target):]) > -len(target) * 1.0
+    learns_a_fact(server, str(tiny_qwen3_5_moe), tok)
 
 
 @pytest.mark.slow
@@ -187,32 +175,11 @@ def test_checkpoint_is_a_directory_transformers_loads_and_a_restart_serves(serve
 def test_an_image_text_release_is_served_as_its_language_model_trained_and_checkpointed_whole(
         servers_restart, tok, tmp_path):
     """`plasticity serve` on a Qwen 3.5 MoE release (image-text) serves its language model, trains it in
-    place, and /checkpoint writes the whole release back: transformers loads it as the image-text model with
-    the served text log-probs and the release's vision tower."""
-    from safetensors.torch import load_file
+    place, and /checkpoint writes the whole release back (each expert's tensors apart, as released):
+    transformers loads it as the image-text model with the served text log-probs and the release's vision
+    tower."""
     from transformers import Qwen3_5MoeForConditionalGeneration
 
-    from vllm_plasticity.launcher import ServerProcess
-
     release = build_tiny_qwen3_5_moe(tmp_path / "release", image_text=True)
-    args = [*SERVER_ARGS, "--training", "--state-dir", str(tmp_path / "state")]
-    server = servers_restart.start("qwen3_5_moe-image-text", lambda log_path: ServerProcess.plasticity(
-        release, extra_args=args, log_path=log_path))
-    info = requests.get(server.url + "/plasticity/info", timeout=10).json()
-    assert info["architecture"] == "PlasticityQwen3_5MoeForConditionalGeneration" and info["weights_shareable"]
-    ids = tok("The cat saw the sea near the barn, and the story went on.")["input_ids"]
-    assert gap(prompt_logprobs(server.url, str(release), ids), hf_logprobs(server, ids)) <= BF16_LOGPROB_TOL
-    r = requests.post(server.url + "/train", timeout=600, json={
-        "context_ids": ids[:5], "continuation_ids": ids[5:], "steps": 5, "optimizer": {"lr": 1e-2}})
-    assert r.status_code == 200, r.text
-    served = prompt_logprobs(server.url, str(release), ids)
-    r = requests.post(server.url + "/checkpoint", timeout=600, json={})
-    assert r.status_code == 200, r.text
-    from_ckpt = hf_checkpoint_logprobs(r.json()["path"], ids, Qwen3_5MoeForConditionalGeneration)
-    print("checkpoint (image-text, transformers) vs served:", gap(from_ckpt, served))
-    assert gap(from_ckpt, served) <= BF16_TRAINED_LOGPROB_TOL
-    loaded = load_file(str(Path(r.json()["path"]) / "model.safetensors"))
-    original = load_file(str(release / "model.safetensors"))
-    visual = {n: t for n, t in original.items() if n.startswith("model.visual.")}
-    assert visual and all(torch.equal(loaded[n], t) for n, t in visual.items())
-    servers_restart.stop()
+    image_text_release_round_trip(servers_restart, release, tok, tmp_path,
+                                  "PlasticityQwen3_5MoeForConditionalGeneration", Qwen3_5MoeForConditionalGeneration)
