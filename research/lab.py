@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +37,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32"]
 # Experiments post more samples per job than a production default allows.
 SERVER_ENV = {"PLASTICITY_TRAIN_MAX_SAMPLES": "256", "PLASTICITY_TRAIN_MAX_TOKENS": "65536"}
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def default_model() -> Path:
@@ -61,13 +67,20 @@ class Lab:
         self.tok = AutoTokenizer.from_pretrained(self.model)
         self.server: ServerProcess | None = None
         self.starts = 0
+        self._sigterm = None  # the SIGTERM handler to put back on exit
 
     def __enter__(self) -> "Lab":
+        # A SIGTERM (a timeout, `kill PID`) ends the run through __exit__, which stops the server this lab
+        # started; by default Python dies at once and the server runs on with nobody to stop it.
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.start()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
         # Its work directory (server logs, state, banks) is this run's own: removed after a clean run, kept
         # for a look after a failed one.
         if exc_type is None:

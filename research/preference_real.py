@@ -9,7 +9,7 @@ moves the behaviour less for the same steps (it only sees the short replies, not
 
 Protocol, on SmolLM2 through a real `plasticity serve` (research/lab.py), one fresh server per method:
 1. On-policy pairs, once, from the untrained model: every train prompt (research/data/preference_real.json)
-   sampled SAMPLES times (chat, temperature 1.0, REPLY_TOKENS tokens, fixed seed). The judge counts sentences;
+   sampled SAMPLES times (chat, SAMPLE_TEMPERATURE, SAMPLE_TOKENS tokens, fixed seed). The judge counts sentences;
    the preferred reply is a finished one with the fewest, the rejected one the reply with the most (a truncated
    reply counts its sentences as written, plus one). Prompts whose samples all count the same give no pair.
 2. Each method trains all pairs in one /train job of STEPS steps at LR (every weight, APOLLO): `dpo` (beta 0.1:
@@ -38,6 +38,10 @@ NAME = "preference_real"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 METHODS = {"dpo": {"objective": "dpo", "beta": 0.1}, "orpo": {"objective": "orpo", "lambda": 0.1}, "sft": {"objective": "sft"}}
 SAMPLES, REPLY_TOKENS, STEPS, LR, SEED = 6, 64, 10, 5e-5, 0
+# Sampling for the pairs: at temperature 1.0 the 135M model's replies were often incoherent (the first run's
+# preferred replies: "Landscapes are painted red**leafypapers ..."), and at 64 tokens most were cut before
+# their end, so 11 of 32 prompts gave a pair; 0.7 and 128 tokens keep them on topic and let them finish.
+SAMPLE_TEMPERATURE, SAMPLE_TOKENS = 0.7, 128
 HELD_OUT_TEXTS = 8
 SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 
@@ -82,16 +86,17 @@ class PreferenceLab:
 
         self.lab, self.facts = lab, FactsLab(lab)
 
-    def chat(self, prompt: str, n: int = 1, temperature: float = 0.0, seed: int | None = None) -> list[tuple[str, bool]]:
+    def chat(self, prompt: str, n: int = 1, temperature: float = 0.0, seed: int | None = None,
+             max_tokens: int = REPLY_TOKENS) -> list[tuple[str, bool]]:
         body = {"model": self.lab.model, "messages": [{"role": "user", "content": prompt}], "n": n,
-                "temperature": temperature, "max_tokens": REPLY_TOKENS, **({"seed": seed} if seed is not None else {})}
+                "temperature": temperature, "max_tokens": max_tokens, **({"seed": seed} if seed is not None else {})}
         out = self.lab.post("/v1/chat/completions", body)["choices"]
         return [(c["message"]["content"], c["finish_reason"] == "stop") for c in out]
 
     def pairs(self, prompts: list[str]) -> list[dict]:
         def one(i_prompt):
             i, prompt = i_prompt
-            replies = self.chat(prompt, n=SAMPLES, temperature=1.0, seed=SEED + i)
+            replies = self.chat(prompt, n=SAMPLES, temperature=SAMPLE_TEMPERATURE, seed=SEED + i, max_tokens=SAMPLE_TOKENS)
             pair = make_pair(replies)
             return {"prompt": prompt, "replies": replies, "pair": pair}
         with ThreadPoolExecutor(4) as pool:
@@ -121,14 +126,15 @@ class PreferenceLab:
                  "rejected_ids": fl.reply_ids(p["pair"][1])} for p in pairs]
 
 
-def run_method(pl: PreferenceLab, method: str, pairs: list[dict], steps: int, data, facts_data, held_out) -> dict:
+def run_method(pl: PreferenceLab, method: str, pairs: list[dict], steps: int, lr: float, data, facts_data,
+               held_out) -> dict:
     settings = METHODS[method]
     body = {"samples": pl.samples(pairs, method), "steps": steps, "force": True, "rollback": False,
-            "optimizer": {"lr": LR}, **settings}
+            "optimizer": {"lr": lr}, **settings}
     t0 = time.monotonic()
     job = pl.lab.post("/train", body)
     detail = pl.lab.get(f"/train/status/{job['job_id']}")
-    run = {"method": method, "settings": settings, "steps": job["steps"], "losses": job["losses"],
+    run = {"method": method, "settings": settings, "lr": lr, "steps": job["steps"], "losses": job["losses"],
            "margins": job.get("margins"), "step_seconds": detail["step_seconds"], "tokens": job["tokens"],
            "all_tokens": sum(len(s["context_ids"]) + sum(len(s[k]) for k in ("continuation_ids", "chosen_ids", "rejected_ids")
                                                            if k in s) for s in body["samples"]),
@@ -156,6 +162,7 @@ def main() -> None:
     parser.add_argument("--model", help=f"model name or directory with a chat template (default {DEFAULT_MODEL})")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--lr", type=float, default=LR, help="a run at another lr is kept beside the default's")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the json")
     parser.add_argument("--out-dir", default=None)
     from lab import RESULTS, add_server_args
@@ -200,10 +207,11 @@ def collect(args, results: dict) -> dict:
         for i, name in enumerate(names):
             if i:
                 lab.restart()
-            run = run_method(pl, name, pairs, args.steps, data, facts_data, held_out)
+            run = run_method(pl, name, pairs, args.steps, args.lr, data, facts_data, held_out)
             run["summary"] = summarise(run, results["base"])
-            results["methods"][name] = run
-            print(f"[{NAME}] {name}: {json.dumps(run['summary'])}", flush=True)
+            key = name if args.lr == LR else f"{name}, lr {args.lr:g}"
+            results["methods"][key] = run
+            print(f"[{NAME}] {key}: {json.dumps(run['summary'])}", flush=True)
     return results
 
 
@@ -236,9 +244,10 @@ def write_report_from(results: dict, out_dir: Path) -> Path:
 Hypothesis (stated before the run): {HYPOTHESIS}
 
 Setup: model {results.get('model')}; {results.get('train_prompts')} train prompts sampled {results.get('samples_per_prompt')}
-times each (chat, temperature 1.0, {REPLY_TOKENS} tokens) by the untrained model; {results.get('pairs')} gave a pair
+times each (chat, temperature {SAMPLE_TEMPERATURE}, {SAMPLE_TOKENS} tokens) by the untrained model; {results.get('pairs')} gave a pair
 (the finished reply with the fewest sentences preferred to the reply with the most). Each method: one /train job of
-{results.get('steps')} steps at lr {results.get('lr')} over all pairs, every weight (APOLLO rank 64), fp32, a fresh server.
+{results.get('steps')} steps at lr {results.get('lr')} (unless the method's name says another) over all pairs, every
+weight (APOLLO rank 64), fp32, a fresh server.
 Judged on {results.get('held_out_prompts')} held-out prompts (greedy chat, {REPLY_TOKENS} tokens: one sentence = a
 finished reply with one sentence), {results.get('questions')} general-knowledge questions (only those answered right
 before count) and {results.get('held_out_texts')} held-out paragraphs' perplexity.

@@ -1,8 +1,11 @@
 """research/lab.py's Lab cleans up after itself: a clean run removes the work directory it made (server logs,
-state, banks), a failed run keeps it for a look, and a server it did not start is never touched."""
+state, banks), a failed run keeps it for a look, a server it did not start is never touched, and a run ended
+by SIGTERM still stops the server it started."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 
 from tests.conftest import REPO
@@ -26,3 +29,29 @@ def test_a_clean_run_removes_its_work_directory_and_a_failed_one_keeps_it(tiny, 
         import shutil
 
         shutil.rmtree(failed.work, ignore_errors=True)
+
+
+def test_a_run_ended_by_sigterm_stops_its_server(tiny, tmp_path):  # noqa: F811
+    """`kill PID` (or a test's timeout) on an experiment: the Lab's exit still runs and stops its server (it
+    used to die at once and leave the server running with nobody to stop it)."""
+    marker = tmp_path / "stopped"
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(REPO / "research")!r})
+from lab import Lab
+class FakeServerLab(Lab):
+    def start(self):
+        print("started", flush=True)
+    def stop(self):
+        open({str(marker)!r}, "w").write("stopped")
+with FakeServerLab(model={str(tiny[0])!r}):
+    time.sleep(60)
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "started"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        child.kill()
+    assert marker.read_text() == "stopped"
