@@ -201,6 +201,9 @@ def collect(args, results: dict) -> dict:
             print(f"[{NAME}] sampled {SAMPLES} replies to each of {len(data['train'])} prompts in "
                   f"{time.monotonic() - t0:.0f} s", flush=True)
         pairs = [p for p in results["sampled"] if p["pair"]]
+        from lab import command
+
+        results["runs"] = [*results.get("runs", []), command()]  # the report's header names only the last command
         results.update(steps=args.steps, lr=LR, samples_per_prompt=SAMPLES, pairs=len(pairs),
                        train_prompts=len(data["train"]), held_out_prompts=len(data["held_out"]),
                        questions=len(facts_data["questions"]), held_out_texts=len(held_out))
@@ -243,6 +246,8 @@ def write_report_from(results: dict, out_dir: Path) -> Path:
     body = f"""
 Hypothesis (stated before the run): {HYPOTHESIS}
 
+Runs that wrote these results: {"; ".join(f"`{c}`" for c in results.get("runs", [])) or "(none recorded)"}.
+
 Setup: model {results.get('model')}; {results.get('train_prompts')} train prompts sampled {results.get('samples_per_prompt')}
 times each (chat, temperature {SAMPLE_TEMPERATURE}, {SAMPLE_TOKENS} tokens) by the untrained model; {results.get('pairs')} gave a pair
 (the finished reply with the fewest sentences preferred to the reply with the most). Each method: one /train job of
@@ -255,6 +260,8 @@ before count) and {results.get('held_out_texts')} held-out paragraphs' perplexit
 {table(header, rows) if rows else "(no method run yet)"}
 
 ![behaviour against knowledge kept]({NAME}.png)
+
+Reading (computed from the table): {reading(methods)}
 
 Pairs (first prompts; sentences preferred / rejected, and the preferred reply):
 
@@ -270,6 +277,26 @@ step budget; {results.get('held_out_prompts')} held-out prompts give the one-sen
 could move; the timings are the trainer's own on one core of a shared 2-core machine.
 """
     return write_report(NAME, out_dir, "Preference objectives on a real model: answering in one sentence", body)
+
+
+def reading(methods: dict) -> str:
+    """The hypothesis's claims checked against the runs: behaviour moved (most held-out answers one sentence),
+    knowledge kept (>= 90% of the answers), perplexity within a few per cent (<= 5%)."""
+    if not methods:
+        return "nothing run yet."
+    parts = []
+    for name, r in methods.items():
+        s = r["summary"]
+        claims = [("most answers one sentence", s["one_sentence"] > 0.5), (">= 90% of answers kept", s["kept_fraction"] >= 0.9),
+                  ("perplexity within 5%", s["ppl_rise"] <= 0.05)]
+        held = [c for c, ok in claims if ok]
+        failed = [c for c, ok in claims if not ok]
+        parts.append(f"{name}: {100 * s['one_sentence']:.0f}% one sentence ({s['sentences']:.2f} sentences per answer), "
+                     f"{100 * s['kept_fraction']:.1f}% kept, perplexity {100 * s['ppl_rise']:+.1f}%; "
+                     f"held: {', '.join(held) or 'none'}; not: {', '.join(failed) or 'none'}")
+    moved = [n for n, r in methods.items() if r["summary"]["one_sentence"] > 0.5]
+    return "; ".join(parts) + (f". The behaviour moved with {', '.join(moved)} only." if moved else
+                               ". No method moved the behaviour past half the answers.")
 
 
 def plot(path: Path, results: dict) -> None:
