@@ -127,8 +127,10 @@ class PreferenceLab:
 
 
 def run_method(pl: PreferenceLab, method: str, pairs: list[dict], steps: int, lr: float, data, facts_data,
-               held_out) -> dict:
-    settings = METHODS[method]
+               held_out, strength: float | None = None) -> dict:
+    settings = dict(METHODS[method])
+    if strength is not None and method != "sft":  # dpo's beta, orpo's lambda
+        settings["beta" if method == "dpo" else "lambda"] = strength
     body = {"samples": pl.samples(pairs, method), "steps": steps, "force": True, "rollback": False,
             "optimizer": {"lr": lr}, **settings}
     t0 = time.monotonic()
@@ -163,6 +165,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--lr", type=float, default=LR, help="a run at another lr is kept beside the default's")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="dpo's beta / orpo's lambda instead of 0.1 (such a run is kept beside the default's)")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the json")
     parser.add_argument("--out-dir", default=None)
     from lab import RESULTS, add_server_args
@@ -210,9 +214,10 @@ def collect(args, results: dict) -> dict:
         for i, name in enumerate(names):
             if i:
                 lab.restart()
-            run = run_method(pl, name, pairs, args.steps, args.lr, data, facts_data, held_out)
+            run = run_method(pl, name, pairs, args.steps, args.lr, data, facts_data, held_out, args.strength)
             run["summary"] = summarise(run, results["base"])
-            key = name if args.lr == LR else f"{name}, lr {args.lr:g}"
+            key = name + ("" if args.lr == LR else f", lr {args.lr:g}") + (
+                "" if args.strength is None or name == "sft" else f", {'beta' if name == 'dpo' else 'lambda'} {args.strength:g}")
             results["methods"][key] = run
             print(f"[{NAME}] {key}: {json.dumps(run['summary'])}", flush=True)
     return results
