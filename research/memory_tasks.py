@@ -3,7 +3,8 @@ the project serves, scored through `plasticity serve`, and learned online throug
 
 For each architecture (a Llama of the built-in layout, the decepticons causal bank, Transformer Killer Core
 with its GRU backbone and with its Mamba2 backbone (vLLM's MambaMixer2 when served), SYNTHE with its probe
-gated causally;
+gated causally as the reference builds it, and SYNTHE with the settings it needs to learn these tasks from
+scratch (`synthe-learnable`: no memory hub, no router, PyTorch's initialisation; synthe_memory.py);
 parameter counts printed, matched to within about 1.7x: SYNTHE's probe needs head size 32):
   1. train a small model offline (next-token loss on the scored positions) on copy_memory, selective_copy and
      induction with memory spans drawn from [4, --train-span];
@@ -38,6 +39,10 @@ from vllm_plasticity.launcher import ServerProcess  # noqa: E402
 
 OFFLINE_TASKS = ("copy_memory", "selective_copy", "induction")
 ONLINE_TASK = "assoc_recall"
+SYNTHE_SPEC = dict(d_model=64, wiener_state_dim=8, tier_dims=(32, 16, 8), train_steps=0)  # SyntheSpec's fields
+# What SYNTHE needs to learn these tasks from scratch (research/results/synthe_memory.md): no memory hub, no
+# router, PyTorch's initialisation instead of the reference's N(0, 0.02).
+SYNTHE_LEARNABLE = dict(memory_hub=False, min_depth=2, reference_init=False)
 SERVER_ARGS = ["--dtype", "float32", "--max-num-seqs", "32", "--max-model-len", "512"]
 
 
@@ -51,28 +56,29 @@ def settings(quick: bool) -> dict:
 
 # ---- the models ------------------------------------------------------------------------------------------
 
-def build(arch: str, out: Path) -> Path:
-    """A random-init model directory of `arch` with about 0.1-0.2M parameters and byte-sized vocabulary."""
+def build(arch: str, out: Path, seed: int = 0) -> Path:
+    """A random-init model directory of `arch` with about 0.1-0.2M parameters and byte-sized vocabulary,
+    initialised from `seed`."""
     from plasticity_training.default_model import ModelSpec, build_model
 
     if arch == "llama":
         return build_model(ModelSpec(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=3,
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                                     max_position_embeddings=512, train_steps=0), out, log=lambda m: None)
+                                     max_position_embeddings=512, train_steps=0, seed=seed), out, log=lambda m: None)
     if arch == "causal-bank":
         from plasticity_training.default_causal_bank import CausalBankSpec
 
-        return build_model(CausalBankSpec(train_steps=0, linear_hidden=(128,)), out, text="", log=lambda m: None)
-    if arch == "synthe":
+        return build_model(CausalBankSpec(train_steps=0, linear_hidden=(128,), seed=seed), out, text="", log=lambda m: None)
+    if arch in ("synthe", "synthe-learnable"):
         from plasticity_training.default_synthe import SyntheSpec
 
-        return build_model(SyntheSpec(d_model=64, wiener_state_dim=8, tier_dims=(32, 16, 8), train_steps=0), out,
-                           text="", log=lambda m: None)
+        settings = SYNTHE_LEARNABLE if arch == "synthe-learnable" else {}
+        return build_model(SyntheSpec(**SYNTHE_SPEC, **settings, seed=seed), out, text="", log=lambda m: None)
     from plasticity_training.default_tkc import TKCSpec
 
     backbone = "mamba2" if arch == "tkc-mamba2" else "gru"
     return build_model(TKCSpec(d_model=80, mem_slots=32, train_steps=0, backbone=backbone, mamba_d_state=32,
-                               mamba_headdim=32), out, text="", log=lambda m: None)
+                               mamba_headdim=32, seed=seed), out, text="", log=lambda m: None)
 
 
 def load(model_dir: Path):
@@ -97,10 +103,11 @@ def batch_loss(model, samples: list[Sample]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
 
 
-def train_offline(model, cfg: dict, seed: int, log) -> float:
+def train_offline(model, cfg: dict, seed: int, log, lr: float = 3e-3, history: list[float] | None = None) -> float:
+    """AdamW on the offline tasks for cfg["steps"] steps; returns the last loss (each step's in `history`)."""
     rng, params = random.Random(seed), [p for n, p in model.named_parameters()
                                         if n not in getattr(model, "frozen_parameters", ())]
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     for step in range(cfg["steps"]):
         samples = [make(rng.choice(OFFLINE_TASKS), rng, rng.randint(4, cfg["train_span"])) for _ in range(cfg["batch"])]
@@ -109,6 +116,8 @@ def train_offline(model, cfg: dict, seed: int, log) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if history is not None:
+            history.append(loss.item())
         if step % 100 == 0 or step == cfg["steps"] - 1:
             log(f"    step {step + 1}/{cfg['steps']} loss {loss.item():.3f}")
     model.eval()
@@ -255,7 +264,7 @@ learned in that budget, not the architectures' ceilings. The same script takes l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI): tiny training, two spans")
-    parser.add_argument("--archs", default="llama,causal-bank,tkc,tkc-mamba2,synthe")
+    parser.add_argument("--archs", default="llama,causal-bank,tkc,tkc-mamba2,synthe,synthe-learnable")
     parser.add_argument("--keep-others", action="store_true",
                         help="merge this run's architectures into the saved results instead of replacing them")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent))

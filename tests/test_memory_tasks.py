@@ -3,6 +3,7 @@ and research/memory_tasks.py --quick produces its table and plots through real s
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -50,3 +51,21 @@ def test_the_benchmark_writes_its_table_and_plots(servers_restart, tmp_path):
     assert "| tkc |" not in text
     for name in ("memory_tasks_accuracy.png", "memory_tasks_online.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_the_synthe_investigation_writes_its_tables(tmp_path):
+    """research/synthe_memory.py --quick (in-process, no server): every variant asked for is trained and
+    scored, and its diagnostics say what the variant changed."""
+    out = subprocess.run([sys.executable, str(REPO / "research" / "synthe_memory.py"), "--quick", "--seeds", "1",
+                          "--jobs", "1", "--variants", "llama,as benchmarked,no hub + PyTorch init + no router",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "synthe_memory.md").read_text()
+    for name in ("llama", "as benchmarked", "no hub + PyTorch init + no router"):
+        assert f"| {name} |" in text
+    results = json.loads((tmp_path / "synthe_memory.json").read_text())["results"]
+    (benchmarked,), (learnable,) = results["as benchmarked"], results["no hub + PyTorch init + no router"]
+    assert benchmarked["start"]["budget"][1] < 1.0 and learnable["start"]["budget"] == [1.0, 1.0]  # no router
+    assert "memory_hub" in benchmarked["gradient_shares"] and "memory_hub" not in learnable["gradient_shares"]
+    assert all(len(runs[0]["history"]) == 6 for runs in results.values())
+    assert (tmp_path / "synthe_memory_loss.png").stat().st_size > 10_000

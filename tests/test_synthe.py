@@ -2,7 +2,8 @@
 OpenAI API with the probe gated causally (firing for some tokens, not others); decode = prefill, batch and
 chunked-prefill invariance, causality, per-request isolation (tests/recurrent_parity.py); readout and
 steering equal the HF form; /train lowers the loss and a fresh server from the checkpoint agrees. The slow
-sweep serves the `never` and `always` modes too.
+sweep serves the `never` and `always` modes too, and the model without its memory hub and router (the
+settings research/results/synthe_memory.md found a model needs to learn the memory tasks from scratch).
 
 One server (--max-num-batched-tokens 64: prompts over 64 tokens are prefilled in chunks that continue from
 the saved state and the paged KV cache). The test model's probe window is 8 tokens (vLLM's sliding-window
@@ -34,7 +35,7 @@ def prompts(seed: int, lengths=(5, 40, 130, MAX_SEQ_LEN - 1)) -> list[list[int]]
     return [[rng.randrange(256) for _ in range(n)] for n in lengths]
 
 
-def build(out_dir: Path, gate: str) -> Path:
+def build(out_dir: Path, gate: str, **settings) -> Path:
     from plasticity_training.default_model import build_model
     from plasticity_training.default_synthe import SyntheSpec
 
@@ -43,7 +44,7 @@ def build(out_dir: Path, gate: str) -> Path:
     # random model, so the causal gate fires for some tokens and not for others (checked below).
     spec = SyntheSpec(d_model=WIDTH, n_blocks=3, n_heads=2, wiener_state_dim=8, tier_dims=(16, 8, 4), probe_window=8,
                       probe_gate=gate, probe_threshold=0.31, max_seq_len=MAX_SEQ_LEN, reference_init=False,
-                      train_steps=0, seed=3)
+                      train_steps=0, seed=3, **settings)
     return build_model(spec, out_dir, text="unused", log=lambda m: None)
 
 
@@ -153,9 +154,11 @@ def test_train_lowers_the_loss_and_a_fresh_server_from_the_checkpoint_agrees(syn
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gate", ["never", "always"])
-def test_the_other_probe_modes_served(gate, servers_restart, tmp_path):
-    path = build(tmp_path / "model", gate)
+@pytest.mark.parametrize("gate, settings", [("never", {}), ("always", {}),
+                                            ("causal", {"memory_hub": False, "min_depth": 3})],
+                         ids=["never", "always", "no-hub-no-router"])
+def test_the_other_probe_modes_served(gate, settings, servers_restart, tmp_path):
+    path = build(tmp_path / "model", gate, **settings)
     server = servers_restart.start(f"synthe-{gate}", lambda log_path: ServerProcess.plasticity(
         path, extra_args=[*ARGS, "--state-dir", str(tmp_path / "state")], log_path=log_path))
     try:

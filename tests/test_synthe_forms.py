@@ -57,6 +57,21 @@ def test_split_anywhere_equals_the_whole_sequence_and_later_tokens_change_nothin
     assert state[-1][0, 0].item() == 45  # tokens seen
 
 
+def test_memory_hub_off_adds_nothing_and_still_continues_from_its_state():
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    on, off = model(probe_gate="always"), model(probe_gate="always", memory_hub=False)
+    with torch.no_grad():
+        silenced = model(probe_gate="always")
+        silenced.memory_hub.norm.weight.zero_()  # the hub's output is its LayerNorm's: 0 * x + 0
+        silenced.memory_hub.norm.bias.zero_()
+        full = off(input_ids=ids).logits
+        assert (full - silenced(input_ids=ids).logits).abs().max().item() <= 1e-5
+        assert (full - on(input_ids=ids).logits).abs().max().item() > 0.1  # the hub matters when on
+        first = off(input_ids=ids[:, :17], use_cache=True)
+        second = off(input_ids=ids[:, 17:], past_key_values=first.past_key_values, use_cache=True)
+    assert (torch.cat([first.logits, second.logits], dim=1) - full).abs().max().item() <= 1e-4
+
+
 def test_the_causal_gate_fires_where_the_running_confidence_is_below_the_threshold():
     """The gate is exp(-running IOR) < threshold per token, the running IOR a bias-corrected moving average
     of this token's IOR and the earlier ones': surprising tokens fire it, predictable ones after them do not."""

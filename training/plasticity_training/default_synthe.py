@@ -32,6 +32,8 @@ class SyntheSpec(ByteModelSpec):
     probe_window: int = 32
     probe_gate: str = "causal"
     probe_threshold: float = 0.35
+    memory_hub: bool = True  # False: the hub adds nothing (synthe_config.py; research/results/synthe_memory.md)
+    min_depth: int | None = None  # the first block the router scales; None: min(2, n_blocks - 1); n_blocks: none
     max_seq_len: int = 512
     reference_init: bool = True  # the reference's N(0, 0.02) weights; False: PyTorch's defaults (larger, so
     #                               parity tests see every part's effect well above their tolerance)
@@ -47,7 +49,8 @@ class SyntheSpec(ByteModelSpec):
                 "wiener_state_dim": self.wiener_state_dim, "tier1_dim": t1, "tier2_dim": t2, "tier3_dim": t3,
                 "probe_window": self.probe_window, "probe_gate": self.probe_gate,
                 "probe_threshold": self.probe_threshold, "max_seq_len": self.max_seq_len,
-                "router_hidden": 16, "min_depth": min(2, self.n_blocks - 1)}
+                "router_hidden": 16, "memory_hub": self.memory_hub,
+                "min_depth": min(2, self.n_blocks - 1) if self.min_depth is None else self.min_depth}
 
     def initialise(self, model) -> None:
         if self.reference_init:

@@ -2,7 +2,7 @@
 (stream width, per-request state). Standard library only.
 
 config.json holds `"synthe": {field: value}`; fields not given take DEFAULTS, which are the reference's
-`SyntheConfig` defaults (github kaelvalen/synthe, b7f4305) plus the project's own three:
+`SyntheConfig` defaults (github kaelvalen/synthe, b7f4305) plus the project's own four:
 
   probe_gate              "causal" (default), "always" or "never": when the attention probe adds its output.
                           never: the probe is off (the reference with the probe zeroed).
@@ -16,6 +16,12 @@ config.json holds `"synthe": {field: value}`; fields not given take DEFAULTS, wh
   probe_confidence_decay  the moving average's decay (0.9375: a 16-token memory, the reference's last
                           quarter of a 64-token call).
   hub_buffer              the memory hub's consolidation ring (the reference's hard-coded 32 tokens).
+  memory_hub              true (default): the hub's output is added to the stream after the blocks, as in the
+                          reference. false: it is not (its weights and state stay, unused): with the
+                          reference's design the hub's LayerNorm output is ~96% of the stream's norm at the
+                          reference's initialisation, and the blocks' signal hardly reaches the head; a model
+                          trained from scratch learns the memory tasks only without it (research/results/
+                          synthe_memory.md, with PyTorch's initialisation and min_depth >= n_blocks).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ DEFAULTS: dict[str, object] = {
     "tier1_dim": 256, "tier2_dim": 128, "tier3_dim": 64, "tier2_interval": 16, "tier3_interval": 128,
     "router_hidden": 64, "min_depth": 2, "exit_threshold": 0.5, "probe_threshold": 0.35, "probe_window": 256,
     "dropout": 0.0, "max_seq_len": 2048, "tie_embeddings": True,
-    "probe_gate": "causal", "probe_confidence_decay": 0.9375, "hub_buffer": 32,
+    "probe_gate": "causal", "probe_confidence_decay": 0.9375, "hub_buffer": 32, "memory_hub": True,
 }
 PROBE_GATES = ("causal", "always", "never")
 MAX_WIENER_STATE = 96  # the reference caps the Kalman state per head here (WienerCore.max_state_dim)
@@ -47,7 +53,7 @@ FIELDS = {
     "exit_threshold": Real(-1e6, 1e6), "probe_threshold": Real(-1e6, 1e6),
     "probe_window": Int(1, MAX_LENGTH), "dropout": Real(0, 1, open_hi=True), "max_seq_len": Int(1, MAX_LENGTH),
     "tie_embeddings": Flag(), "probe_gate": OneOf(PROBE_GATES, "is not a probe gating mode"),
-    "probe_confidence_decay": Real(0, 1, open_hi=True), "hub_buffer": Int(1, MAX_LENGTH),
+    "probe_confidence_decay": Real(0, 1, open_hi=True), "hub_buffer": Int(1, MAX_LENGTH), "memory_hub": Flag(),
 }
 # Fields the reference keeps that change nothing at inference: state_dim (its layers size their state from
 # d_model / n_heads) and exit_threshold (the router's exit mask is never used): accepted, recorded, unused.

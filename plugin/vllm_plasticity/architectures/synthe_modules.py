@@ -3,7 +3,7 @@
     ids -> embedding + pos_embedding(position % max_seq_len) -> LayerNorm
         -> blocks: x += Jordan(x); x += Hopfield(x); x += Wiener(x); x += FFN(LayerNorm(x));
                    x += gate * Probe(x);  from block min_depth on, x *= sigmoid(router(block input))
-        -> x += hub(x)                         (the stream: readout and steering read and write it here)
+        -> x += hub(x)  (unless memory_hub is false) (the stream: readout and steering read and write it here)
         -> out_norm -> lm_head (tied to the embedding unless tie_embeddings is false) -> logits
 
 The depth router never exits early (neither does the reference at inference): it scales each token's
@@ -130,8 +130,9 @@ class SyntheModules:
                 bucket.append(value)
             if signals:
                 reported += self.block_signals(ior, running_confidence, gate, budget, surprise)
-        hub, tiers, ring = self.memory_hub.scan(x, tiers, ring, seen[:, 0])
-        x = x + hub
+        if f["memory_hub"]:
+            hub, tiers, ring = self.memory_hub.scan(x, tiers, ring, seen[:, 0])
+            x = x + hub
         if signals:
             x = torch.cat([x, torch.stack(reported, dim=-1).to(x.dtype)], dim=-1)
         return x, [*(torch.stack(b, 1) for b in new), tiers, ring, seen + ids.shape[1]]

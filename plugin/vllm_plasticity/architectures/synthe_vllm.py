@@ -9,7 +9,8 @@ Runs in vLLM's worker process. The maths is synthe_modules.py (what the Hugging 
                         x += gate * W_out(Attention "layers.{2i+1}.probe"(q, k, v))
                                    (a sliding window of probe_window tokens over vLLM's paged KV cache)
                         x *= router budget (from block min_depth on)
-    x += RecurrentStateLayer "layers.{2n}.hub"([x | position])     (the memory hub's state slot)
+    x += RecurrentStateLayer "layers.{2n}.hub"([x | position])     (the memory hub's state slot; not
+                                                                      called when memory_hub is false)
 
 The probe's keys and values are written to the KV cache for every token (a later token may fire its gate
 and attend to them), so its window is vLLM's: decode cost per token is bounded by the window. vLLM binds
@@ -106,10 +107,11 @@ class SyntheForCausalLM(SyntheModules, RecurrentForCausalLM, IsHybrid):
                 x = x * budget
             if self.signal_count:
                 reported += self.block_signals(ior, confidence, gate, budget, surprise)
-        hub = torch.empty_like(x)
-        # fp32 in: a position in bf16 is exact only up to 256.
-        self.hub_state(torch.cat([x.float(), positions[:, None].float()], dim=-1), hub)
-        x = x + hub
+        if f["memory_hub"]:  # off: the hub's state slot is allocated and never written
+            hub = torch.empty_like(x)
+            # fp32 in: a position in bf16 is exact only up to 256.
+            self.hub_state(torch.cat([x.float(), positions[:, None].float()], dim=-1), hub)
+            x = x + hub
         if self.signal_count:
             x = torch.cat([x, torch.stack(reported, dim=-1).to(x.dtype)], dim=-1)
         return x
