@@ -1,11 +1,16 @@
 """Experiment: does steering in natural units change a real model's tone, judged by someone else, while the
 text stays fluent? (issue: concept vectors that work on a real model, item 6)
 
-Hypothesis (stated before the run): on SmolLM2-135M-Instruct, steering one mid-depth layer with a calibrated
-bank's vector raises an independent sentiment judge's score for positive concepts and lowers it for negative
-ones, monotonically in strength; around strength 4-8 natural units the effect reaches 0.3 (VADER compound,
-mean over the prompts) before the text degenerates (distinct bigrams below 0.6 of tokens, or perplexity
-under the unsteered model above 3x plain).
+Hypothesis of the first run (stated before it, natural unit = one corpus standard deviation along the lda
+vector): on SmolLM2-135M-Instruct, steering one mid-depth layer with a calibrated bank's vector raises an
+independent sentiment judge's score for positive concepts and lowers it for negative ones, monotonically in
+strength; around strength 4-8 natural units the effect reaches 0.3 (VADER compound, mean over the prompts)
+before the text degenerates (distinct bigrams below 0.6 of tokens, or perplexity under the unsteered model
+above 3x plain). It needed 32 (results/steering_real_lda_std.md).
+Hypothesis of this run (natural unit = the concept's texts' mean offset from the corpus mean, the bank's
+steer rows; from an in-process probe of four concepts): the negative concepts reach -0.3 at strength 2-4
+with perplexity under 2x plain; the positive ones move less than +0.3 at any fluent strength, since plain
+text already scores about +0.45.
 
 Method, all through a real `plasticity serve` of the model: (1) `plasticity extract` with the defaults
 (pooled, calibrated on the corpus mean, `--layers auto`) writes the bank; (2) >= 20 neutral chat prompts
@@ -24,7 +29,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from lab import RESULTS, Lab, add_server_args, plot_lines, table, write_report, write_results
@@ -56,7 +60,7 @@ PROMPTS = [
 ]
 POSITIVE = ["joyful", "grateful", "hopeful", "calm"]
 NEGATIVE = ["sad", "angry", "afraid", "disgusted"]
-STRENGTHS = [2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+STRENGTHS = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 NEW_TOKENS = 40
 TARGET_SHIFT = 0.3  # the issue's bar on the judge's mean compound score, against plain
 MIN_DISTINCT = 0.6  # distinct bigrams / tokens
@@ -100,7 +104,11 @@ def main() -> None:
             run(ExtractOptions(out=str(bank_dir), model=model, progress=False))
         loaded = lab.post("/readout/load", {"name": "emo", "path": bank_dir.name})
         layers = loaded.get("layers") or []
-        method = json.loads((bank_dir / "readout.json").read_text())["method"]
+        manifest = json.loads((bank_dir / "readout.json").read_text())
+        method = manifest["method"]
+        # what strength 1 adds (the contract's natural_steering): the concept's steer row, or s * v without one
+        unit = ("each concept's mean offset from the corpus mean (the bank's steer rows)"
+                if manifest.get("calibration", {}).get("steer") else "one corpus standard deviation along the readout vector")
         chat = [lab.ids(lab.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                     tokenize=False), special=False) for p in prompts]
 
@@ -145,13 +153,14 @@ def main() -> None:
                 print(f"{concept:>10} x{s:<5g} shift {row['shift']:+.3f} distinct {row['distinct']:.2f} "
                       f"ppl x{row['ppl_ratio']:.2f} {'PASS' if row['passes'] else ''}", flush=True)
 
-    write_results(args.name, args.out, {"model": args.model, "method": method, "layers": layers, "steer_layer": args.layer,
+    write_results(args.name, args.out, {"model": args.model, "method": method, "unit": unit, "layers": layers,
+                                        "steer_layer": args.layer,
                                               "plain": {k: v for k, v in plain.items() if k != "texts"},
                                               "runs": runs})
-    _report(args, method, layers, plain, runs, strengths, positive, negative, len(prompts))
+    _report(args, method, unit, layers, plain, runs, strengths, positive, negative, len(prompts))
 
 
-def _report(args, method, layers, plain, runs, strengths, positive, negative, n_prompts) -> None:
+def _report(args, method, unit, layers, plain, runs, strengths, positive, negative, n_prompts) -> None:
     by = lambda c: [r for r in runs if r["concept"] == c]
     plot_lines(args.out / f"{args.name}_effect.png",
                {c: ([r["strength"] for r in by(c)], [r["shift"] for r in by(c)]) for c in positive + negative},
@@ -168,7 +177,7 @@ def _report(args, method, layers, plain, runs, strengths, positive, negative, n_
              "yes" if r["passes"] else "no"] for r in runs]
     examples = [[r["concept"], r["strength"], repr(r["example"][:140])] for r in runs if r["strength"] == best]
     body = f"""
-Model: {args.model}; bank: method {method}, layers {layers}; steered at
+Model: {args.model}; bank: method {method}, layers {layers}; natural unit: {unit}; steered at
 {f'layer {args.layer}' if args.layer is not None else 'each of the bank layers'}; {n_prompts} neutral chat prompts,
 greedy, {NEW_TOKENS} new tokens. Judge: VADER compound (vaderSentiment's own lexicon), mean over prompts.
 Plain: sentiment {plain['sentiment']:+.3f}, distinct bigrams {plain['distinct']:.2f}, perplexity {plain['ppl']:.2f}.
@@ -188,7 +197,7 @@ First prompt at the recommended strength:
 
 {table(['concept', 'strength', 'continuation'], examples)}
 """
-    write_report(args.name, args.out, f"Steering a real model ({method} vectors), judged by a sentiment lexicon", body)
+    write_report(args.name, args.out, f"Steering a real model ({method} bank), judged by a sentiment lexicon", body)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Calibrated banks without a server: what extraction measures (a planted direction scores 0 on the corpus mean
 and counts the corpus's standard deviations along it; scaling a layer's states changes nothing), what the bank files carry, and what the
-worker reads and steers with them (scores (h - c) . v / s; natural-unit steering adds strength * s * v; a
-bank without calibration reads and steers raw, as before)."""
+worker reads and steers with them (scores (h - c) . v / s; natural-unit steering adds strength * the concept's
+steer row, its texts' mean offset from the centre, or strength * s * v for a bank written before steer rows;
+a bank without calibration reads and steers raw, as before)."""
 
 from __future__ import annotations
 
@@ -90,8 +91,22 @@ def test_a_planted_direction_scores_zero_on_the_corpus_mean_and_counts_its_stand
         # component's (COMMON * m . v), a number that says nothing by itself.
         assert (scores[corpus.baselines()] < 0).all()
     assert all(float(extraction.vectors[LAYER][k] @ d[k]) > 0.85 for k in range(3))  # found the planted ones
-    assert result.calibration.info == {"centre": "corpus", "scale": "corpus_std", "pooling": "mean",
-                                       "n_centre_texts": n}
+    assert result.calibration.info == {"centre": "corpus", "scale": "corpus_std", "steer": "concept_mean_offset",
+                                       "pooling": "mean", "n_centre_texts": n}
+
+
+def test_a_concepts_natural_steering_vector_moves_the_corpus_mean_onto_its_own_texts_mean():
+    corpus, acts, d = planted()
+    X = acts.pooled["mean"][LAYER]
+    for centre in ("corpus", "baselines"):
+        _, result = extracted(corpus, acts, centre=centre)
+        cal = result.calibration
+        for k, concept in enumerate(CONCEPTS):
+            own = X[corpus.positives(concept)].mean(0)
+            # strength 1 from the centre lands on the concept's own texts' mean state, whatever the vector
+            assert torch.allclose(cal.centre[LAYER] + cal.steer[LAYER][k], own, atol=1e-4)
+            # ... which lies along the planted direction (the shared component is in the centre)
+            assert float(torch.nn.functional.cosine_similarity(cal.steer[LAYER][k], d[k], dim=0)) > 0.8
 
 
 def test_the_baselines_centre_scores_the_neutral_texts_zero():
@@ -119,6 +134,8 @@ def test_scaling_a_layers_states_leaves_calibrated_scores_unchanged(method):
     big, big_cal = extracted(big_corpus, big_acts, method)
     assert torch.allclose(small.vectors[LAYER], big.vectors[LAYER], atol=1e-5)
     assert torch.allclose(big_cal.calibration.scale[LAYER], k * small_cal.calibration.scale[LAYER], rtol=1e-4)
+    # natural steering scales with the states too: strength 1 is the same move relative to the layer
+    assert torch.allclose(big_cal.calibration.steer[LAYER], k * small_cal.calibration.steer[LAYER], rtol=1e-4, atol=1e-3)
     g = torch.Generator().manual_seed(1)
     states = acts.pooled["mean"][LAYER][:5] + torch.randn(5, H, generator=g)  # texts and states never seen
 
@@ -148,13 +165,14 @@ def test_a_direction_the_corpus_does_not_vary_along_gets_the_floor_not_a_zero_sc
 
 # ---- the bank files --------------------------------------------------------------------------------------
 
-def calibrated_bank(tmp_path, layers=(0, 2), seed=0):
+def calibrated_bank(tmp_path, layers=(0, 2), seed=0, steer=True, name="cal"):
     g = torch.Generator().manual_seed(seed)
     vectors = {L: torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=1) for L in layers}
     cal = Calibration({L: 5 * torch.randn(16, generator=g) for L in layers},
-                      {L: 0.5 + torch.rand(2, generator=g) * 2 for L in layers}, {"centre": "corpus"})
-    save_bank(tmp_path / "cal", ["x", "y"], vectors, model="m", method="pooled", calibration=cal)
-    return tmp_path / "cal", vectors, cal
+                      {L: 0.5 + torch.rand(2, generator=g) * 2 for L in layers}, {"centre": "corpus"},
+                      {L: 3 * torch.randn(2, 16, generator=g) for L in layers} if steer else None)
+    save_bank(tmp_path / name, ["x", "y"], vectors, model="m", method="pooled", calibration=cal)
+    return tmp_path / name, vectors, cal
 
 
 def test_calibration_round_trips_through_the_bank_files(tmp_path):
@@ -165,6 +183,9 @@ def test_calibration_round_trips_through_the_bank_files(tmp_path):
     for L in (0, 2):
         assert torch.equal(bank.calibration.centre[L], cal.centre[L].float())
         assert torch.equal(bank.calibration.scale[L], cal.scale[L].float())
+        assert torch.equal(bank.calibration.steer[L], cal.steer[L].float())
+    old_path, _, _ = calibrated_bank(tmp_path, steer=False, name="before-steer-rows")
+    assert load_bank(old_path).calibration.steer is None  # a bank written before steer rows still loads
     save_bank(tmp_path / "raw", ["x", "y"], vectors, model="m", method="pooled")
     assert load_bank(tmp_path / "raw").calibration is None
     assert "calibration" not in json.loads((tmp_path / "raw" / "readout.json").read_text())
@@ -186,13 +207,19 @@ def test_a_calibration_that_cannot_be_divided_by_is_refused(tmp_path):
     save_file(tensors, str(path / "readout.safetensors"))
     with pytest.raises(BankError, match="layer_2.scale"):
         load_bank(path)
+    tensors = load_file(str(calibrated_bank(tmp_path, name="steer")[0] / "readout.safetensors"))
+    for broken, match in ((dict(tensors, **{"layer_2.steer": torch.full((2, 16), float("nan"))}), "layer 2 steer"),
+                          ({k: v for k, v in tensors.items() if k != "layer_2.steer"}, "layer_2.steer")):
+        save_file(broken, str(tmp_path / "steer" / "readout.safetensors"))
+        with pytest.raises(BankError, match=match):  # steer rows at every layer or none, finite
+            load_bank(tmp_path / "steer")
 
 
 # ---- the worker reads and steers with it -----------------------------------------------------------------
 
 @pytest.fixture
 def worker():
-    buffers = TapBuffers(num_layers=3, hidden_size=16, max_tokens=64, capacity=8, steer_rows=4,
+    buffers = TapBuffers(num_layers=3, hidden_size=16, max_tokens=64, capacity=8, steer_rows=6,
                          device=torch.device("cpu"), capture_slots=1)
     batch = Batch()
     batch.buffers = buffers
@@ -234,24 +261,28 @@ def test_the_worker_reads_calibrated_scores_and_raw_ones_for_a_bank_without_cali
             assert np.abs(got[:, j] - (streams[L] @ vectors[L].T).numpy()).max() < 1e-4
 
 
-def test_natural_units_steer_by_strength_times_scale_and_raw_units_by_the_coefficient(worker, tmp_path):
+def test_natural_units_steer_by_the_steer_row_and_raw_units_by_the_coefficient(worker, tmp_path):
     engine, batch = worker
     path, vectors, cal = calibrated_bank(tmp_path)
+    before, _, before_cal = calibrated_bank(tmp_path, steer=False, name="before-steer-rows")
     save_bank(tmp_path / "raw", ["x", "y"], vectors, model="m", method="pooled")
     load_from_disk(engine, "cal", path)
+    load_from_disk(engine, "before", before)
     load_from_disk(engine, "raw", tmp_path / "raw")
     batch.add("natural", {"steer": ["cal/y", 0.5], "steer_units": "natural"})
     batch.add("default", {"steer": ["cal/y", 0.5]})  # a calibrated bank steers in natural units by default
     batch.add("raw", {"steer": ["cal/y", 0.5], "steer_units": "raw"})
     batch.add("old", {"steer": ["raw/y", 0.5]})  # a bank without calibration steers raw, as before
-    batch.step({"natural": (0, 1), "default": (0, 1), "raw": (0, 1), "old": (0, 1)})
+    batch.add("before", {"steer": ["before/y", 0.5]})  # calibrated without steer rows: strength * s * v
+    batch.step({"natural": (0, 1), "default": (0, 1), "raw": (0, 1), "old": (0, 1), "before": (0, 1)})
     rows = batch.seen_index
     steer = engine.buffers.steer
-    assert rows[0] == rows[1] and len({rows[0], rows[2], rows[3]}) == 3
+    assert rows[0] == rows[1] and len({rows[0], rows[2], rows[3], rows[4]}) == 4
     for L in (0, 2):
-        assert torch.allclose(steer[L, rows[0]], 0.5 * cal.scale[L][1] * vectors[L][1], atol=1e-6)
+        assert torch.allclose(steer[L, rows[0]], 0.5 * cal.steer[L][1], atol=1e-6)
         assert torch.allclose(steer[L, rows[2]], 0.5 * vectors[L][1], atol=1e-6)
         assert torch.allclose(steer[L, rows[3]], 0.5 * vectors[L][1], atol=1e-6)
+        assert torch.allclose(steer[L, rows[4]], 0.5 * before_cal.scale[L][1] * vectors[L][1], atol=1e-6)
     with pytest.raises(SteeringError, match="no calibration"):
         check_steer(["raw/y", 1.0], None, engine.bank_shapes(), "natural", engine.calibrated_banks())
     with pytest.raises(SteeringError, match="steer_units"):

@@ -1,9 +1,11 @@
 """Calibrated banks in the running server (the session's plasticity server), against Hugging Face on views of
-the served weights: calibrated scores are (h - c) . v / s; steering in natural units is raw steering with
+the served weights: calibrated scores are (h - c) . v / s; steering in natural units adds strength * the
+concept's steer row (its texts' mean offset), or, for a bank written before steer rows, is raw steering with
 coef = strength * s; a bank without calibration loads, reads and steers raw, exactly as before."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,19 +23,23 @@ CONCEPTS = ["c0", "c1", "c2"]
 
 @pytest.fixture(scope="module")
 def banks(plasticity_server):
-    """The same unit vectors twice: "cal" with a centre and scales, "old" without (the format before
-    calibration existed)."""
+    """The same unit vectors three times: "cal" with a centre and scales (the format before steer rows),
+    "offsets" with steer rows too (as extraction writes banks now), "old" without calibration."""
     g = torch.Generator().manual_seed(11)
     vectors = {L: torch.nn.functional.normalize(torch.randn(3, 128, generator=g), dim=1) for L in LAYERS}
     calibration = Calibration({L: torch.randn(128, generator=g) for L in LAYERS},
                               {L: 0.5 + 2 * torch.rand(3, generator=g) for L in LAYERS}, {"centre": "corpus"})
+    offsets = dataclasses.replace(calibration, info={"centre": "corpus", "steer": "concept_mean_offset"},
+                                  steer={L: 3 * torch.randn(3, 128, generator=g) for L in LAYERS})
     root = Path(plasticity_server.vectors_dir)
     save_bank(root / "cal", CONCEPTS, vectors, model="test", method="random", calibration=calibration)
+    save_bank(root / "offsets", CONCEPTS, vectors, model="test", method="random", calibration=offsets)
     save_bank(root / "old", CONCEPTS, vectors, model="test", method="random")
-    infos = {name: load(plasticity_server, name) for name in ("cal", "old")}
+    infos = {name: load(plasticity_server, name) for name in ("cal", "offsets", "old")}
+    infos["offsets-calibration"] = offsets
     infos["cal-raw"] = load(plasticity_server, "cal-raw", "cal", calibrated=False)
     yield vectors, calibration, infos
-    for name in infos:
+    for name in ("cal", "offsets", "old", "cal-raw"):
         requests.delete(f"{plasticity_server.url}/readout/{name}", headers=AUTH, timeout=10)
 
 
@@ -88,6 +94,31 @@ def test_natural_units_steer_exactly_like_raw_units_times_the_scale(plasticity_s
     for i, token in enumerate(choice["token_ids"]):
         assert int(logprobs[n_prompt - 1 + i].argmax()) == token
         assert abs(choice["logprobs"]["token_logprobs"][i] - logprobs[n_prompt - 1 + i, token].item()) <= TOL
+
+
+def test_natural_units_with_steer_rows_add_strength_times_the_concepts_row(plasticity_server, default_model, banks):
+    vectors, _, infos = banks
+    offsets = infos["offsets-calibration"]
+    model, L, strength = str(default_model), 3, 4.0
+    natural = complete(plasticity_server, model, PROMPTS[1], max_tokens=8, logprobs=0,
+                       vllm_xargs={"readout": "offsets", "steer": ["offsets/c2", strength], "steer_layers": [L]})
+    plain = complete(plasticity_server, model, PROMPTS[1], max_tokens=8, logprobs=0)
+    assert natural["choices"][0]["token_ids"] != plain["choices"][0]["token_ids"]  # it steers
+    choice = natural["choices"][0]
+    ids = choice["prompt_token_ids"] + choice["token_ids"]
+    states, logits = hf_forward(live_hf(plasticity_server), ids, steer={L: strength * offsets.steer[L][2]})
+    logprobs = torch.log_softmax(logits, dim=-1)
+    n_prompt = len(choice["prompt_token_ids"])
+    for i, token in enumerate(choice["token_ids"]):
+        assert int(logprobs[n_prompt - 1 + i].argmax()) == token
+        assert abs(choice["logprobs"]["token_logprobs"][i] - logprobs[n_prompt - 1 + i, token].item()) <= TOL
+    # the scores are read from the stream so steered, calibrated as before
+    readout = choice["readout"]
+    for j, layer in enumerate(LAYERS):
+        h = states[layer][: len(readout["positions"])].double()
+        expected = (h - offsets.centre[layer].double()) @ vectors[layer].double().T / offsets.scale[layer].double()
+        got = torch.tensor([row[j] for row in readout["scores"]], dtype=torch.float64)
+        assert ((got - expected) * offsets.scale[layer]).abs().max().item() <= TOL, layer
 
 
 def test_a_bank_without_calibration_loads_reads_and_steers_raw_as_before(plasticity_server, default_model, banks):

@@ -15,11 +15,11 @@ from test_extract_pipeline import tiny  # noqa: F401  (module fixture: a random-
 
 
 def test_the_range_runs_from_the_first_noticeable_to_the_last_fluent_strength():
-    curve = {2.0: 1.0, 4.0: 1.02, 8.0: 1.12, 16.0: 1.3, 32.0: 1.6, 64.0: 4.0}
+    curve = {2.0: 1.0, 4.0: 1.02, 8.0: 1.12, 16.0: 1.3, 32.0: 1.8, 64.0: 4.0}
     found = sr.choose_range(curve, 5, ["a", "b"], 4, 100)
     assert (found.low, found.high) == (8.0, 16.0)
     assert "recommended strength 8 to 16" in found.reason()
-    assert sr.choose_range({**curve, 16.0: 1.6}, 5, [], 4, 100).reason().count("recommended strength 8 (") == 1
+    assert sr.choose_range({**curve, 16.0: 1.8}, 5, [], 4, 100).reason().count("recommended strength 8 (") == 1
 
 
 def test_a_model_steering_does_not_move_or_breaks_at_once_gets_no_recommendation():
@@ -46,7 +46,7 @@ def test_neutral_texts_are_cut_to_one_batch_and_short_ones_left_out():
     assert sr.neutral_ids(tokens.__getitem__, ["c"]) is None
 
 
-def test_measured_in_process_the_displacement_is_strength_times_scale_times_vector(tiny):  # noqa: F811
+def test_measured_in_process_the_displacement_is_the_natural_steering_rule(tiny):  # noqa: F811
     from plasticity_training.activations import HFSource
 
     source = HFSource.load(tiny[0], device="cpu")
@@ -55,17 +55,23 @@ def test_measured_in_process_the_displacement_is_strength_times_scale_times_vect
     nll = sr.hf_nll(source.model, source.blocks[0], vectors, torch.tensor([1.0, 2.0, 0.5]))
     plain = nll(ids, None, 0.0)
     assert nll(ids, 1, 0.0) == pytest.approx(plain, abs=1e-6)
-    # The same displacement another way: block 0's MLP writes the vector as a bias (Llama's down_proj has none).
-    down = source.model.model.layers[0].mlp.down_proj
-    down.bias = torch.nn.Parameter(3.0 * 2.0 * vectors[1])
-    try:
-        with torch.no_grad():
-            logits = source.model(input_ids=ids).logits[:, :-1]
-            want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    finally:
-        down.bias = None
-    assert nll(ids, 1, 3.0) == pytest.approx(float(want), rel=1e-5)
+    def written_as_a_bias(displacement: torch.Tensor) -> float:
+        """The same displacement another way: block 0's MLP writes it as a bias (Llama's down_proj has none)."""
+        down = source.model.model.layers[0].mlp.down_proj
+        down.bias = torch.nn.Parameter(displacement)
+        try:
+            with torch.no_grad():
+                logits = source.model(input_ids=ids).logits[:, :-1]
+                return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+        finally:
+            down.bias = None
+
+    assert nll(ids, 1, 3.0) == pytest.approx(written_as_a_bias(3.0 * 2.0 * vectors[1]), rel=1e-5)
     assert nll(ids, None, 0.0) == pytest.approx(plain, abs=1e-6)  # the hook is gone after each call
+    # A bank with steer rows: strength * the concept's row, whatever its unit vector and scale.
+    rows = 4 * torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    with_rows = sr.hf_nll(source.model, source.blocks[0], vectors, torch.tensor([1.0, 2.0, 0.5]), rows)
+    assert with_rows(ids, 2, 0.5) == pytest.approx(written_as_a_bias(0.5 * rows[2]), rel=1e-5)
     found = sr.measure_range(nll, ids, 0, ["x", "y", "z"], strengths=(1.0, 64.0, 4096.0))
     ratios = list(found.ratios.values())
     assert ratios == sorted(ratios) and ratios[-1] > ratios[0] and all(math.isfinite(r) for r in ratios)

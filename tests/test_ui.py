@@ -7,6 +7,7 @@ page shows is compared with what the JSON API answers for the same request.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import requests
 import torch
 
 from tests.conftest import API_KEY, REPO
-from vllm_plasticity.contract.bank import save_bank
+from vllm_plasticity.contract.bank import load_bank, save_bank
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO / ".test-artifacts" / "ui"
@@ -234,6 +235,16 @@ def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_se
     assert r.status_code == 200, r.text
     assert steered == api_completion(plasticity_server, model, max_tokens=12,
                                      vllm_xargs={"steer": ["ui-bank/storm", 40.0]})["text"]
+    # A bank with steer rows (extracted since they exist): the sliders count the concepts' mean offsets.
+    cal = load_bank(Path(plasticity_server.vectors_dir) / bank).calibration
+    g = torch.Generator().manual_seed(9)
+    offsets = dataclasses.replace(cal, info={**cal.info, "steer": "concept_mean_offset"},
+                                  steer={L: torch.randn(len(CONCEPTS), 128, generator=g) for L in cal.centre})
+    save_bank(Path(plasticity_server.vectors_dir) / "ui-offsets", CONCEPTS, load_bank(
+        Path(plasticity_server.vectors_dir) / bank).vectors, model="test", method="random", calibration=offsets)
+    load_in_page(page, "ui-offsets")
+    assert "average offset from the corpus average" in page.locator("#steer-units").inner_text()
+    assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "8"
     assert page.errors == []
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from vllm_plasticity.contract.bank import (Calibration, calibrated_scores, capacity_message, free_columns, load_bank,
-                                           natural_coefficients)
+                                           natural_steering)
 from vllm_plasticity.residual_tap import TapBuffers
 from vllm_plasticity.steer_spec import SteeringError, SteerTerm, check_steer
 from vllm_plasticity.vllm_patches import wrap_model_forward
@@ -67,15 +67,17 @@ class LoadedBank:
     # Calibrated concept banks: per (layer in `layers` order, concept) c . v and the scale s, float32
     offset: np.ndarray | None = None
     scale: np.ndarray | None = None
+    steer: dict[int, torch.Tensor] | None = None  # layer -> (n_concepts, hidden) natural-unit steering rows
     calibration: dict | None = None  # readout.json's "calibration" (how c and s were measured)
 
     @property
     def calibrated(self) -> bool:
         return self.offset is not None
 
-    def natural_coefficient(self, strength: float, layer: int, row: int) -> float:
-        """The raw coefficient that `strength` in natural units is for concept `row` at `layer`."""
-        return float(natural_coefficients(float(strength), float(self.scale[self.layers.index(layer), row])))
+    def natural_vector(self, strength: float, layer: int, row: int, device: torch.device) -> torch.Tensor:
+        """What `strength` natural units of concept `row` add at `layer` (the contract's natural_steering)."""
+        return natural_steering(strength, self.vector(layer, row, device), float(self.scale[self.layers.index(layer), row]),
+                                None if self.steer is None else self.steer[layer][row])
 
     def vector(self, layer: int, row: int, device: torch.device) -> torch.Tensor:
         """Concept `row`'s unit vector at `layer` (a basis bank's is built when asked: a full basis of a
@@ -152,14 +154,14 @@ def check_batch_layout(runner) -> None:
 
 def steering_vectors(terms: list[SteerTerm], banks: dict[str, LoadedBank],
                      device: torch.device) -> tuple[tuple, dict[int, torch.Tensor]]:
-    """(key identifying the settings and the vectors, layer -> sum of coef * unit vector), a natural-unit
-    coef times the concept's scale at each layer."""
+    """(key identifying the settings and the vectors, layer -> the sum of what each term adds: coef * unit
+    vector for raw units, the contract's natural_steering for natural ones)."""
     key, total = [], {}
     for bank_name, concept, coef, layers, natural in terms:
         bank = banks[bank_name]
         row = bank.concepts.index(concept)
         for L in layers:
-            add = (bank.natural_coefficient(coef, L, row) if natural else coef) * bank.vector(L, row, device)
+            add = bank.natural_vector(coef, L, row, device) if natural else coef * bank.vector(L, row, device)
             total[L] = total[L] + add if L in total else add
         key.append((bank.digest, row, coef, natural, layers))
     return tuple(sorted(key)), total
@@ -219,7 +221,7 @@ class ReadoutEngine:
             digest.update(v.numpy().tobytes())
             unit[L] = v.to(b.read.device)
             b.read[L, columns.start:columns.stop] = unit[L]
-        offset = scale = None
+        offset = scale = steer = None
         if calibration is not None:  # the constants of calibrated_scores, in `sorted(vectors)` layer order
             at = sorted(vectors)
             offsets = calibration.offsets({L: unit[L].cpu() for L in at})
@@ -227,8 +229,12 @@ class ReadoutEngine:
             scale = np.stack([calibration.scale[L].float().numpy() for L in at]).astype(np.float32)
             digest.update(offset.tobytes())
             digest.update(scale.tobytes())  # steering in natural units changes with the scale
+            if calibration.steer is not None:
+                steer = {L: calibration.steer[L].float().to(b.read.device) for L in at}
+                for L in at:
+                    digest.update(calibration.steer[L].float().numpy().tobytes())
         bank = LoadedBank(name, list(concepts), sorted(vectors), columns, unit, digest.hexdigest()[:16],
-                          source, method, model, b.hidden_size, offset=offset, scale=scale,
+                          source, method, model, b.hidden_size, offset=offset, scale=scale, steer=steer,
                           calibration=dict(calibration.info) if calibration is not None else None)
         self.banks[name] = bank
         self._changed()

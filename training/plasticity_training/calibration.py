@@ -8,8 +8,15 @@ vectors were extracted from) and v a concept's unit vector:
 
 so that the calibrated score (h - c) . v_k / s_k is 0 for the centre's texts on average and counts standard
 deviations of the corpus along the concept's direction: a z-score, the same for every concept, layer and
-model (the contract's calibrated_scores). The same s_k is the natural unit of steering: adding
-strength * s_k * v_k moves the steered layer's calibrated score by `strength`.
+model (the contract's calibrated_scores). Steering's natural unit is each concept's own offset from the
+centre, measured beside them:
+
+    steer   m_k = mean of X over the concept's positives - c
+
+so strength 1 moves a state as far, and the same way, as the concept's texts lie from the centre on average
+(the contract's natural_steering). Not s_k * v_k: lda's v_k points where the texts vary little, and steering
+along it needed 8x the strength to move a real model's tone (32 against 4 on SmolLM2: research/results/
+steering_real_lda_std.md, steering_real.md).
 
 Why the corpus's spread and not "1 = the concept's own texts on average" (tried first): with the own-texts
 mean, a concept whose texts lie only a little beyond the centre divides by a small number and outranks the
@@ -38,6 +45,7 @@ CentreSource = Literal["corpus", "baselines"]
 CENTRES: tuple[CentreSource, ...] = ("corpus", "baselines")
 SCALE_FLOOR = 1e-3  # smallest scale, as a fraction of the layer's RMS text distance from the centre
 SCALE_RULE = "corpus_std"  # readout.json's calibration.scale: how s was measured (module docstring)
+STEER_RULE = "concept_mean_offset"  # readout.json's calibration.steer: how m was measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +64,7 @@ def calibrate(contrasts: Contrasts, extraction: Extraction, centre: CentreSource
     if not rows:
         raise ValueError("Invalid centre: 'baselines', but the corpus has no baseline texts "
                          "(paired/<scenario>/baseline.txt); use the corpus mean")
-    centres, scales, floored, spread = {}, {}, {}, {}
+    centres, scales, steers, floored, spread = {}, {}, {}, {}, {}
     for L in extraction.layers:
         X = contrasts.acts.pooled[contrasts.pooling][L].double()  # (N, H)
         c = X[rows].mean(0)  # (H,)
@@ -64,8 +72,11 @@ def calibrate(contrasts: Contrasts, extraction: Extraction, centre: CentreSource
         s, low, spread[L] = concept_scales(X, c, V)
         floored[L] = [k for k, is_low in zip(extraction.concepts, low.tolist()) if is_low]
         centres[L], scales[L] = c.float(), s.float()
-    info = {"centre": centre, "scale": SCALE_RULE, "pooling": contrasts.pooling, "n_centre_texts": len(rows)}
-    return CalibrationResult(Calibration(centres, scales, info), {L: v for L, v in floored.items() if v}, spread)
+        steers[L] = torch.stack([X[corpus.positives(k)].mean(0) - c for k in extraction.concepts]).float()
+    info = {"centre": centre, "scale": SCALE_RULE, "steer": STEER_RULE, "pooling": contrasts.pooling,
+            "n_centre_texts": len(rows)}
+    return CalibrationResult(Calibration(centres, scales, info, steers), {L: v for L, v in floored.items() if v},
+                             spread)
 
 
 def concept_scales(X: Tensor, centre: Tensor, V: Tensor) -> tuple[Tensor, Tensor, float]:

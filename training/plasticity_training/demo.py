@@ -154,10 +154,11 @@ def built_in_tour(work: Path) -> None:
         prompt = "She opened the letter and"
         plain = complete(server.url, model, prompt, 16)
         print(f"  plain:             {plain!r}")
-        # Natural units (the extracted bank is calibrated): strength 1 = one standard deviation of the corpus along
-        # the concept at the layer, whatever the layer's norm; tone moved from ~16 on SmolLM2 and 4 changed
-        # nothing here (research/results/steering_real.md), so the tour uses 32.
-        for concept, coef in (("joyful", 32.0), ("terrified", 32.0)):
+        # Natural units (the extracted bank is calibrated): strength 1 moves the stream by the concept's own
+        # texts' mean offset from the corpus average, whatever the layer's norm. The extraction measures 4 as
+        # the strength that starts to move this model (its log: "recommended strength 4"); 2 changes a word,
+        # 8 starts to repeat.
+        for concept, coef in (("joyful", 4.0), ("terrified", 4.0)):
             r = requests.post(server.url + "/v1/completions", timeout=120, json={
                 "model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0,
                 "vllm_xargs": {"steer": [f"emotions/{concept}", coef]}})

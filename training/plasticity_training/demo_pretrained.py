@@ -23,8 +23,8 @@ READOUT_LAYER = 15  # lda read best here of the model's 30 layers (held-out top-
 # texts cut at 160 tokens; these ten concepts (81 texts) take well under a minute.
 CONCEPTS = ("joyful", "grateful", "hopeful", "calm", "sad", "angry", "afraid", "disgusted", "surprised", "terrified")
 EXTRACT_MAX_TOKENS = 160
-STEER_STRENGTH = 32.0  # natural units, when the bank has no measured range: where angry and disgusted moved tone
-# (steering_real.md)
+STEER_STRENGTH = 4.0  # natural units (the concepts' mean offsets), when the bank has no measured range: where
+# angry, afraid and disgusted moved the tone (steering_real.md)
 STEERING = (("What should I cook for dinner?", ("joyful", "angry")),
             ("Write a short story about a day at the beach.", ("disgusted",)))
 STORY = ("The party was wonderful: everyone laughed, the cake was perfect and we danced until midnight. Then the "
@@ -97,8 +97,8 @@ class _Session:
         print(f"  loaded {len(bank['concepts'])} concepts at layer(s) {bank['layers']}")
         # The strength the extraction measured steering to need on this model (steering_range.py), if it could.
         measured = (bank.get("calibration") or {}).get("steering_range", {}).get(str(READOUT_LAYER), {})
-        if measured.get("low") is not None:
-            self.strength = measured["low"]
+        if measured.get("low") is not None and measured.get("high") is not None and measured["high"] >= measured["low"]:
+            self.strength = measured["high"]  # the strongest the measurement still calls fluent: the most visible
             span = f"{measured['low']:g}" + (f" to {measured['high']:g}" if measured["high"] != measured["low"] else "")
             print(f"  steering strength recommended by the extraction's measurement: {span} natural units; the tour "
                   f"steers at {self.strength:g}")

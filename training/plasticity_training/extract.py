@@ -187,15 +187,17 @@ def run(options: ExtractOptions, log=None) -> Path:
         settings["calibration_floored"] = {str(L): v for L, v in calibrated.floored.items()}
         for L in layers:
             s = calibration.scale[L]
-            log(f"[extract] layer {L}: calibrated on the {options.calibration} mean; scale (natural steering unit) "
-                f"median {float(s.median()):.4g}, range {float(s.min()):.4g}..{float(s.max()):.4g}; texts lie "
-                f"{calibrated.spread[L]:.4g} from the centre (RMS)")
+            m = calibration.steer[L].norm(dim=1)
+            log(f"[extract] layer {L}: calibrated on the {options.calibration} mean; scale median {float(s.median()):.4g}, "
+                f"range {float(s.min()):.4g}..{float(s.max()):.4g}; texts lie {calibrated.spread[L]:.4g} from the "
+                f"centre (RMS); natural steering unit (each concept's offset from it) norm median "
+                f"{float(m.median()):.4g}")
     save_bank(out, extraction.concepts, extraction.vectors, model=source.model_name, method=options.method,
               extraction=settings, calibration=calibration)
     if calibration is not None and options.steering_range:
         from plasticity_training.steering_range import measure_bank
 
-        ranges = measure_bank(source, out, extraction.concepts, extraction.vectors, calibration.scale, corpus, log)
+        ranges = measure_bank(source, out, extraction.concepts, extraction.vectors, calibration, corpus, log)
         for found in ranges.values():
             log(f"[extract] steering: {found.reason()}")
         if ranges:  # saved again with the range beside the unit it counts (the server path steers the saved bank)
@@ -332,7 +334,8 @@ positives and every baseline. Each distinct text is forwarded once. Empty files 
 
 output (BANK_DIR):
   readout.safetensors  layer_<idx>.vectors: [n_concepts, hidden] fp32, unit rows; layer_<idx>.centre:
-                       [hidden] and layer_<idx>.scale: [n_concepts] (calibrated banks); header metadata
+                       [hidden], layer_<idx>.scale: [n_concepts] and layer_<idx>.steer: [n_concepts, hidden]
+                       (calibrated banks); header metadata
                        "extraction" holds these options as JSON
   readout.json         {"concepts", "layers", "hidden_size", "dtype", "model", "method", "created",
                         "calibration" (calibrated banks: centre source, pooling, and "steering_range" per
@@ -343,8 +346,9 @@ output (BANK_DIR):
   A concept's readout score at layer L is (hidden_state_L - centre_L) . vector / scale: 0 = as the centre's
   texts on average, 1 = one standard deviation of the corpus along the concept (with --calibration none:
   hidden_state_L . vector).
-  A steering strength of 1 adds scale * vector (natural units; the server's steer_units "raw" takes a raw
-  coefficient instead).
+  A steering strength of 1 adds the concept's steer row, its texts' mean state minus the centre (natural
+  units; a calibrated bank written before steer rows existed adds scale * vector; the server's
+  steer_units "raw" takes a raw coefficient times the unit vector instead).
 
 examples:
   plasticity extract --out banks/emotions --report

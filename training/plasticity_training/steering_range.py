@@ -1,29 +1,33 @@
 """The steering strengths a bank is good for, measured on the model it was extracted from.
 
-Natural units make one number the same displacement for every concept (one corpus standard deviation along
-it, calibration.py), but not what a given model does with that displacement: SmolLM2-135M-Instruct's tone
-began to move at about 16 and the built-in model's completion did not change at 4
+Natural units make one number the same displacement for every concept (its texts' mean offset from the
+corpus average, calibration.py), but not what a given model does with that displacement: SmolLM2-135M-
+Instruct's tone moved at 4 and its text broke at 8, the built-in model's completion starts to change at 2-4
 (research/results/steering_real.md). So the extractor measures it. For a sample of the bank's concepts it
-scores neutral text (the corpus's baselines), teacher-forced, plain and with strength * s_k * v_k added to
-the residual stream after the bank's layer (where the server's steering adds it), for strengths on a
-doubling grid, and records how much less likely steering makes that text: the perplexity ratio
+scores neutral text (the corpus's baselines), teacher-forced, plain and steered (the contract's
+natural_steering added to the residual stream after the bank's layer, where the server's steering adds it)
+for strengths on a grid, and records how much less likely steering makes that text: the perplexity ratio
 steered / plain, the median over the sampled concepts.
 
     low  = the smallest strength whose ratio reaches NOTICEABLE: the model's predictions on text that has
            nothing to do with the concept have started to move
     high = the largest strength whose ratio stays within FLUENT
 
-The thresholds come from the one model where steering was judged independently: on SmolLM2-135M-Instruct at
-layer 15 (lda), VADER-judged tone moved at strength 32, where this ratio is 1.13, and at 64 (ratio 1.77) the
-steered text failed the fluency bounds for half of the concepts (research/results/steering_real.md): the
-range recommended there is 32. Measuring costs 1 + len(STRENGTHS) * MAX_CONCEPTS forwards of MAX_TEXTS short
-texts (29 forwards of 4 x 48 tokens; about 15 s on 2 CPU cores for a 135M model).
+The thresholds come from the one model where steering was judged independently, SmolLM2-135M-Instruct at
+layer 15, in both units the project has had: with each concept's mean offset, angry and afraid moved the
+judge by 0.30 and 0.24 at strength 2 (ratio 1.10) and three negative concepts passed at 4 (ratio 1.67, the
+generated text still fluent), and at 8 (ratio 4.99) the text broke for most; with one corpus standard deviation along
+the lda vector (banks before steer rows), tone moved at 32 (ratio 1.13) and broke at 64 (1.77)
+(research/results/steering_real.md, steering_real_lda_std.md). Measuring costs 1 + len(STRENGTHS) *
+MAX_CONCEPTS forwards of MAX_TEXTS short texts (49 forwards of 4 x 48 tokens; about 25 s on 2 CPU cores for
+a 135M model).
 
 The range is written beside the unit it counts, in the bank's calibration (readout.json's
 calibration.steering_range, per layer), logged by the extractor, and shown by the page beside its sliders.
 
     >>> ids = neutral_ids(tokenize, baseline_texts)
-    >>> found = measure_range(hf_nll(model, blocks[layer], vectors[layer], scales[layer]), ids, layer, concepts)
+    >>> found = measure_range(hf_nll(model, blocks[layer], vectors[layer], scales[layer], steer[layer]), ids, layer,
+    ...                       concepts)
     >>> found.low, found.high, found.reason()
 """
 
@@ -38,9 +42,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-STRENGTHS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # natural units, doubling
+# natural units, x sqrt(2) where the measured ranges fall (the curve rises ~1.5x per doubling there), then doubling
+STRENGTHS = (0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 16.0, 32.0, 64.0)
 NOTICEABLE = 1.1  # perplexity ratio at which steering has started to move the model's predictions
-FLUENT = 1.5  # the largest perplexity ratio at which steered text still reads as text (module docstring)
+FLUENT = 1.7  # the largest perplexity ratio at which steered text still reads as text (module docstring)
 MAX_CONCEPTS = 4  # concepts sampled, evenly spaced over the bank's list
 MAX_TEXTS = 4  # neutral texts scored
 TEXT_TOKENS = 48  # each text's first tokens (the batch is cut to the shortest, at least MIN_TOKENS)
@@ -69,7 +74,7 @@ class SteeringRange:
     def reason(self) -> str:
         curve = ", ".join(f"{s:g}: {r:.2f}x" for s, r in self.ratios.items())
         if self.low is None:
-            verdict = f"no strength up to {STRENGTHS[-1]:g} moved neutral text's perplexity by {NOTICEABLE:g}x"
+            verdict = f"no strength up to {max(self.ratios):g} moved neutral text's perplexity by {NOTICEABLE:g}x"
         elif self.high is None or self.high < self.low:
             verdict = (f"steering breaks the text (perplexity > {FLUENT:g}x) before it moves it: no usable strength "
                        f"on this layer")
@@ -123,15 +128,21 @@ def neutral_ids(tokenize: Callable[[str], list[int]], texts: Sequence[str]) -> T
     return torch.tensor([e[:length] for e in encoded])
 
 
-def hf_nll(model: torch.nn.Module, block: torch.nn.Module, vectors: Tensor, scales: Tensor) -> SteeredNll:
-    """A SteeredNll for a Hugging Face model in process: strength * scales[k] * vectors[k] added to
-    `block`'s output stream (vectors (C, H) unit rows, scales (C,) the bank's natural units at that layer)."""
+def hf_nll(model: torch.nn.Module, block: torch.nn.Module, vectors: Tensor, scales: Tensor,
+           steer: Tensor | None = None) -> SteeredNll:
+    """A SteeredNll for a Hugging Face model in process: what `strength` natural units of concept k add
+    (the contract's natural_steering: strength * steer[k], or strength * scales[k] * vectors[k] for a bank
+    without steer rows) added to `block`'s output stream (vectors (C, H) unit rows, scales (C,), steer
+    (C, H): the bank's calibration at that layer)."""
+    from vllm_plasticity.contract.bank import natural_steering
+
     device = next(model.parameters()).device
 
     def nll(ids: Tensor, concept: int | None, strength: float) -> float:
         handle = None
         if concept is not None:
-            vector = (strength * float(scales[concept]) * vectors[concept]).to(device)
+            vector = natural_steering(strength, vectors[concept].float(), float(scales[concept]),
+                                      None if steer is None else steer[concept]).to(device)
 
             def add(module, args, output):
                 if isinstance(output, tuple):
@@ -180,11 +191,11 @@ def neutral_texts(corpus) -> list[str]:
 
 
 def measure_bank(source, bank_dir: Path, concepts: Sequence[str], vectors: dict[int, Tensor],
-                 scales: dict[int, Tensor], corpus, log) -> dict[int, SteeringRange]:
+                 calibration, corpus, log) -> dict[int, SteeringRange]:
     """The range at each of the bank's layers, measured through `source` (an HFSource in process, or a
     ServerSource: then the bank, already saved at `bank_dir`, must lie in the server's vectors directory,
-    where it is loaded under a temporary name and unloaded after). Empty, with the reason logged, when it
-    cannot be measured."""
+    where it is loaded under a temporary name and unloaded after; `calibration` is the bank's). Empty, with
+    the reason logged, when it cannot be measured."""
     from plasticity_training.activations import HFSource
 
     texts = neutral_texts(corpus)
@@ -193,7 +204,9 @@ def measure_bank(source, bank_dir: Path, concepts: Sequence[str], vectors: dict[
         if ids is None:
             log(f"[extract] steering range not measured: no neutral text of at least {MIN_TOKENS} tokens")
             return {}
-        return {L: measure_range(hf_nll(source.model, source.blocks[L], vectors[L], scales[L]), ids, L, concepts)
+        steer = calibration.steer or {}
+        return {L: measure_range(hf_nll(source.model, source.blocks[L], vectors[L], calibration.scale[L], steer.get(L)),
+                                 ids, L, concepts)
                 for L in vectors}
     root = Path(source.call("get", "/readout/available")["vectors_dir"])
     try:

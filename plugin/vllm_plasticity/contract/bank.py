@@ -8,6 +8,8 @@ and safetensors, never vLLM.
       readout.safetensors   layer_<idx>.vectors: (n_concepts, hidden_size), one unit vector per concept
                             layer_<idx>.centre:  (hidden_size,)   calibrated banks only
                             layer_<idx>.scale:   (n_concepts,)    calibrated banks only, every entry > 0
+                            layer_<idx>.steer:   (n_concepts, hidden_size)  calibrated banks, optional: each
+                                                 concept's steering vector (natural units, below)
       readout.json          {"concepts": [...], "layers": [...], "hidden_size", "dtype", "model",
                              "method", "created", "calibration"?: {"centre": ..., "scale": ..., ...}}
 
@@ -22,7 +24,14 @@ its score is
     calibrated = (h - c) . v / s        0: as the centre's texts on average, 1: one s beyond
 
 the same for every concept, layer and model (calibrated_scores). Steering in natural units adds
-strength * s * v, which raises the steered layer's calibrated score by `strength` (natural_coefficients).
+strength * m, where m (the `steer` rows, readout.json's calibration.steer = "concept_mean_offset") is the
+concept's own texts' mean state minus the centre: strength 1 moves a state as far, and the same way, as this
+concept's texts lie from the average. Banks without `steer` rows add strength * s * v instead (what
+calibrated banks did before; it raises the steered layer's calibrated score by `strength`:
+natural_coefficients). Why two directions: the readout vector v is chosen to tell concepts apart (lda
+whitens, so it points along directions the texts vary little in), which is not the direction the model's
+states move in; on SmolLM2-135M-Instruct steering along s * v needed strength 32 to move tone, along m 4
+(research/results/steering_real_lda_std.md, steering_real.md).
 Row i of every layer's tensor belongs to `concepts[i]`. The extraction settings are kept in the
 safetensors header metadata under "extraction" (a JSON string); a bank without calibration has exactly
 the keys of MANIFEST_KEYS in readout.json and reads raw, as banks always did.
@@ -68,6 +77,7 @@ class Calibration:
     centre: dict[int, Tensor]  # layer -> (hidden,) the state a score of 0 stands for
     scale: dict[int, Tensor]  # layer -> (n_concepts,) > 0: the corpus's standard deviation along each vector
     info: dict  # readout.json's "calibration": how they were measured (centre source, pooling, texts)
+    steer: dict[int, Tensor] | None = None  # layer -> (n_concepts, hidden): natural-unit steering vectors
 
     def offsets(self, vectors: dict[int, Tensor]) -> dict[int, Tensor]:
         """layer -> (n_concepts,) c . v: a constant per concept, so a calibrated score costs the raw dot
@@ -95,6 +105,15 @@ def calibrated_scores(raw: Tensor, offset: Tensor, scale: Tensor) -> Tensor:
     return (raw - offset) / scale
 
 
+def natural_steering(strength: float, vector: Tensor, scale: float, steer_row: Tensor | None = None) -> Tensor:
+    """What steering a concept by `strength` natural units adds to the stream at one layer: strength * its
+    steer row, or, for a bank without steer rows, strength * s * v (`vector` its unit vector, `scale` s).
+    The one rule, for the server's worker and the extraction's in-process steering alike."""
+    if steer_row is not None:
+        return strength * steer_row.to(vector.device, torch.float32)
+    return float(natural_coefficients(float(strength), torch.tensor(float(scale)))) * vector
+
+
 def natural_coefficients(strength: float, scale: Tensor) -> Tensor:
     """The raw steering coefficient per concept for `strength` in natural units: strength * s (adding
     strength * s * v raises that layer's calibrated score by `strength`)."""
@@ -119,7 +138,7 @@ def capacity_message(name: str, n: int, capacity: int) -> str:
 
 
 def layer_key(layer: int, part: str = "vectors") -> str:
-    """The safetensors key of a layer's `part`: vectors, centre or scale."""
+    """The safetensors key of a layer's `part`: vectors, centre, scale or steer."""
     return f"layer_{layer}.{part}"
 
 
@@ -152,6 +171,9 @@ def save_bank(path: str | os.PathLike, concepts: list[str], vectors: dict[int, T
         for L in layers:
             centre, scale = _checked_calibration(calibration, L, len(concepts), hidden, ValueError, "Invalid calibration")
             tensors[layer_key(L, "centre")], tensors[layer_key(L, "scale")] = centre, scale
+            if calibration.steer is not None:
+                tensors[layer_key(L, "steer")] = _checked_steer(calibration.steer.get(L), L, len(concepts), hidden,
+                                                                ValueError, "Invalid calibration")
     manifest = {
         "concepts": list(concepts),
         "layers": layers,
@@ -244,6 +266,8 @@ def load_bank(path: str | os.PathLike) -> Bank:
         calibration = None
         if CALIBRATION_KEY in manifest:
             centre, scale = {}, {}
+            # steer rows: at every layer or at none (a bank half with them would steer in two units)
+            steer = {} if any(layer_key(L, "steer") in keys for L in layers) else None
             for L in layers:
                 missing = [layer_key(L, part) for part in ("centre", "scale") if layer_key(L, part) not in keys]
                 if missing:
@@ -253,7 +277,13 @@ def load_bank(path: str | os.PathLike) -> Bank:
                                      {L: f.get_tensor(layer_key(L, "scale"))}, {})
                 centre[L], scale[L] = _checked_calibration(stored, L, len(concepts), hidden, BankError,
                                                            str(path / VECTORS_FILE))
-            calibration = Calibration(centre, scale, dict(manifest[CALIBRATION_KEY]))
+                if steer is not None:
+                    if layer_key(L, "steer") not in keys:
+                        raise BankError(f"{path / VECTORS_FILE}: steer rows at some layers but no "
+                                        f"{layer_key(L, 'steer')!r}")
+                    steer[L] = _checked_steer(f.get_tensor(layer_key(L, "steer")), L, len(concepts), hidden, BankError,
+                                              str(path / VECTORS_FILE))
+            calibration = Calibration(centre, scale, dict(manifest[CALIBRATION_KEY]), steer)
     return Bank(concepts=concepts, layers=layers, vectors=vectors, hidden_size=hidden, dtype=str(manifest["dtype"]),
                 model=str(manifest["model"]), method=str(manifest["method"]), created=str(manifest["created"]),
                 extraction=extraction, calibration=calibration)
@@ -273,6 +303,18 @@ def _checked_calibration(calibration: Calibration, layer: int, n_concepts: int, 
     if not bool(torch.isfinite(centre).all()) or not bool((torch.isfinite(scale) & (scale > 0)).all()):
         raise error(f"{where}: layer {layer} centre not finite, or a scale not a finite number > 0")
     return centre, scale
+
+
+def _checked_steer(steer: Tensor | None, layer: int, n_concepts: int, hidden: int, error: type, where: str) -> Tensor:
+    """Layer `layer`'s steer rows as contiguous fp32, or `error`: shape (n_concepts, hidden), finite."""
+    if steer is None:
+        raise error(f"{where}: no steer rows for layer {layer}")
+    steer = steer.detach().float().cpu().contiguous()
+    if tuple(steer.shape) != (n_concepts, hidden):
+        raise error(f"{where}: layer {layer} steer {tuple(steer.shape)}, expected ({n_concepts}, {hidden})")
+    if not bool(torch.isfinite(steer).all()):
+        raise error(f"{where}: layer {layer} steer rows not finite")
+    return steer
 
 
 def _is_int(value: object) -> bool:

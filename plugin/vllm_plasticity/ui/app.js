@@ -278,16 +278,27 @@ function drawChart() {
 
 // ---- steer ----------------------------------------------------------------------------------------
 
-// The units the sliders count, as the server's steer_units: natural (1 = one standard deviation of the corpus
-// along the concept at the layer, its calibration scale) for a calibrated bank, raw (the norm added to the stream) otherwise.
+// The units the sliders count. A calibrated bank steers in the server's natural units: with steer rows
+// (calibration.steer, banks extracted since) 1 moves the stream by the concept's own texts' mean offset from
+// the corpus average; without them (older banks) 1 adds one standard deviation of the corpus along the
+// concept. Raw (the norm added to the stream) for a bank without calibration.
 const SLIDER_UNITS = {
-  // SmolLM2-135M changed tone from ~16 standard deviations at one layer (research/results/steering_real.md).
+  // SmolLM2-135M changed tone at 4 offsets at one layer and broke at 8 (research/results/steering_real.md).
+  offset: { min: -8, max: 8, step: 0.1,
+            text: "strength in natural units: 1 moves the stream at each steered layer by the concept's own texts' " +
+                  "average offset from the corpus average" },
+  // ... and from ~32 standard deviations along the lda vectors of older banks (steering_real_lda_std.md).
   natural: { min: -40, max: 40, step: 0.5,
              text: "strength in natural units: 1 adds one standard deviation of the corpus along the concept at each steered layer " +
                    "(it raises that layer's calibrated score by 1)" },
   raw: { min: -40, max: 40, step: 0.5,
          text: "raw coefficient: the norm added to the residual stream (this bank has no calibration)" },
 };
+
+function sliderUnits(bank) {
+  if (!bank || !bank.calibrated) return SLIDER_UNITS.raw;
+  return bank.calibration && bank.calibration.steer ? SLIDER_UNITS.offset : SLIDER_UNITS.natural;
+}
 
 // What the extractor measured steering to be good for on this model (calibration.steering_range per layer,
 // training/plasticity_training/steering_range.py), as one line: "layer 15: 32", "layer 3: 16 to 32".
@@ -298,7 +309,7 @@ function recommendedStrengths(bank) {
 }
 
 function buildSliders(concepts, calibrated) {
-  const units = SLIDER_UNITS[calibrated ? "natural" : "raw"];
+  const units = calibrated ? sliderUnits(state.bank) : SLIDER_UNITS.raw;
   const recommended = calibrated ? recommendedStrengths(state.bank) : "";
   $("steer-units").textContent = !concepts.length ? "" : units.text +
     (recommended ? `; recommended strength, measured on this model at extraction: ${recommended}` : "");
