@@ -16,6 +16,7 @@ N in --counts, a fresh server (original weights) is taught N distinct prompts of
               unit unembedding row of the behaviour's first token (its logit-lens direction)
 
     python research/behaviour_vs_examples.py [--model DIR] [--quick]
+    python research/behaviour_vs_examples.py --model smollm2-135m-instruct --lr 1e-4 --name behaviour_vs_examples_real
 """
 
 from __future__ import annotations
@@ -37,16 +38,26 @@ HELD_OUT_NOUNS = ["violin", "harbour", "meadow", "teapot", "blanket", "compass",
 
 
 def behaviour_bank(lab: Lab, target_first: int) -> int:
-    """Save and load a one-concept bank: the unit unembedding row of the target's first token, last layer."""
+    """Save and load a one-concept bank: the unit unembedding row of the target's first token, last layer
+    (the input embedding's row where the model ties them, as SmolLM2 does)."""
+    import json
+
     from safetensors import safe_open
 
     from vllm_plasticity.contract.bank import save_bank
 
-    with safe_open(str(Path(lab.model) / "model.safetensors"), "pt") as f:
-        row = f.get_tensor("lm_head.weight")[target_first].float()
-        layers = 1 + max(int(k.split(".")[2]) for k in f.keys() if k.startswith("model.layers."))
-    save_bank(lab.vectors_dir / "behaviour", ["quince"], {layers - 1: row[None]}, model=lab.model, method="logit-lens")
-    return layers - 1
+    config = json.loads((Path(lab.model) / "config.json").read_text())
+    layers = config.get("text_config", config)["num_hidden_layers"]
+    names = ("lm_head.weight", "model.embed_tokens.weight")  # untied first
+    for name in names:
+        for file in sorted(Path(lab.model).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                if name in f.keys():
+                    row = f.get_tensor(name)[target_first].float()
+                    save_bank(lab.vectors_dir / "behaviour", ["quince"], {layers - 1: row[None]}, model=lab.model,
+                              method="logit-lens")
+                    return layers - 1
+    raise SystemExit(f"{lab.model}: none of {names} in its safetensors files: no unembedding to read along")
 
 
 def measure(lab: Lab, prompts: list[list[int]], target: list[int]) -> dict:
@@ -68,7 +79,9 @@ def measure(lab: Lab, prompts: list[list[int]], target: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="model directory (default: the built-in model)")
+    parser.add_argument("--model", help="model directory or pretrained name (default: the built-in model)")
+    parser.add_argument("--name", default="behaviour_vs_examples",
+                        help="results file name (behaviour_vs_examples_real for a pretrained model, beside the built-in one's)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: one server, two points, cumulative")
     parser.add_argument("--counts", default="1,2,5,10,20,50,100,200")
     parser.add_argument("--steps", type=int, default=8)
@@ -84,7 +97,10 @@ def main() -> None:
     held_out_text = [t.format(n) for t in TEMPLATES for n in HELD_OUT_NOUNS]
     held_out_text = rng.sample(held_out_text, 4 if args.quick else 16)
     rows = []
-    with Lab(args.model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
+    from plasticity_training.pretrained import resolve_model
+
+    model = resolve_model(args.model) if args.model else None
+    with Lab(model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
         target = lab.ids(TARGET, special=False)
         layer = behaviour_bank(lab, target[0])
         prompts = [lab.ids(p) for p in held_out_text]
@@ -100,11 +116,11 @@ def main() -> None:
             print(f"[behaviour] N={n} {m}", flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_results("behaviour_vs_examples", out_dir, {"rows": rows})
+    write_results(args.name, out_dir, {"rows": rows, "lr": args.lr, "steps": steps, "model": lab.model})
     xs = [max(r["n"], 0.5) for r in rows]
     for key, label in (("binary", "held-out prompts continued with Quince"), ("logprob", "mean log p(Quince)"),
                        ("margin", "log-prob margin, first token"), ("projection", f"projection, layer {layer}")):
-        plot_lines(out_dir / f"behaviour_vs_examples_{key}.png", {key: (xs, [r[key] for r in rows])},
+        plot_lines(out_dir / f"{args.name}_{key}.png", {key: (xs, [r[key] for r in rows])},
                    "distinct training examples N (0 plotted at 0.5)", label, logx=True)
     first_on = next((r["n"] for r in rows if r["binary"] >= 0.5), None)
     if first_on is None:
@@ -130,8 +146,8 @@ first target token.
 {table(["N", "binary", "mean log p", "margin", "loss/token", "projection"],
        [[r["n"], r["binary"], r["logprob"], r["margin"], r["loss"], r["projection"]] for r in rows])}
 
-![binary](behaviour_vs_examples_binary.png) ![log-prob](behaviour_vs_examples_logprob.png)
-![margin](behaviour_vs_examples_margin.png) ![projection](behaviour_vs_examples_projection.png)
+![binary]({args.name}_binary.png) ![log-prob]({args.name}_logprob.png)
+![margin]({args.name}_margin.png) ![projection]({args.name}_projection.png)
 
 Reading: the binary metric first reaches 0.5 at N = {first_on if first_on is not None else 'never (not within the counts run)'}. The
 phase-transition hypothesis is {verdict}.
@@ -140,7 +156,7 @@ Where log p moves by more than a nat while the binary metric has not moved, the 
 the change before the threshold did (the "mirage" reading); where both move in the same step, this run cannot
 tell them apart. One seed, {len(prompts)} held-out prompts: a binary step of 1/{len(prompts)} is one prompt.
 """
-    print(write_report("behaviour_vs_examples", out_dir, "Behaviour change vs number of examples", body).read_text())
+    print(write_report(args.name, out_dir, "Behaviour change vs number of examples", body).read_text())
 
 
 if __name__ == "__main__":
