@@ -83,7 +83,8 @@ def test_extracted_bank_loads_into_the_server_and_gives_readouts(plasticity_serv
         requests.delete(plasticity_server.url + "/readout/emotions", headers=AUTH, timeout=10)
 
     # The steering range was measured through the server's own steering; the same measurement in process, on
-    # the served weights with a hook adding strength * s * v after the layer, gives the same curve.
+    # the served weights with a hook adding the natural steering (strength * steer row) after the layer,
+    # gives the same curve.
     from transformers import AutoTokenizer
 
     from plasticity_training.corpus import load_corpus
@@ -92,7 +93,8 @@ def test_extracted_bank_loads_into_the_server_and_gives_readouts(plasticity_serv
     recorded = bank.calibration.info["steering_range"]
     assert sorted(recorded) == ["1", "3"]
     hf = HFSource(live_hf(plasticity_server), AutoTokenizer.from_pretrained(default_model), "live")
-    in_process = measure_bank(hf, out, bank.concepts, bank.vectors, bank.calibration.scale, load_corpus(corpus), print)
+    assert bank.calibration.steer is not None  # extraction writes steer rows
+    in_process = measure_bank(hf, out, bank.concepts, bank.vectors, bank.calibration, load_corpus(corpus), print)
     for L, found in in_process.items():
         served = recorded[str(L)]["perplexity_ratio"]
         assert served == pytest.approx({k: round(v, 4) for k, v in found.record()["perplexity_ratio"].items()},

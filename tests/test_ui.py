@@ -242,6 +242,8 @@ def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_se
                                   steer={L: torch.randn(len(CONCEPTS), 128, generator=g) for L in cal.centre})
     save_bank(Path(plasticity_server.vectors_dir) / "ui-offsets", CONCEPTS, load_bank(
         Path(plasticity_server.vectors_dir) / bank).vectors, model="test", method="random", calibration=offsets)
+    page.reload()  # the page lists the vectors directory when it loads and after each load it makes
+    wait_status(page, "ready", timeout=30000)
     load_in_page(page, "ui-offsets")
     assert "average offset from the corpus average" in page.locator("#steer-units").inner_text()
     assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "8"
