@@ -14,6 +14,8 @@ the trained model's plain continuations; (5) a fresh server (original weights) s
 continuations by their mean projection on the vector.
 
     python research/steering_vs_training.py [--model DIR] [--quick]
+    python research/steering_vs_training.py --model smollm2-135m-instruct --layer 15 --coef 40 --lr 1e-4 \
+        --tokens 24 --name steering_vs_training_real
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ def projection(lab: Lab, prompt_ids: list[int], continuation: list[int]) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model")
+    parser.add_argument("--model", help="model directory or pretrained name (default: the built-in model)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--name", default="steering_vs_training",
+                        help="results file name (steering_vs_training_real for a pretrained model, beside the built-in one's)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: two prompts, two steps, no rescoring server")
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--coef", type=float, default=8.0)
@@ -72,7 +77,10 @@ def main() -> None:
     rng = random.Random(0)
     positives = [corpus.texts[i].text for i in corpus.positives(CONCEPT)]
     negatives = rng.sample([corpus.texts[i].text for i in corpus.negatives(CONCEPT)], 4 if args.quick else 24)
-    with Lab(args.model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
+    from plasticity_training.pretrained import resolve_model
+
+    model = resolve_model(args.model) if args.model else None
+    with Lab(model, quick=args.quick, server=args.server, api_key=args.api_key) as lab:
         hidden = int(lab.post("/readout/load", {"name": "probe", "basis": [0, 1], "layers": [args.layer]})["hidden_size"])
         streams = raw_streams(lab, [lab.ids(t)[:256] for t in positives + negatives], args.layer, hidden)
         means = torch.stack([s.mean(0) for s in streams])
@@ -86,7 +94,7 @@ def main() -> None:
         train_steered = [lab.completion(p, max_tokens=n_tok, vllm_xargs=steer)["token_ids"] for p in prompt_ids]
         plain = [lab.completion(p, max_tokens=n_tok)["token_ids"] for p in test_ids]
         steered = [lab.completion(p, max_tokens=n_tok, vllm_xargs=steer)["token_ids"] for p in test_ids]
-        job = lab.train(list(zip(prompt_ids, train_steered)), steps=steps, lr=3e-3)
+        job = lab.train(list(zip(prompt_ids, train_steered)), steps=steps, lr=args.lr)
         lab.post("/readout/load", {"name": "concept", "path": "concept"})
         after = raw_streams(lab, test_ids, args.layer, hidden)
         trained = [lab.completion(p, max_tokens=n_tok)["token_ids"] for p in test_ids]
@@ -104,9 +112,9 @@ def main() -> None:
         decode = lambda ids: lab.tok.decode(ids)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_results("steering_vs_training", out_dir, {"projection": proj, "cosine": cosine, "losses": job["losses"],
+    write_results(args.name, out_dir, {"projection": proj, "cosine": cosine, "losses": job["losses"],
                                                "memorised": memorised, "same_as_steered": same})
-    plot_lines(out_dir / "steering_vs_training.png", {"mean projection": ([0, 1, 2], list(proj.values()))},
+    plot_lines(out_dir / f"{args.name}.png", {"mean projection": ([0, 1, 2], list(proj.values()))},
                "0 plain, 1 steered, 2 trained (unsteered)", f"projection on {CONCEPT}, layer {args.layer}")
     spread = sorted(abs(c) for c in random_cos)[int(0.95 * len(random_cos))]
     span = proj["steered"] - proj["plain"]
@@ -120,7 +128,7 @@ onto the concept more than the original plain model.
 
 Setup: model {lab.model}; concept "{CONCEPT}" at layer {args.layer}: difference of mean streams, {len(positives)} positive texts
 vs {len(negatives)} others, read from the server; steering coef {args.coef}; {n_tok} greedy tokens per continuation;
-/train on (prompt, steered continuation) for {len(prompts)} neutral prompts: {steps} APOLLO steps, lr 3e-3 (losses
+/train on (prompt, steered continuation) for {len(prompts)} neutral prompts: {steps} APOLLO steps, lr {args.lr:g} (losses
 {job['losses'][0]:.3f} -> {job['losses'][-1]:.3f}); afterwards the model reproduces {memorised} of those {len(prompts)} steered
 continuations verbatim. Everything below is measured on {len(held_out)} held-out prompts never trained on.
 {'Quick mode: scored with the trained weights (no fresh server).' if args.quick else 'Projections scored by a fresh server with the original weights.'}
@@ -134,15 +142,15 @@ continuations verbatim. Everything below is measured on {len(held_out)} held-out
 | --- | --- | --- | --- |
 {examples}
 
-![projections](steering_vs_training.png)
+![projections]({args.name}.png)
 
 Reading: on held-out prompts the stream change points along the vector with cosine {cosine:.3f}, against {spread:.3f}
 for random directions (95th percentile): {'above' if cosine > spread else 'not above'} chance. The trained model's own continuations
 project at {proj['trained, unsteered']:.3f}, against plain {proj['plain']:.3f} and steered {proj['steered']:.3f}: {gap} of the steered-minus-plain
-gap carried into the unsteered weights.
-A 1.3M-parameter model and one concept: a first measurement, not a general law.
+gap ({span:+.3f}) carried into the unsteered weights (a ratio over a gap this size says only as much as the gap).
+One model ({Path(lab.model).name}), one concept, {len(held_out)} held-out prompts: a first measurement, not a general law.
 """
-    print(write_report("steering_vs_training", out_dir, "Steering vector as the prototype of training", body).read_text())
+    print(write_report(args.name, out_dir, "Steering vector as the prototype of training", body).read_text())
 
 
 if __name__ == "__main__":
