@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "the held-out texts, 3 method calls per concept)")
     rep.add_argument("--no-steering-range", action="store_true",
                      help="skip measuring the strengths steering is good for (recorded in the bank and shown by the "
-                          "page: neutral text's perplexity steered vs plain at strengths 2..128 for a few concepts; "
-                          "~30 short forwards; through --server only when --out lies in the server's vectors dir)")
+                          "page: neutral text's perplexity steered vs plain at strengths 0.5..64 for a few concepts; "
+                          "~50 short forwards; through --server only when --out lies in the server's vectors dir)")
     return p
 
 
