@@ -78,34 +78,12 @@ def test_serve_help_explains_plasticity_flags(capsys):
         assert flag in out
 
 
-def test_training_with_tensor_parallelism_is_refused_before_vllm_starts(tmp_path):
-    import pytest
-
+def test_training_with_tensor_parallelism_is_passed_to_vllm(tmp_path):
+    """One trainer per shard (tests/test_train_tp.py): --training with -tp N starts vLLM as asked."""
     model = _model_dir(tmp_path)
     for tp in (["--tensor-parallel-size", "2"], ["-tp", "4"], ["--tensor-parallel-size=2"]):
-        with pytest.raises(ValueError, match="needs --tensor-parallel-size 1"):
-            build_serve_command([model, "--training", *tp], {}, cuda=True)
-        cmd, _ = build_serve_command([model, *tp], {}, cuda=True)  # serving alone may shard
-        assert tp[-1] in cmd[-1] or tp[-1] == cmd[-1]
-    build_serve_command([model, "--training", "--tensor-parallel-size", "1"], {}, cuda=True)
-
-
-def test_a_server_started_with_shards_says_why_it_cannot_train():
-    from argparse import Namespace
-
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    from vllm_plasticity.config import PlasticityConfig
-    from vllm_plasticity.endpoints import ServerState, router
-
-    app = FastAPI()
-    app.include_router(router)
-    state = ServerState(None, Namespace(model="m", api_key=None, tensor_parallel_size=2), PlasticityConfig(training=True))
-    state._start_training()
-    app.state.plasticity = state
-    r = TestClient(app).post("/train", json={"context_ids": [1], "continuation_ids": [2]})
-    assert r.status_code == 503 and "--tensor-parallel-size 1" in r.json()["detail"]
+        cmd, env = build_serve_command([model, "--training", *tp], {}, cuda=True)
+        assert cmd[-len(tp):] == tp and env["PLASTICITY_TRAINING"] == "1"
 
 
 def test_readout_on_a_gpu_selects_the_v1_model_runner(tmp_path, capsys):

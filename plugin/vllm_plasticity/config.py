@@ -179,9 +179,3 @@ def _refuse_unknown_variables() -> None:
     if unknown:
         raise RuntimeError(f"unknown variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the known ones "
                            f"are {', '.join(sorted(_KNOWN))}")
-
-
-def training_needs_one_shard(shards: int) -> str:
-    """Why training is refused at tensor-parallel size `shards` > 1 (the CLI and the server say the same)."""
-    return (f"training is unavailable with --tensor-parallel-size {shards}: the trainer views one worker's "
-            "weights, so /train needs --tensor-parallel-size 1 (see DESIGN.md, 'Tensor parallelism')")

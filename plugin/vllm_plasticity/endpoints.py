@@ -18,7 +18,6 @@ import json
 import math
 import os
 import secrets
-import sys
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,14 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from vllm_plasticity import __version__, chat_convert, metrics
 from vllm_plasticity.chat_convert import ConvertRequest
-from vllm_plasticity.config import PlasticityConfig, process_config, training_needs_one_shard
+from vllm_plasticity.config import PlasticityConfig, process_config
 from vllm_plasticity.contract.files import write_atomically
 from vllm_plasticity.readout_routes import attach_readout_routes
 from vllm_plasticity.readout_service import ReadoutService
 from vllm_plasticity.ui_routes import attach_ui_routes
 from vllm_plasticity.training_service import CheckpointRequest, TrainingService, TrainRequest
 from vllm_plasticity.trainer_client import TrainerClient
+from vllm_plasticity.trainer_group import TrainerGroup
 from vllm_plasticity.shm_ledger import record_shm_files, release_own_files, sweep_dead_servers
 from vllm_plasticity.contract.weights import sweep_stale_arenas
 
@@ -76,18 +76,23 @@ class ServerState:
         keys = [keys] if isinstance(keys, str) else list(keys or [])
         self.api_key_hashes = [hashlib.sha256(k.encode()).digest() for k in keys]
         self.worker_info: dict = {}
-        self.weight_manifest: dict | None = None
+        self.weight_manifest: dict | None = None  # rank 0's
         self.weight_manifest_path = None
+        self.shard_manifests: list[dict] = []  # every rank's, in rank order (one at tensor-parallel size 1)
+        self.shard_manifest_paths: list[Path] = []
         self.training: TrainingService | None = None
         self.training_unavailable: str | None = None
         self.readout: ReadoutService | None = None
 
     async def rpc(self, method: str, *args: Any) -> Any:
-        """Call a worker-extension verb on the (single) worker and return its result."""
+        """Call a worker-extension verb on every worker and return rank 0's result."""
+        return (await self.rpc_all(method, *args))[0]
+
+    async def rpc_all(self, method: str, *args: Any) -> list:
+        """Call a worker-extension verb on every worker: their results in rank order."""
         if self.engine_client is None:
             raise HTTPException(503, "no engine: this server has no model to act on")
-        results = await self.engine_client.collective_rpc(method, args=args)
-        return results[0]
+        return list(await self.engine_client.collective_rpc(method, args=args))
 
     async def start(self) -> None:
         # Labelled with the model name vLLM's own series carry (ModelConfig.served_model_name).
@@ -106,11 +111,14 @@ class ServerState:
             return
         self.readout = ReadoutService(self)
         if self.config.share_weights:
-            self.weight_manifest = await self.rpc("plasticity_weight_manifest")
-            if self.weight_manifest is not None:
-                path = self.config.state_dir / f"weights-{self.weight_manifest['pid']}.json"
-                write_atomically(path, json.dumps(self.weight_manifest))
-                self.weight_manifest_path = path
+            manifests = await self.rpc_all("plasticity_weight_manifest")
+            if all(m is not None for m in manifests):
+                self.shard_manifests = manifests
+                for manifest in manifests:  # one per worker: its pid names it
+                    path = self.config.state_dir / f"weights-{manifest['pid']}.json"
+                    write_atomically(path, json.dumps(manifest))
+                    self.shard_manifest_paths.append(path)
+                self.weight_manifest, self.weight_manifest_path = manifests[0], self.shard_manifest_paths[0]
             # vLLM's workers do not always run their exit handlers on shutdown; the API server does
             # (uvicorn handles SIGTERM/SIGINT), so it removes the shared files it was told about.
             atexit.register(self.remove_shared_files)
@@ -118,18 +126,16 @@ class ServerState:
             self._start_training()
 
     def _start_training(self) -> None:
-        shards = getattr(self.args, "tensor_parallel_size", 1) or 1
-        if shards > 1:  # `plasticity serve` refuses this before vLLM starts; plain `vllm serve` users land here
-            self.training_unavailable = training_needs_one_shard(shards)
-            print(f"plasticity: {self.training_unavailable}", file=sys.stderr, flush=True)
-            return
         if self.weight_manifest_path is None:
             self.training_unavailable = (f"training needs weights shared in place, and {self.worker_info.get('architecture')} "
                                          f"does not share them (serve one of {trainable_architectures()} with "
                                          "plasticity serve)")
             return
         model_config = self.engine_client.model_config
-        trainer = TrainerClient(self.config.state_dir, self.weight_manifest_path, self.model_path)
+        if len(self.shard_manifest_paths) > 1:  # one trainer per shard (trainer_group.py)
+            trainer = TrainerGroup(self.config.state_dir, self.shard_manifest_paths, self.model_path)
+        else:
+            trainer = TrainerClient(self.config.state_dir, self.weight_manifest_path, self.model_path)
         atexit.register(trainer.kill)  # the trainer is our child: stopped by PID with the server
         self.training = TrainingService(self.engine_client, trainer, model_config.get_vocab_size(),
                                         model_config.max_model_len, self.config.resolved_checkpoint_dir,
@@ -144,10 +150,10 @@ class ServerState:
         self.training.start()
 
     def remove_shared_files(self) -> None:
-        arena = (self.weight_manifest or {}).get("arena")
-        for path in (arena, self.weight_manifest_path):
-            if path:
-                Path(path).unlink(missing_ok=True)
+        for manifest, manifest_path in zip(self.shard_manifests, self.shard_manifest_paths):
+            for path in (manifest.get("arena"), manifest_path):
+                if path:
+                    Path(path).unlink(missing_ok=True)
 
 
 def get_state(request: Request) -> ServerState:
@@ -261,6 +267,7 @@ async def info(state: ServerState = Depends(require_api_key)) -> dict:
         "weights_in_place": bool(state.worker_info.get("weights_in_place")),
         "repacked_after_step": bool(state.worker_info.get("repacked_after_step")),
         "weight_manifest": str(state.weight_manifest_path) if state.weight_manifest_path else None,
+        "shard_manifests": [str(p) for p in state.shard_manifest_paths],  # rank order: one per worker
         "features": state.config.features(),
         "readout": state.worker_info.get("readout"),
         "state_dir": str(state.config.state_dir),

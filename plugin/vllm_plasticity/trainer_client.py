@@ -33,10 +33,13 @@ class TrainerUnavailable(RuntimeError):
 
 
 class TrainerClient:
-    def __init__(self, state_dir: Path, manifest_path: Path, model_path: str, start_timeout: float = 300.0) -> None:
+    def __init__(self, state_dir: Path, manifest_path: Path, model_path: str, start_timeout: float = 300.0,
+                 rank: int = 0, world: int = 1) -> None:
         self.state_dir, self.manifest_path, self.model_path = Path(state_dir), Path(manifest_path), model_path
         self.start_timeout = start_timeout
-        self.log_path = self.state_dir / "trainer.log"
+        # One of `world` trainers of a tensor-parallel server (trainer_group.py sets `rendezvous` per start).
+        self.rank, self.world, self.rendezvous = rank, world, None
+        self.log_path = self.state_dir / ("trainer.log" if world == 1 else f"trainer-rank{rank}.log")
         self.proc: subprocess.Popen | None = None
         self.state = "stopped"  # stopped, starting, ready, busy, failed
         self.last_error: str | None = None
@@ -75,11 +78,14 @@ class TrainerClient:
         self.restarts += 1
         if self.restarts > 1:  # the first start is no restart (as /train/status counts)
             metrics.trainer_restarted()
-        sock_path = self.state_dir / f"trainer-{os.getpid()}-{self.restarts}.sock"
+        rank = f"-rank{self.rank}" if self.world > 1 else ""
+        sock_path = self.state_dir / f"trainer-{os.getpid()}{rank}-{self.restarts}.sock"
         sock_path.unlink(missing_ok=True)
         self._endpoint = f"ipc://{sock_path}"
         cmd = [sys.executable, "-m", "plasticity_training.trainer", "--endpoint", self._endpoint,
                "--manifest", str(self.manifest_path), "--model-path", self.model_path, "--state-dir", str(self.state_dir)]
+        if self.world > 1:
+            cmd += ["--world", str(self.world), "--rank", str(self.rank), "--rendezvous", str(self.rendezvous)]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

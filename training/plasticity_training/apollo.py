@@ -26,15 +26,17 @@ Parameter groups are dicts {"params": [(name, tensor), ...], <any default>: valu
 with "apollo": False uses plain AdamW for every tensor in it (the paper's runs apply
 APOLLO to attention/MLP matrices only, keeping embeddings and lm_head on AdamW).
 """
+import dataclasses
 import hashlib
 import math
+from typing import Callable
 
 import torch
 from pydantic import ValidationError
 
 from vllm_plasticity.contract.settings import OptimizerSettings
 
-__all__ = ["Apollo", "NonFiniteGradientError", "NonFiniteUpdateError", "add_stochastic_", "projection_matrix",
+__all__ = ["Apollo", "ShardOf", "NonFiniteGradientError", "NonFiniteUpdateError", "add_stochastic_", "projection_matrix",
            "uses_projection", "flatten_state", "unflatten_state", "MINI_SCALE"]
 
 # APOLLO-Mini's scale alpha. Adam-normalised entries have magnitude ~1, so the rank-r
@@ -57,6 +59,18 @@ class NonFiniteGradientError(ValueError):
 class NonFiniteUpdateError(ValueError):
     """An update would leave a NaN/Inf (or a value the dtype cannot hold) in a parameter; the step was
     refused and nothing was modified."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardOf:
+    """Where a parameter one of several tensor-parallel trainers holds (tensor_parallel.py) sits in the whole
+    tensor. The optimizer decides everything shape-dependent (APOLLO or AdamW, which side is the channels,
+    the projection) by `full_shape`, and sums over ranks what spans the split, so the shards' step is the
+    step one optimizer would take on the whole tensor."""
+
+    full_shape: tuple[int, ...]
+    dim: int  # the dimension split over ranks
+    start: int  # this rank's first index along it
 
 
 def _stable_seed(*parts) -> int:
@@ -158,24 +172,32 @@ def _adamw_direction(grad, exp_avg, exp_avg_sq, *, step, beta1, beta2, eps):
 
 
 def _apollo_direction(grad, exp_avg, exp_avg_sq, last_norm, proj, *, step, beta1, beta2,
-                      eps, tensorwise, limit):
+                      eps, tensorwise, limit, tall=None, split=None, sum_=None):
     """APOLLO direction G·S (before lr and alpha), updating moments and last_norm in place.
 
     grad (m, n) fp32; proj (r, k) with k = min(m, n); moments (c, r) with c = max(m, n).
+    A shard of a split tensor (ShardOf) passes the whole tensor's orientation `tall`, which side
+    is split (`split`: "channels" or "contraction") and `sum_` (in place, over ranks).
     """
     # Work with channels as rows: the projection contracts the smaller dim k and every one
     # of the c = max(m, n) channels (rows of gw) gets its own scaling factor.
-    tall = grad.shape[0] >= grad.shape[1]
+    tall = grad.shape[0] >= grad.shape[1] if tall is None else tall
     gw = grad if tall else grad.t()                                   # (c, k)
     r = gw @ proj.t()                                                 # (c, r)
+    if split == "contraction":  # each rank projected its part of every channel: the sum is the whole
+        r = sum_(r)
     exp_avg.lerp_(r, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
     # Paper's Algorithm 1: Adam on R with bias correction inside R~ (as torch's AdamW).
     r_tilde = (exp_avg / (1.0 - beta1**step)) / (
         (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps))  # (c, r)
-    dim = None if tensorwise else 1
-    num = torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True)    # (c, 1) or (1, 1)
-    den = torch.linalg.vector_norm(r, dim=dim, keepdim=True)
+    if tensorwise and split == "channels":  # the tensor's norms span every rank's channels
+        squares = sum_(torch.stack([r_tilde.square().sum(), r.square().sum()]))
+        num, den = squares.sqrt().view(2, 1, 1).unbind(0)
+    else:
+        dim = None if tensorwise else 1
+        num = torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True)    # (c, 1) or (1, 1)
+        den = torch.linalg.vector_norm(r, dim=dim, keepdim=True)
     # A channel whose projected gradient is exactly 0 has (almost surely) a zero G channel
     # too: give it scale 0 instead of 0/0 = NaN.
     s = torch.where(den > 0, num / den, 0.0)
@@ -183,7 +205,7 @@ def _apollo_direction(grad, exp_avg, exp_avg_sq, last_norm, proj, *, step, beta1
     # Norm-growth limiter (from Fira): ||u_t|| <= limit * ||u_{t-1}||. It acts before lr and
     # alpha so that lr warmup is not mistaken for growth; last_norm == 0 means "no previous
     # update" (a zero first gradient must not freeze the parameter forever).
-    u_norm = torch.linalg.vector_norm(u)
+    u_norm = torch.linalg.vector_norm(u) if split is None else sum_(u.square().sum()).sqrt()
     if math.isfinite(limit):
         cap = last_norm * limit
         ratio = torch.where((last_norm > 0) & (u_norm > cap), cap / u_norm, 1.0)
@@ -202,7 +224,8 @@ class Apollo(torch.optim.Optimizer):
                  weight_decay=_DEFAULTS.weight_decay, warmup_steps=_DEFAULTS.warmup_steps, rank=_DEFAULTS.rank,
                  scale=_DEFAULTS.scale, proj_refresh=_DEFAULTS.proj_refresh,
                  norm_growth_limit=_DEFAULTS.norm_growth_limit, mini=_DEFAULTS.mini, grad_clip=_DEFAULTS.grad_clip,
-                 seed=0):
+                 seed=0, shards: dict[str, ShardOf] | None = None,
+                 sum_: Callable[[torch.Tensor], torch.Tensor] | None = None):
         settings = _settings(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
                                   rank=rank, scale=scale, proj_refresh=proj_refresh,
                                   norm_growth_limit=norm_growth_limit, mini=mini, grad_clip=grad_clip))
@@ -211,14 +234,21 @@ class Apollo(torch.optim.Optimizer):
         # Global, not per group: clipping is over the norm of *all* gradients together.
         self.grad_clip, self.seed = settings.grad_clip, seed
         self._names: set = set()
+        # Tensor-parallel trainers: each split parameter's place in the whole tensor, and the in-place sum
+        # over ranks (every rank steps together, calling sum_ in the same order).
+        self.shards, self._sum = dict(shards or {}), sum_
+        self._recorded: dict = {}  # name -> this step's sums over ranks, from the trial pass (step())
+        if self.shards and sum_ is None:
+            raise ValueError("Invalid shards: split parameters need sum_ (the sum over ranks)")
         self._proj_cache: dict = {}   # name -> (refresh index, P on device); derived, not state
         self._round_gens: dict = {}   # device -> generator, reseeded per (name, step)
         super().__init__(named_params, {**_group_settings(settings.model_dump()), "apollo": True})
 
     @classmethod
-    def from_settings(cls, named_params, settings: OptimizerSettings, seed: int = 0) -> "Apollo":
+    def from_settings(cls, named_params, settings: OptimizerSettings, seed: int = 0,
+                      shards: dict[str, ShardOf] | None = None, sum_=None) -> "Apollo":
         """An optimizer with a job's settings (contract.settings.OptimizerSettings)."""
-        return cls(named_params, **settings.model_dump(), seed=seed)
+        return cls(named_params, **settings.model_dump(), seed=seed, shards=shards, sum_=sum_)
 
     def apply_settings(self, settings: OptimizerSettings) -> None:
         """Take a new job's settings (lr, betas, ...) for every group; rank and mini must be those the state
@@ -252,12 +282,14 @@ class Apollo(torch.optim.Optimizer):
         super().add_param_group(dict(param_group, params=params))
 
     # ---- state ---------------------------------------------------------------------------
-    def _state_spec(self, p, group):
+    def _state_spec(self, name, p, group):
         """{key: (shape, dtype, device)} of the state this parameter needs."""
         step = ((), torch.int64, torch.device("cpu"))  # int64: exact for any step count
         rank = 1 if group["mini"] else group["rank"]
-        if group["apollo"] and uses_projection(p.shape, rank):
-            moment = ((max(p.shape), rank), torch.float32, p.device)
+        if group["apollo"] and uses_projection(self._full_shape(name, p), rank):
+            shape = self._full_shape(name, p)
+            channels = max(shape) if self._split(name, p) != "channels" else p.shape[self.shards[name].dim]
+            moment = ((channels, rank), torch.float32, p.device)
             return {"step": step, "exp_avg": moment, "exp_avg_sq": moment,
                     "last_update_norm": ((), torch.float32, p.device)}
         moment = (tuple(p.shape), torch.float32, p.device)
@@ -280,7 +312,7 @@ class Apollo(torch.optim.Optimizer):
         for name, p, group in self._named():
             if name not in named:
                 continue
-            spec, entry = self._state_spec(p, group), named[name]
+            spec, entry = self._state_spec(name, p, group), named[name]
             if set(entry) != set(spec):
                 raise ValueError(f"Invalid state for {name!r}: keys {sorted(entry)} "
                                  f"(must be {sorted(spec)})")
@@ -343,48 +375,94 @@ class Apollo(torch.optim.Optimizer):
         # Look at every gradient before touching anything (lazy state init included), so a
         # bad batch leaves weights and state bitwise as they were. One host sync in total.
         dev0 = work[0][1].grad.device
-        if not bool(torch.stack([p.grad.isfinite().all().to(dev0) for _, p, _ in work]).all()):
+        finite = torch.stack([p.grad.isfinite().all().to(dev0) for _, p, _ in work]).all()
+        if not self._on_every_rank(finite):
             bad = [n for n, p, _ in work if not bool(p.grad.isfinite().all())]
-            raise NonFiniteGradientError(f"Non-finite gradient in {bad}: step refused, "
+            raise NonFiniteGradientError(f"Non-finite gradient in {bad or 'another rank'}: step refused, "
                                          "parameters and optimizer state unchanged")
         # Like clip_grad_norm_, but without mutating .grad (a factor of exactly 1.0 below the limit).
-        total = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad, dtype=torch.float32).to(dev0) for _, p, _ in work]))
+        norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32).to(dev0) for _, p, _ in work])
+        if self.shards:  # split tensors' squares summed over ranks; whole ones counted once
+            split = torch.tensor([n in self.shards for n, _, _ in work], device=dev0)
+            total = (self._sum(norms.square().where(split, 0.0).sum()) + norms.square().where(~split, 0.0).sum()).sqrt()
+        else:
+            total = torch.linalg.vector_norm(norms)
         clip = (self.grad_clip / (total + 1e-6)).clamp_(max=1.0)
         # A finite gradient can still give a non-finite weight (a huge lr, an overflowing bf16 sum): every
         # update is computed once on copies of the state and checked before any parameter is written, so a
         # refused step leaves weights and state bitwise as they were without an undo copy of the model.
         # The update is deterministic (projection and rounding seeds), so the real pass repeats it exactly.
+        # Split tensors: this trial pass makes all of the step's sums over ranks and records them; the real
+        # pass below replays them, so once every rank has agreed, no rank waits on another while it writes
+        # (a rank that dies before the agreement leaves every rank's weights as they were).
+        self._recorded = {}
         bad = [name for name, p, group in work if not self._update_fits(name, p, group, clip)]
-        if bad:
-            raise NonFiniteUpdateError(f"the update would make {bad[:5]} non-finite: step refused, "
-                                       "parameters and optimizer state unchanged")
+        if not self._on_every_rank(torch.tensor(not bad, device=dev0)):
+            raise NonFiniteUpdateError(f"the update would make {bad[:5] or 'a tensor on another rank'} non-finite: "
+                                       "step refused, parameters and optimizer state unchanged")
         for name, p, group in work:
             self._step_param(name, p, group, clip)
         return loss
 
-    def _fresh_state(self, p, group) -> dict:
-        return {k: torch.zeros(shape, dtype=dt, device=d) for k, (shape, dt, d) in self._state_spec(p, group).items()}
+    def _on_every_rank(self, ok: torch.Tensor) -> bool:
+        """Whether `ok` (a bool tensor) holds on every rank: all of them refuse a step, or none."""
+        if self._sum is None:
+            return bool(ok)
+        return int(self._sum((~ok).to(torch.int64).reshape(1))) == 0
+
+    def _fresh_state(self, name, p, group) -> dict:
+        return {k: torch.zeros(shape, dtype=dt, device=d)
+                for k, (shape, dt, d) in self._state_spec(name, p, group).items()}
+
+    def _full_shape(self, name, p) -> tuple:
+        return tuple(self.shards[name].full_shape) if name in self.shards else tuple(p.shape)
+
+    def _split(self, name, p) -> str | None:
+        """Which side of APOLLO's (channels, contraction) view a split parameter is split on; None: whole."""
+        if name not in self.shards:
+            return None
+        full = self._full_shape(name, p)
+        channel_dim = 0 if full[0] >= full[1] else 1
+        return "channels" if self.shards[name].dim == channel_dim else "contraction"
 
     def _update_fits(self, name, p, group, clip) -> bool:
         """Whether this step's update leaves `p` finite and inside its dtype's range (nothing is changed)."""
         state = self.state[p]
-        trial = {k: v.clone() for k, v in state.items()} if state else self._fresh_state(p, group)
-        delta = self._delta(name, p, group, clip, trial)
+        trial = {k: v.clone() for k, v in state.items()} if state else self._fresh_state(name, p, group)
+        delta = self._delta(name, p, group, clip, trial, self._recording(name))
         new = p.to(torch.float32) + delta
         return bool((new.abs() <= torch.finfo(p.dtype).max).all())  # False for NaN too
 
     def _step_param(self, name, p, group, clip):
         state = self.state[p]
         if not state:
-            state.update(self._fresh_state(p, group))
-        delta = self._delta(name, p, group, clip, state)
+            state.update(self._fresh_state(name, p, group))
+        delta = self._delta(name, p, group, clip, state, self._replaying(name))
         t = int(state["step"])
         gen = self._rounding_generator(p.device, name, t) if p.dtype in _LOW_PRECISION else None
         add_stochastic_(p, delta, gen)
 
-    def _delta(self, name, p, group, clip, state) -> torch.Tensor:
-        """This step's fp32 update of `p`; advances `state` (step count, moments) in place."""
+    def _recording(self, name):
+        """The sum over ranks for `name`'s trial update, keeping each result for the real pass."""
+        if self._sum is None:
+            return None
+        kept = self._recorded.setdefault(name, [])
+
+        def record(t):
+            kept.append(self._sum(t).clone())
+            return t
+        return record
+
+    def _replaying(self, name):
+        """The sums `_recording` made for `name`, in the order the update asks for them (no communication)."""
+        if self._sum is None:
+            return None
+        kept = iter(self._recorded.pop(name, ()))
+        return lambda t: t.copy_(next(kept))
+
+    def _delta(self, name, p, group, clip, state, sum_=None) -> torch.Tensor:
+        """This step's fp32 update of `p`; advances `state` (step count, moments) in place. `sum_` sums over
+        tensor-parallel ranks (split parameters only)."""
         grad = p.grad.to(torch.float32)  # may alias p.grad: never modified in place below
         grad = grad * clip.to(grad.device)
         state["step"] += 1
@@ -394,11 +472,15 @@ class Apollo(torch.optim.Optimizer):
         if "last_update_norm" in state:
             rank = 1 if group["mini"] else group["rank"]
             # Periods are 0-based over completed steps: steps 1..proj_refresh use period 0.
-            proj = self._projection(name, (t - 1) // group["proj_refresh"], p.shape, rank, p.device)
+            full, split = self._full_shape(name, p), self._split(name, p)
+            proj = self._projection(name, (t - 1) // group["proj_refresh"], full, rank, p.device)
+            if split == "contraction":  # this rank's columns of the whole tensor's projection
+                start = self.shards[name].start
+                proj = proj[:, start:start + p.shape[self.shards[name].dim]]
             direction = _apollo_direction(
                 grad, state["exp_avg"], state["exp_avg_sq"], state["last_update_norm"], proj,
                 step=t, beta1=beta1, beta2=beta2, eps=group["eps"], tensorwise=group["mini"],
-                limit=group["norm_growth_limit"])
+                limit=group["norm_growth_limit"], tall=full[0] >= full[1], split=split, sum_=sum_)
             alpha = group["scale"] * (MINI_SCALE if group["mini"] else 1.0)
         else:
             direction = _adamw_direction(grad, state["exp_avg"], state["exp_avg_sq"], step=t,

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 from vllm_plasticity import ARCHITECTURES, SERVED_ARCHITECTURES, WORKER_EXTENSION
-from vllm_plasticity.config import training_needs_one_shard
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # VLLM_PLUGINS is an allowlist for *all* plugin groups: keep vLLM's own general plugins loadable.
@@ -57,17 +56,6 @@ def _option_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
     return value, out
 
 
-def tensor_parallel_size(args: list[str]) -> int:
-    """The --tensor-parallel-size (-tp) among vLLM's arguments, 1 when absent."""
-    for i, arg in enumerate(args):
-        for flag in ("--tensor-parallel-size", "-tp"):
-            if arg == flag and i + 1 < len(args):
-                return int(args[i + 1])
-            if arg.startswith(flag + "="):
-                return int(arg.split("=", 1)[1])
-    return 1
-
-
 def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tuple[list[str], dict[str, str]]:
     """The vLLM command line and environment for `plasticity serve ARGV` (pure: testable without vLLM)."""
     parser = argparse.ArgumentParser(prog="plasticity serve", add_help=False)
@@ -82,8 +70,6 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     if argv and not argv[0].startswith("-"):
         model, argv = argv[0], argv[1:]
     known, passthrough = parser.parse_known_args(argv)
-    if known.training and tensor_parallel_size(passthrough) > 1:
-        raise ValueError(training_needs_one_shard(tensor_parallel_size(passthrough)))
     api_servers, _ = _option_value(passthrough, "--api-server-count")
     if api_servers is not None and api_servers != "1":
         # vLLM's single-process server module (below) would ignore the option without a word.

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from plasticity_training import tensor_parallel
+from plasticity_training.tensor_parallel import Shard
 from vllm_plasticity.contract.architectures import REGISTRY
 
 # HF sub-module -> (vLLM fused sub-module, the HF siblings stacked in it, in row order).
@@ -82,8 +84,11 @@ def vllm_source(hf_name: str, shapes: dict[str, torch.Size]) -> tuple[str, int, 
     return hf_name, 0, rows
 
 
-def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn_implementation: str = "sdpa") -> nn.Module:
-    """The HF causal LM for `model_path` with every parameter a view of `weights` (vLLM names)."""
+def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn_implementation: str = "sdpa",
+                  shard: Shard | None = None) -> nn.Module:
+    """The HF causal LM for `model_path` with every parameter a view of `weights` (vLLM names). With a
+    `shard` of a tensor-parallel server, `weights` are that rank's and the model is its part
+    (tensor_parallel.py): run it on every rank at once."""
     import transformers
 
     from vllm_plasticity.architectures import register_with_transformers
@@ -97,6 +102,9 @@ def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn
                         f"(supported: {SUPPORTED_MODEL_TYPES + PROJECT_MODEL_TYPES})")
     some = next(iter(weights.values()))
     config = config.get_text_config()  # an image-text release (Qwen 3.5) is served and trained as its text model
+    split = shard is not None and shard.world > 1
+    if split:
+        config = tensor_parallel.local_config(config, shard.world)
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=some.dtype)
@@ -104,8 +112,8 @@ def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, shape in shapes.items():
-        if tied and name == "lm_head.weight":
-            continue  # tied below
+        if (tied or split) and name == "lm_head.weight" or split and name == "model.embed_tokens.weight":
+            continue  # tied, or one vocabulary block: below
         source, start, rows = vllm_source(name, shapes)
         if source not in weights:
             raise ViewError(f"no vLLM tensor {source!r} for HF parameter {name!r}")
@@ -118,7 +126,9 @@ def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn
                 raise ViewError(f"{name}: HF shape {tuple(shape)} vs vLLM {source} slice {tuple(view.shape)}")
         module_name, leaf = name.rsplit(".", 1)
         model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(view, requires_grad=True)
-    if tied:
+    if split:
+        _split_vocabulary(model, config, weights, shard, tied)
+    elif tied:
         model.lm_head.weight = model.model.embed_tokens.weight
 
     # Buffers (the rotary inverse frequencies) were made on the meta device: rebuild them for real.
@@ -129,6 +139,24 @@ def build_hf_view(model_path: str | Path, weights: dict[str, torch.Tensor], attn
             raise ViewError(f"buffer {name!r} is still on the meta device")
     model.eval()  # no dropout: the trainer's forward must equal vLLM's
     return model
+
+
+def _split_vocabulary(model: nn.Module, config, weights: dict[str, torch.Tensor], shard: Shard, tied: bool) -> None:
+    """Embedding and lm_head as this rank's vocabulary block (whole, padding rows included), and the
+    blocks hooked for the all-reduces."""
+    rows = tensor_parallel.padded_vocab(config.vocab_size, shard.world) // shard.world
+    embed = weights["model.embed_tokens.weight"]
+    if embed.shape[0] != rows:
+        raise ViewError(f"model.embed_tokens.weight: {embed.shape[0]} rows on rank {shard.rank}, expected {rows} "
+                        f"(vocabulary {config.vocab_size} padded to {tensor_parallel.VOCAB_PADDING}, over {shard.world})")
+    start = shard.rank * rows
+    model.model.embed_tokens = tensor_parallel.VocabShardEmbedding(nn.Parameter(embed, requires_grad=True), start, shard)
+    head = (model.model.embed_tokens.weight if tied
+            else nn.Parameter(weights["lm_head.weight"], requires_grad=True))
+    if head.shape != embed.shape:
+        raise ViewError(f"lm_head.weight: {tuple(head.shape)} on rank {shard.rank}, expected {tuple(embed.shape)}")
+    model.lm_head = tensor_parallel.VocabShardHead(head, start, config.vocab_size, shard)
+    tensor_parallel.split_blocks(model, shard)
 
 
 def _project_view(config, weights: dict[str, torch.Tensor]) -> nn.Module:
@@ -161,6 +189,5 @@ def token_logprobs(model: nn.Module, input_ids: list[int]) -> list[float]:
     """log p(token_i | tokens_<i) for i = 1..n-1 under `model` (fp32 maths)."""
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)  # (1, T)
-    logits = model(input_ids=ids).logits.float()  # (1, T, V)
-    logp = torch.log_softmax(logits[0, :-1], dim=-1)  # (T-1, V)
-    return logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
+    logits = model(input_ids=ids).logits  # (1, T, V), or this rank's vocabulary block
+    return tensor_parallel.token_logprobs(model, logits[0, :-1], ids[0, 1:]).tolist()

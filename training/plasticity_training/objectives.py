@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from plasticity_training.tensor_parallel import token_logprobs
+
 
 @dataclasses.dataclass
 class ObjectiveResult:
@@ -74,7 +76,7 @@ def continuation_logprobs(model, pad_id: int, contexts: list[list[int]], continu
         ids[n, : len(seq)] = torch.tensor(seq)
         mask[n, : len(seq)] = 1
         on[n, len(c): len(seq)] = True
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (N, T-1, V): predicts t+1
-    token_logp = torch.gather(torch.log_softmax(logits, -1), 2, ids[:, 1:, None])[..., 0]  # (N, T-1)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (N, T-1, V): predicts t+1
+    token_logp = token_logprobs(model, logits, ids[:, 1:])  # (N, T-1); a sharded model's own softmax
     on = on[:, 1:]
     return (token_logp * on).sum(1), on.sum(1).float()

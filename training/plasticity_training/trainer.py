@@ -3,12 +3,14 @@
 Runs in its own process, started by the API server (vllm_plasticity.trainer_client) as
 
     python -m plasticity_training.trainer --endpoint ipc:///.../trainer.sock --manifest weights.json \
-        --model-path MODEL --state-dir DIR
+        --model-path MODEL --state-dir DIR [--world N --rank R --rendezvous file:///...]
 
 It maps the worker's weights (contract.weights), builds the core on views of them (trainer_core.py) and
 answers one request at a time on a ZMQ REP socket: each request type has one handler (HANDLERS), each
 reply is the request's reply type, and a refusal is a TrainerError with its kind. A rejected step changes
-no weight. It exits on Shutdown, or when the API server that started it is gone.
+no weight. It exits on Shutdown, or when the API server that started it is gone. With --world N > 1 it is
+one of N trainers, one per shard of a tensor-parallel server (tensor_parallel.py): every request goes to
+all of them, and they answer it together.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable
 import torch
 from pydantic import ValidationError
 
+from plasticity_training.tensor_parallel import Shard
 from plasticity_training.trainer_core import TrainerCore
 from vllm_plasticity.contract.messages import (
     Acknowledged, BeginJob, Checkpoint, CheckpointWritten, EndJob, JobBegun, JobEnded, Ping, Reply, Shutdown,
@@ -98,13 +101,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: half the cores; the rest serve vLLM)")
+    parser.add_argument("--world", type=int, default=1,
+                        help="trainers of a tensor-parallel server, one per shard (the manifest is rank --rank's)")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--rendezvous", help="where the trainers of one server meet (torch.distributed init "
+                        "method, e.g. file:///state/tp-rendezvous); needed with --world > 1")
     args = parser.parse_args(argv)
+    if args.world > 1 and not args.rendezvous:
+        parser.error("--world > 1 needs --rendezvous")
     # On CPU the trainer shares cores with vLLM's worker. An OpenMP pool as large as the machine spins
     # against the worker's threads and a 20 ms step took 10-25 s on 2 cores under load; half the cores
     # (1 of 2 here) keeps steps in milliseconds.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     manifest = WeightManifest.from_dict(json.loads(Path(args.manifest).read_text()))
-    core = TrainerCore(args.model_path, map_shared_weights(manifest), args.state_dir)
+    shard = Shard.join(args.rank, args.world, args.rendezvous) if args.world > 1 else None
+    core = TrainerCore(args.model_path, map_shared_weights(manifest), args.state_dir, shard=shard)
     print(f"[trainer] pid {os.getpid()} ready: {len(core.named)} parameters, weight version "
           f"{core.state.weight_version}", file=sys.stderr, flush=True)
     serve(core, args.endpoint)

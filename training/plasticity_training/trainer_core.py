@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from plasticity_training import checkpoint as ckpt
 from plasticity_training.divergence import Rollback, divergence
@@ -45,6 +44,8 @@ from plasticity_training.checkpoint_form import CheckpointForm
 from plasticity_training.hf_view import build_hf_view
 from plasticity_training.objectives import ObjectiveResult, continuation_logprobs, dpo_loss, orpo_loss, sft_loss
 from plasticity_training.state_store import VersionMark, open_model_state
+from plasticity_training import tensor_parallel
+from plasticity_training.tensor_parallel import Shard, token_logprobs
 from vllm_plasticity.contract.files import write_atomically, write_file_atomically
 from vllm_plasticity.contract.messages import TrainerError
 from vllm_plasticity.contract.settings import (
@@ -91,11 +92,15 @@ class TrainerState:
 class TrainerCore:
     """The trainer's logic without the socket: one HF view, one optimizer, one job at a time."""
 
-    def __init__(self, model_path: str | Path, weights: dict[str, torch.Tensor], state_dir: str | Path) -> None:
+    def __init__(self, model_path: str | Path, weights: dict[str, torch.Tensor], state_dir: str | Path,
+                 shard: Shard | None = None) -> None:
         self.model_path = Path(model_path)
         # Read once: a checkpoint served here may be overwritten later, its origin stays this model's.
         self.origin = ckpt.model_origin(model_path)
-        self.model = build_hf_view(model_path, weights)
+        # One of several tensor-parallel trainers (tensor_parallel.py): `weights` are this rank's shard and
+        # every call below runs on every rank at once, in the same order.
+        self.shard = shard if shard is not None and shard.world > 1 else None
+        self.model = build_hf_view(model_path, weights, shard=self.shard)
         self.vocab_size = self.model.config.vocab_size
         self.pad_id = self.model.config.pad_token_id or 0
         # Tied weights appear once; an architecture's never-trained tensors (a frozen substrate) not at all.
@@ -113,6 +118,18 @@ class TrainerCore:
         self.checkpoint_changes = ckpt.ChangeTracker()  # which tensors steps changed since each generation
         self.checkpoint_form = CheckpointForm(model_path)  # the checkpoint's names for them, what it carries over
         self.job: dict | None = None
+
+    @property
+    def optimizer_file(self) -> str:
+        """This trainer's optimizer state file: a tensor-parallel rank keeps its shard's in a file of its own."""
+        if self.shard is None:
+            return "optimizer.safetensors"
+        return f"optimizer.rank{self.shard.rank}-of-{self.shard.world}.safetensors"
+
+    @property
+    def leads(self) -> bool:
+        """Whether this trainer writes the state every rank shares (trainer_state.json, the version mark)."""
+        return self.shard is None or self.shard.rank == 0
 
     def _restore_from_checkpoint(self) -> str | None:
         """Serving a checkpoint: its trainer and optimizer state replace the state directory's.
@@ -163,8 +180,10 @@ class TrainerCore:
             if saved is not None and saved != shape:
                 raise TrainerError("conflict", f"optimizer state exists with {saved}; this job asks {shape} "
                                                "(rank and mini are fixed once state exists)")
-            optimizer = Apollo.from_settings(list(self.named.items()), opt)
-            path = self.state_dir / "optimizer.safetensors"
+            split = {} if self.shard is None else dict(shards=tensor_parallel.parameter_shards(self.model, self.shard),
+                                                         sum_=self.shard.sum_)
+            optimizer = Apollo.from_settings(list(self.named.items()), opt, **split)
+            path = self.state_dir / self.optimizer_file
             if path.exists():
                 from safetensors.torch import load_file
 
@@ -211,7 +230,7 @@ class TrainerCore:
 
         weighted = [s for s in samples if s.get("weight", 1.0) > 0]
         hashes = [sample_key(objective, s) for s in weighted]
-        fresh = [(s, h) for s, h in zip(weighted, hashes) if force or h not in self.trained]
+        fresh = self._agree([(s, h) for s, h in zip(weighted, hashes) if force or h not in self.trained])
         keep = [s for s, _ in fresh]
         selected_set = set(selected)
         for name, p in self.named.items():
@@ -227,7 +246,7 @@ class TrainerCore:
         if keep and rollback is not False:
             trained = {name: self.named[name] for name in selected}
             nbytes = Rollback.bytes_needed(trained, self.optimizer.state_bytes())
-            fits, figures = Rollback.fits(nbytes)
+            fits, figures = self._agree(Rollback.fits(nbytes))
             if fits:
                 job["rollback"] = Rollback(trained, self.optimizer.named_state_dict())
             elif rollback:
@@ -242,6 +261,15 @@ class TrainerCore:
         return {"samples": len(keep), "tokens": job["tokens"], "skipped_duplicates": len(weighted) - len(keep),
                 "skipped_zero_weight": len(samples) - len(weighted), "parameters": len(selected),
                 "trained": list(selected), "rollback_bytes": nbytes if job["rollback"] else 0, "rollback_note": note}
+
+    def _agree(self, value):
+        """The leading rank's `value` on every rank of a tensor-parallel trainer (the ranks must decide alike
+        which samples train and whether a rollback copy is kept, or their collectives would part)."""
+        if self.shard is None:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.shard.group)
+        return box[0]
 
     @torch.no_grad()
     def _dpo_reference(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +320,7 @@ class TrainerCore:
                         past = self.model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
                 logits = self.model(input_ids=torch.tensor([tail]), past_key_values=past).logits[:, :-1]  # (1, K, V)
                 cont = torch.tensor(s["continuation_ids"])  # (K,)
-                sums.append(-F.cross_entropy(logits[0].float(), cont, reduction="sum"))
+                sums.append(token_logprobs(self.model, logits[0], cont).sum())
             return sft_loss(torch.stack(sums), counts, weights).loss
         # masked: one padded batch, the gradient flows through the context's keys and values (exact).
         sums, _ = continuation_logprobs(self.model, self.pad_id, [s["context_ids"] for s in samples],
@@ -343,7 +371,8 @@ class TrainerCore:
     def _new_version(self) -> None:
         """The weights changed: the next version, covered by the high-water mark before anyone sees it."""
         self.state.weight_version += 1
-        self.version_mark.reach(self.state.weight_version)
+        if self.leads:
+            self.version_mark.reach(self.state.weight_version)
 
     def end_job(self, success: bool = True) -> dict:
         """Close the job: record its samples (success), or roll a diverged job back where it kept a copy."""
@@ -376,9 +405,10 @@ class TrainerCore:
             from safetensors.torch import save_file
 
             flat = {k: v.contiguous().cpu() for k, v in flatten_state(self.optimizer.named_state_dict()).items()}
-            write_file_atomically(self.state_dir / "optimizer.safetensors", lambda p: save_file(flat, str(p)))
-        self.state.save(self.state_dir / "trainer_state.json")
-        self.version_mark.settle(self.state.weight_version)
+            write_file_atomically(self.state_dir / self.optimizer_file, lambda p: save_file(flat, str(p)))
+        if self.leads:
+            self.state.save(self.state_dir / "trainer_state.json")
+            self.version_mark.settle(self.state.weight_version)
 
     def checkpoint(self, target: str, allowed_root: str, allow_model_dir: bool = False, weight_version: int = 0,
                    max_names: int | None = None, replace: bool = False, config: dict | None = None) -> dict:
@@ -390,6 +420,9 @@ class TrainerCore:
         checkpoint of another model (another origin) is refused as `other_model` unless `replace`. `config`,
         the server's process config, is saved beside the weights (plasticity_state/PROCESS_CONFIG).
         """
+        if self.shard is not None:
+            raise TrainerError("conflict", f"a checkpoint of a model split over {self.shard.world} trainers is not "
+                                           "written yet (tensor-parallel training is being built: see DESIGN.md)")
         self.state.weight_version = max(self.state.weight_version, weight_version)
         self.save_state()
         extra = {name: self.state_dir / name for name in ("trainer_state.json", "optimizer.safetensors")
