@@ -18,7 +18,9 @@ class FakeTrainer:
 
     def __init__(self, endpoint=None, alive=True):
         self.endpoint, self._alive = endpoint, alive
+        self.endpoints = [endpoint]
         self.state, self.last_error, self.pid, self.restarts, self.log_path = "ready", None, 1, 1, "trainer.log"
+        self.pids = [self.pid]
 
     def alive(self):
         return self._alive

@@ -53,19 +53,52 @@ def run_job(core: TrainerCore, samples: list[dict], job: dict) -> dict:
     return {"opened": opened, "losses": losses, "before": before, "after": token_logprobs(core.model, PROBE)}
 
 
-def rank_main(rank: int, path: str, init: str, samples: list[dict], job: dict, out: str) -> None:
-    """One tensor-parallel trainer: its shard of the model on disk, the job, what it saw and its tensors."""
+def rank_main(rank: int, path: str, init: str, samples: list[dict], job: dict, out: str, start: str | None = None) -> None:
+    """One tensor-parallel trainer: its shard of the model on disk (or of the whole tensors saved at
+    `start`), the job, a checkpoint; what it saw and its tensors."""
     import transformers
 
     shard = Shard.join(rank, WORLD, init)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
-        weights = vllm_shard(vllm_layout(path), config, rank, WORLD)
+        whole = torch.load(start) if start else vllm_layout(path)
+        weights = vllm_shard(whole, config, rank, WORLD)
         core = TrainerCore(path, weights, f"{out}/state", shard=shard)
         result = run_job(core, samples, job)
-        torch.save({"result": result, "weights": weights, "optimizer_file": core.optimizer_file}, f"{out}/rank{rank}.pt")
+        written = core.checkpoint(f"{out}/checkpoint", out)
+        torch.save({"result": result, "weights": weights, "checkpoint": written}, f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
+
+
+def run_ranks(path, tmp_path, name: str, samples, job, start=None) -> list[dict]:
+    out = tmp_path / name
+    out.mkdir(exist_ok=True)
+    mp.start_processes(rank_main, args=(str(path), f"file://{tmp_path / (name + '-rendezvous')}", samples, job,
+                                        str(out), start and str(start)), nprocs=WORLD, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def saved(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files under `directory` (a checkpoint's, a state directory's)."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(directory.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_results_equal(ranks: list[dict], want: dict) -> None:
+    for r in ranks:
+        got = r["result"]
+        assert got["opened"]["samples"] == want["opened"]["samples"]
+        assert got["before"] == pytest.approx(want["before"], abs=1e-5)  # the split forward is the whole one
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5, abs=1e-6)
+        assert got["after"] == pytest.approx(want["after"], abs=2e-5)
+
+
+def assert_tensors_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def poisoned_rank_main(rank: int, path: str, init: str, out: str) -> None:
@@ -102,29 +135,41 @@ def test_two_trainers_on_shards_take_the_step_one_trainer_takes_on_the_whole_mod
     path = model(tmp_path, tie)
     config = transformers.AutoConfig.from_pretrained(path)
     whole = vllm_layout(path)
-    want = run_job(TrainerCore(path, whole, tmp_path / "tp1-state"), samples, job)
+    one = TrainerCore(path, whole, tmp_path / "tp1" / "state")
+    want = run_job(one, samples, job)
+    one.checkpoint(str(tmp_path / "tp1" / "checkpoint"), str(tmp_path / "tp1"))
 
-    out = tmp_path / "tp2"
-    out.mkdir()
-    mp.start_processes(rank_main, args=(str(path), f"file://{tmp_path / 'rendezvous'}", samples, job, str(out)),
-                       nprocs=WORLD, start_method="spawn")
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-    for r in ranks:
-        got = r["result"]
-        assert got["opened"]["samples"] == want["opened"]["samples"]
-        assert got["before"] == pytest.approx(want["before"], abs=1e-5)  # the split forward is the whole one
-        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5, abs=1e-6)
-        assert got["after"] == pytest.approx(want["after"], abs=2e-5)
+    ranks = run_ranks(path, tmp_path, "tp2", samples, job)
+    assert_results_equal(ranks, want)
     assert want["after"] != pytest.approx(want["before"], abs=1e-3)  # the job moved the model
     trained = vllm_gather([r["weights"] for r in ranks], config)
-    assert trained.keys() == whole.keys()
     for name, tensor in whole.items():
-        moved = (tensor - vllm_layout(path)[name]).abs().max().item()
-        assert moved > 0, f"{name} did not train"
-        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
-    # Each rank keeps its own shard's optimizer state; none of them writes the unsplit file.
-    assert sorted(p.name for p in (out / "state").glob("models/*/optimizer*")) == sorted(r["optimizer_file"] for r in ranks)
+        assert (tensor - vllm_layout(path)[name]).abs().max().item() > 0, f"{name} did not train"
+    assert_tensors_close(trained, whole)
+    # One whole checkpoint (rank 0 writes it; both ranks answer alike) and one whole optimizer state: the
+    # same files one trainer writes, so any shard count resumes them.
+    assert ranks[0]["checkpoint"] == ranks[1]["checkpoint"]
+    assert_tensors_close(saved(tmp_path / "tp2" / "checkpoint" / "current"), saved(tmp_path / "tp1" / "checkpoint" / "current"))
+    assert_tensors_close(saved(tmp_path / "tp2" / "state"), saved(tmp_path / "tp1" / "state"))
+
+
+def test_a_state_one_trainer_saved_resumes_on_two_and_continues_as_one_would(tmp_path):
+    """Weights and optimizer state after a job on one trainer; the next job on two trainers started from
+    them (the whole state file sliced per rank) equals the next job on the one."""
+    import shutil
+
+    path = model(tmp_path, tie=False)
+    whole = vllm_layout(path)
+    one = TrainerCore(path, whole, tmp_path / "tp1" / "state")
+    job = {"optimizer": {"lr": 3e-3, "rank": 8}}
+    run_job(one, SAMPLES[:2], job)
+    torch.save(whole, tmp_path / "after-first-job.pt")
+    (tmp_path / "tp2").mkdir()
+    shutil.copytree(tmp_path / "tp1" / "state", tmp_path / "tp2" / "state")
+    want = run_job(one, SAMPLES[2:], job)  # the optimizer's moments carry over: the steps differ without them
+    ranks = run_ranks(path, tmp_path, "tp2", SAMPLES[2:], job, start=tmp_path / "after-first-job.pt")
+    assert_results_equal(ranks, want)
+    assert_tensors_close(saved(tmp_path / "tp2" / "state"), saved(tmp_path / "tp1" / "state"))
 
 
 def test_a_bad_gradient_on_one_rank_is_refused_on_every_rank_and_changes_no_weight(tmp_path):

@@ -58,6 +58,16 @@ class TrainerClient:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
+    @property
+    def endpoints(self) -> list[str | None]:
+        """Where the trainer processes listen (one here; one per shard in a TrainerGroup)."""
+        return [self._endpoint]
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The trainer processes (one here; one per shard in a TrainerGroup)."""
+        return [self.pid]
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

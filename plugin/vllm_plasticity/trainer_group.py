@@ -78,6 +78,10 @@ class TrainerGroup:
     def endpoint(self) -> str | None:
         return self.lead.endpoint
 
+    @property
+    def endpoints(self) -> list[str | None]:
+        return [c.endpoint for c in self.clients]
+
     def alive(self) -> bool:
         return all(c.alive() for c in self.clients)
 

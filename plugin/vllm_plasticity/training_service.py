@@ -507,21 +507,28 @@ class TrainingService:
         from vllm_plasticity.contract.messages import decode_reply, encode
 
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
+        socks = []
         try:
-            sock.connect(self.trainer.endpoint)
             message = self._checkpoint_message(self.checkpoint_target(None))
-            sock.send(encode(message))
-            if not sock.poll(int(timeout * 1000)):
-                return f"the trainer did not answer within {timeout:.0f}s"
-            written = decode_reply(message, sock.recv())
+            for endpoint in self.trainer.endpoints:  # every shard's trainer takes part (rank 0's reply counts)
+                socks.append(ctx.socket(zmq.REQ))
+                socks[-1].setsockopt(zmq.LINGER, 0)
+                socks[-1].connect(endpoint)
+                socks[-1].send(encode(message))
+            deadline = time.monotonic() + timeout
+            replies = []
+            for sock in socks:
+                if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                    return f"the trainer did not answer within {timeout:.0f}s"
+                replies.append(sock.recv())
+            written = decode_reply(message, replies[0])
         except TrainerError as exc:  # refused (another model's checkpoint, a full disk)
             return f"the trainer refused it ({exc.kind}): {exc}"
         except Exception as exc:  # the socket, a reply that is not one
             return f"{type(exc).__name__}: {exc}"
         finally:
-            sock.close()
+            for sock in socks:
+                sock.close()
             ctx.term()
         self.checkpointed_version = self._advance_version(written.weight_version)
         print(f"plasticity: checkpoint at exit: {written.path} (generation {written.generation}, weight version "
@@ -536,7 +543,7 @@ class TrainingService:
 
     def status(self) -> dict:
         t = self.trainer
-        return {"trainer": {"state": t.state, "pid": t.pid, "restarts": max(0, t.restarts - 1),
+        return {"trainer": {"state": t.state, "pid": t.pid, "pids": t.pids, "restarts": max(0, t.restarts - 1),
                             "last_error": t.last_error, "log": str(t.log_path)},
                 "weight_version": self.weight_version,
                 # what one request may ask (clients such as `plasticity train` size their batches by it)

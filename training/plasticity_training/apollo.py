@@ -339,6 +339,21 @@ class Apollo(torch.optim.Optimizer):
                     named[name] = state_dict["state"][idx]
         self.load_named_state_dict(named)
 
+    def split_state_dims(self) -> dict[str, dict[str, int | None]]:
+        """{parameter name: {state key: the dimension along which that state tensor is split over ranks like
+        the parameter, or None where every rank holds it whole}}, for the split parameters (`shards`).
+        AdamW moments have the parameter's shape; APOLLO's (channels, rank) moments are split where the
+        channels are and whole where the contracted side is split (their projected gradient is summed)."""
+        dims = {}
+        for name, p, group in self._named():
+            if name not in self.shards:
+                continue
+            spec = self._state_spec(name, p, group)
+            moment = (0 if self._split(name, p) == "channels" else None) if "last_update_norm" in spec \
+                else self.shards[name].dim
+            dims[name] = {key: moment if key.startswith("exp_avg") else None for key in spec}
+        return dims
+
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (excludes the regenerable projection cache)."""
         return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values())

@@ -242,3 +242,49 @@ def parameter_shards(model: nn.Module, shard: Shard) -> dict:
             full[dim] *= shard.world
             shards[name] = ShardOf(tuple(full), dim, shard.rank * p.shape[dim])
     return shards
+
+
+def whole_shapes(model: nn.Module, shard: Shard, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """{HF name: its shape in the whole model} (the vocabulary unpadded, as a one-shard view holds it)."""
+    shapes = {}
+    for name, p in model.named_parameters():
+        shape, dim = list(p.shape), split_dimension(name)
+        if dim is not None:
+            shape[dim] = vocab_size if is_vocabulary(name) else shape[dim] * shard.world
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def is_vocabulary(name: str) -> bool:
+    return name.split(".")[-2] in ("embed_tokens", "lm_head") if "." in name else False
+
+
+def gather_whole(tensors: dict[str, Tensor], shard: Shard, shapes: dict[str, tuple[int, ...]],
+                 dims: dict[str, int | None]) -> dict[str, Tensor]:
+    """The whole tensors on rank 0 ({} on the others): each of `tensors` split along `dims[name]` is
+    gathered from every rank and cut to `shapes[name]` (vocabulary padding dropped); one collective per
+    split tensor, in the order of `tensors` (the same on every rank)."""
+    whole = {}
+    for name, local in tensors.items():
+        dim = dims.get(name)
+        if dim is None:
+            whole[name] = local
+            continue
+        parts = [torch.empty_like(local) for _ in range(shard.world)]
+        dist.all_gather(parts, local.contiguous(), group=shard.group)
+        if shard.rank == 0:
+            whole[name] = torch.cat(parts, dim).narrow(dim, 0, shapes[name][dim])
+    return whole if shard.rank == 0 else {}
+
+
+def local_part(whole: Tensor, dim: int | None, start: int, rows: int) -> Tensor:
+    """This rank's `rows` along `dim` from `start` of a whole tensor (zeros past its end: vocabulary padding)."""
+    if dim is None:
+        return whole
+    have = max(0, min(rows, whole.shape[dim] - start))
+    part = whole.narrow(dim, start, have)
+    if have < rows:
+        pad = list(whole.shape)
+        pad[dim] = rows - have
+        part = torch.cat([part, whole.new_zeros(pad)], dim)
+    return part.clone()

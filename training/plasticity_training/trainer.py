@@ -114,8 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     # (1 of 2 here) keeps steps in milliseconds.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     manifest = WeightManifest.from_dict(json.loads(Path(args.manifest).read_text()))
+    weights = map_shared_weights(manifest)
+    device = next(iter(weights.values())).device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL runs each rank's collectives on the device of its worker's shard
     shard = Shard.join(args.rank, args.world, args.rendezvous) if args.world > 1 else None
-    core = TrainerCore(args.model_path, map_shared_weights(manifest), args.state_dir, shard=shard)
+    core = TrainerCore(args.model_path, weights, args.state_dir, shard=shard)
     print(f"[trainer] pid {os.getpid()} ready: {len(core.named)} parameters, weight version "
           f"{core.state.weight_version}", file=sys.stderr, flush=True)
     serve(core, args.endpoint)

@@ -106,10 +106,17 @@ class TrainerCore:
         # Tied weights appear once; an architecture's never-trained tensors (a frozen substrate) not at all.
         frozen = set(getattr(self.model, "frozen_parameters", ()))
         self.named = {n: p for n, p in self.model.named_parameters() if n not in frozen}
+        # Each tensor's shape in the whole model: what state files and checkpoints hold at any shard count.
+        self.whole_shapes = ({n: tuple(p.shape) for n, p in self.named.items()} if self.shard is None else
+                             tensor_parallel.whole_shapes(self.model, self.shard, self.vocab_size))
+        if not self.leads:
+            self._agree(None)  # the leading rank opens the state directory (and restores into it) first
         # state_dir is the server's; this model's files live in a directory of its own inside it
         self.state_dir = open_model_state(Path(state_dir), model_path, self._optimizer_state_fits)
         self.version_mark = VersionMark(Path(state_dir))
-        self.restored_from = self._restore_from_checkpoint()
+        self.restored_from = self._restore_from_checkpoint() if self.leads else None
+        if self.shard is not None and self.leads:
+            self._agree(None)
         self.state = TrainerState.load(self.state_dir / "trainer_state.json")
         self.state.weight_version = self.version_mark.starting_version(self.state.weight_version)
         self.trained = set(self.state.trained)
@@ -120,15 +127,9 @@ class TrainerCore:
         self.job: dict | None = None
 
     @property
-    def optimizer_file(self) -> str:
-        """This trainer's optimizer state file: a tensor-parallel rank keeps its shard's in a file of its own."""
-        if self.shard is None:
-            return "optimizer.safetensors"
-        return f"optimizer.rank{self.shard.rank}-of-{self.shard.world}.safetensors"
-
-    @property
     def leads(self) -> bool:
-        """Whether this trainer writes the state every rank shares (trainer_state.json, the version mark)."""
+        """Whether this trainer writes the state files and checkpoints (rank 0 of a tensor-parallel group:
+        they hold the whole model's state, gathered from every rank, so any shard count can resume them)."""
         return self.shard is None or self.shard.rank == 0
 
     def _restore_from_checkpoint(self) -> str | None:
@@ -166,7 +167,7 @@ class TrainerCore:
                     name, _, kind = key.rpartition("::")
                     if name not in self.named:
                         return False
-                    shape, own = tuple(f.get_slice(key).get_shape()), tuple(self.named[name].shape)
+                    shape, own = tuple(f.get_slice(key).get_shape()), self.whole_shapes[name]
                     if kind.startswith("exp_avg") and shape != own and not (len(shape) == 2 and shape[0] == max(own)):
                         return False
         except Exception:  # unreadable: not ours to adopt
@@ -183,12 +184,12 @@ class TrainerCore:
             split = {} if self.shard is None else dict(shards=tensor_parallel.parameter_shards(self.model, self.shard),
                                                          sum_=self.shard.sum_)
             optimizer = Apollo.from_settings(list(self.named.items()), opt, **split)
-            path = self.state_dir / self.optimizer_file
+            path = self.state_dir / "optimizer.safetensors"
             if path.exists():
                 from safetensors.torch import load_file
 
                 try:
-                    optimizer.load_named_state_dict(unflatten_state(load_file(path)))
+                    optimizer.load_named_state_dict(self._local_state(optimizer, unflatten_state(load_file(path))))
                 except ValueError as exc:  # a file that does not belong to these weights: refuse, keep it
                     raise TrainerError("conflict", f"the optimizer state in {path} does not fit the served model "
                                        f"({exc}); move that file away to start fresh, or serve with another "
@@ -261,6 +262,39 @@ class TrainerCore:
         return {"samples": len(keep), "tokens": job["tokens"], "skipped_duplicates": len(weighted) - len(keep),
                 "skipped_zero_weight": len(samples) - len(weighted), "parameters": len(selected),
                 "trained": list(selected), "rollback_bytes": nbytes if job["rollback"] else 0, "rollback_note": note}
+
+    def _whole_state(self, optimizer: Apollo) -> dict:
+        """The optimizer's state as one trainer of the whole model holds it (gathered to rank 0; {} elsewhere)."""
+        named = optimizer.named_state_dict()
+        if self.shard is None:
+            return named
+        split = optimizer.split_state_dims()
+        tensors, dims, shapes = {}, {}, {}
+        for name, keys in named.items():
+            for key, tensor in keys.items():
+                tensors[name, key] = tensor
+                dim = split.get(name, {}).get(key)
+                if dim is not None:  # split like its parameter: the parameter's whole extent along that dimension
+                    dims[name, key] = dim
+                    extent = self.whole_shapes[name][optimizer.shards[name].dim]
+                    shapes[name, key] = tuple(extent if i == dim else n for i, n in enumerate(tensor.shape))
+        whole: dict = {}
+        for (name, key), tensor in tensor_parallel.gather_whole(tensors, self.shard, shapes, dims).items():
+            whole.setdefault(name, {})[key] = tensor
+        return whole
+
+    def _local_state(self, optimizer: Apollo, named: dict) -> dict:
+        """This rank's part of optimizer state saved whole (`named`), to load into `optimizer`."""
+        if self.shard is None:
+            return named
+        dims = optimizer.split_state_dims()
+        out = {}
+        for name, keys in named.items():
+            split = optimizer.shards.get(name)
+            out[name] = {key: tensor_parallel.local_part(t, dims.get(name, {}).get(key), split.start,
+                                                         self.named[name].shape[split.dim]) if split else t
+                         for key, t in keys.items()}
+        return out
 
     def _agree(self, value):
         """The leading rank's `value` on every rank of a tensor-parallel trainer (the ranks must decide alike
@@ -404,8 +438,10 @@ class TrainerCore:
         if self.optimizer is not None:
             from safetensors.torch import save_file
 
-            flat = {k: v.contiguous().cpu() for k, v in flatten_state(self.optimizer.named_state_dict()).items()}
-            write_file_atomically(self.state_dir / self.optimizer_file, lambda p: save_file(flat, str(p)))
+            named = self._whole_state(self.optimizer)
+            flat = {k: v.contiguous().cpu() for k, v in flatten_state(named).items()}
+            if self.leads:
+                write_file_atomically(self.state_dir / "optimizer.safetensors", lambda p: save_file(flat, str(p)))
         if self.leads:
             self.state.save(self.state_dir / "trainer_state.json")
             self.version_mark.settle(self.state.weight_version)
@@ -420,17 +456,41 @@ class TrainerCore:
         checkpoint of another model (another origin) is refused as `other_model` unless `replace`. `config`,
         the server's process config, is saved beside the weights (plasticity_state/PROCESS_CONFIG).
         """
-        if self.shard is not None:
-            raise TrainerError("conflict", f"a checkpoint of a model split over {self.shard.world} trainers is not "
-                                           "written yet (tensor-parallel training is being built: see DESIGN.md)")
         self.state.weight_version = max(self.state.weight_version, weight_version)
         self.save_state()
+        tensors = self.checkpoint_form.tensors(self.model)
+        if self.shard is not None:  # one whole Hugging Face directory, written by rank 0
+            dims = {name: tensor_parallel.split_dimension(name) for name in tensors}
+            tensors = tensor_parallel.gather_whole(tensors, self.shard, self.whole_shapes, dims)
+        outcome = None
+        if self.leads:
+            try:
+                outcome = self._write_checkpoint(tensors, target, allowed_root, allow_model_dir, max_names, replace,
+                                                 config)
+            except TrainerError as exc:
+                if self.shard is None:
+                    raise
+                outcome = (exc.kind, str(exc))
+            except Exception as exc:  # every rank must hear the outcome, or the others would wait for it
+                if self.shard is None:
+                    raise
+                outcome = ("internal", f"{type(exc).__name__}: {exc}")
+        outcome = self._agree(outcome)
+        if isinstance(outcome, tuple):  # refused: (kind, reason), the same on every rank
+            raise TrainerError(*outcome)
+        self.state.checkpoints += 1
+        if self.leads:
+            self.state.save(self.state_dir / "trainer_state.json")
+        return outcome
+
+    def _write_checkpoint(self, tensors: dict[str, torch.Tensor], target: str, allowed_root: str, allow_model_dir: bool,
+                          max_names: int | None, replace: bool, config: dict | None) -> dict:
         extra = {name: self.state_dir / name for name in ("trainer_state.json", "optimizer.safetensors")
                  if (self.state_dir / name).exists()}
         if config is not None:
             extra[PROCESS_CONFIG] = json.dumps(config, indent=1, sort_keys=True).encode()
         try:
-            report = ckpt.sync_checkpoint(self.checkpoint_form.tensors(self.model), target, self.model_path,
+            report = ckpt.sync_checkpoint(tensors, target, self.model_path,
                                           extra_files=extra, buffers=self.checkpoint_buffers,
                                           changes=self.checkpoint_changes, allowed_root=allowed_root,
                                           allow_model_dir=allow_model_dir, max_names=max_names, origin=self.origin,
@@ -446,8 +506,6 @@ class TrainerCore:
             raise TrainerError("disk_full", str(exc)) from exc
         except ckpt.CheckpointError as exc:
             raise TrainerError("internal", str(exc)) from exc
-        self.state.checkpoints += 1
-        self.state.save(self.state_dir / "trainer_state.json")
         return {"path": str(report.path), "generation": report.generation, "bytes_written": report.bytes_written,
                 "weight_bytes_written": report.weight_bytes_written, "blocks_changed": report.blocks_changed,
                 "blocks_total": report.blocks_total, "seconds": report.seconds, "full_rewrite": report.full_rewrite,
