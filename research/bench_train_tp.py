@@ -5,11 +5,14 @@ the end): rounds of a TP 1 server and a TP 2 server (one trainer per shard), alt
 each given a warm-up job and then the same jobs. Reports, per tensor-parallel size, the trainer's time per
 step (forward, backward, optimizer: `step_seconds` of /train/status/{job}) and the end-to-end time per step
 (the /train request's wall time over its steps: the API server, the trainers, publishing and, on CPU,
-packing the stepped layers again), and their ratio TP 2 / TP 1.
+packing the stepped layers again), and their ratio TP 2 / TP 1. Then the same step without vLLM: one
+trainer in this process and two trainer processes on the shards (plasticity_training.tensor_parallel over
+gloo), one thread each, to separate the split model's own cost from sharing the cores with the engine.
 
-The default model is a random-init Llama of about 26M parameters (8 layers, hidden 512, 8 query and 4 KV
-heads, MLP 1536, vocabulary 2048), large enough that the step is compute, not per-call overhead, and small
-enough for 2 CPU cores; `--model DIR` takes any Llama/Qwen2/Qwen3 directory whose heads split over 2.
+The default model is a random-init Llama of about 25M parameters (8 layers, hidden 512, 8 query and 4 KV
+heads, MLP 1536, its own BPE vocabulary of a few hundred tokens), large enough that the step is compute,
+not per-call overhead, and small enough for 2 CPU cores; `--model DIR` takes any Llama/Qwen2/Qwen3
+directory whose heads split over 2.
 
     python research/bench_train_tp.py [--model DIR] [--rounds 2] [--jobs 3] [--steps 4] [--out research/results]
 """
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab import RESULTS, SERVER_ARGS, table, write_report, write_results  # noqa: E402
 
 from plasticity_training.default_model import ModelSpec, build_model  # noqa: E402
+from plasticity_training.vllm_layouts import vllm_layout, vllm_shard  # noqa: E402
 from vllm_plasticity.launcher import ServerProcess  # noqa: E402
 
 SHAPE = ModelSpec(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -72,6 +76,58 @@ def measure(model: Path, tp: int, jobs: list[dict], work: Path, name: str) -> di
         server.stop()
 
 
+def step_seconds(core, job: dict, steps: int) -> float:
+    """Seconds per step of `job` on a TrainerCore (after one step that builds the optimizer state)."""
+    core.begin_job(job["samples"], optimizer=job["optimizer"], force=True)
+    core.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    core.end_job()
+    return (time.perf_counter() - start) / steps
+
+
+def _rank_without_vllm(rank: int, model: str, work: str, job: dict, steps: int) -> None:
+    import json
+
+    import torch
+    import transformers
+
+    from plasticity_training.tensor_parallel import Shard
+    from plasticity_training.trainer_core import TrainerCore
+
+    torch.set_num_threads(1)  # a trainer's budget on 2 cores (plasticity_training.trainer)
+    shard = Shard.join(rank, 2, f"file://{work}/rendezvous-without-vllm")
+    try:
+        config = transformers.AutoConfig.from_pretrained(model)
+        weights = vllm_shard(vllm_layout(model), config, rank, 2)
+        core = TrainerCore(model, weights, f"{work}/state-without-vllm-2", shard=shard)
+        seconds = step_seconds(core, job, steps)
+        if rank == 0:
+            Path(work, "without-vllm-2.json").write_text(json.dumps(seconds))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def without_vllm(model: Path, work: Path, job: dict, steps: int) -> dict:
+    """The trainer's step with no engine beside it: one trainer (this process) vs two on the shards."""
+    import json
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from plasticity_training.trainer_core import TrainerCore
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = step_seconds(TrainerCore(model, vllm_layout(model), work / "state-without-vllm-1"), job, steps)
+    finally:
+        torch.set_num_threads(threads)
+    mp.start_processes(_rank_without_vllm, args=(str(model), str(work), job, steps), nprocs=2, start_method="spawn")
+    return {"1": one, "2": json.loads((work / "without-vllm-2.json").read_text())}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a model directory (default: the 26M random-init Llama above)")
@@ -92,9 +148,10 @@ def main(argv: list[str] | None = None) -> None:
                 "wall": statistics.median(s for run in rs for s in run["wall_s"]),
                 "tokens_per_s": sum(run["tokens"] for run in rs) / sum(run["seconds"] for run in rs)}
            for tp, rs in runs.items()}
-    rows = [[f"TP {tp}", m["trainer"], m["wall"], m["tokens_per_s"]] for tp, m in med.items()]
+    alone = without_vllm(model, work, jobs[0], args.steps)
+    rows = [[f"TP {tp}", m["trainer"], m["wall"], m["tokens_per_s"], alone[str(tp)]] for tp, m in med.items()]
     rows.append(["TP 2 / TP 1", med[2]["trainer"] / med[1]["trainer"], med[2]["wall"] / med[1]["wall"],
-                 med[2]["tokens_per_s"] / med[1]["tokens_per_s"]])
+                 med[2]["tokens_per_s"] / med[1]["tokens_per_s"], alone["2"] / alone["1"]])
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model)
@@ -109,11 +166,17 @@ trainers together use both cores while the engine idles, and every step adds the
 model (gloo over loopback TCP: two per decoder layer forward and two backward, three for the
 vocabulary-parallel loss, the optimizer's sums). On GPUs each trainer has its own device and NCCL.
 
-{table(["size", "trainer s/step (median)", "end to end s/step (median)", "trained tokens/s"], rows)}
+{table(["size", "trainer s/step (median)", "end to end s/step (median)", "trained tokens/s",
+        "trainer s/step without vLLM"], rows)}
+
+The last column is the same step with no engine beside it (one trainer in process vs two trainer
+processes on the shards, one thread each): what the split model costs by itself on these cores, apart
+from sharing them with vLLM's two workers.
 """
     write_report("bench_train_tp", args.out, "/train at tensor-parallel size 2 vs 1", body)
     write_results("bench_train_tp", args.out, {"runs": {str(k): v for k, v in runs.items()},
-                                               "medians": {str(k): v for k, v in med.items()}})
+                                               "medians": {str(k): v for k, v in med.items()},
+                                               "without_vllm": alone})
     print(body)
 
 
