@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
 from hybrid_model import QWEN3_5_27B_LAYERS  # noqa: E402
 from hybrid_model import build as build_hybrid  # noqa: E402
+from lab import QUICK_SERVER_ARGS  # noqa: E402
 
 from plasticity_training.default_model import ModelSpec, build_model, default_model_path  # noqa: E402
 from vllm_plasticity.contract.bank import save_bank  # noqa: E402
@@ -479,9 +480,7 @@ def main() -> None:
     # Every server's arguments but its dtype (the Llama phases take args.dtype, the hybrid bf16).
     args.common_args = ["--max-model-len", "1024", "--max-num-seqs", str(max(args.concurrency, 8)), *args.memory_args]
     if args.smoke and not cuda:
-        # The smoke run checks the script, not vLLM's compiled path (the plugin's tests check that): skipping
-        # torch.compile saves most of each CPU server start.
-        args.common_args.append("--enforce-eager")
+        args.common_args += QUICK_SERVER_ARGS  # a smoke run checks the script, not vLLM's compiled path
     args.server_args = ["--dtype", args.dtype, *args.common_args]
     budget = Budget(args.budget or (1800.0 if args.smoke else 450.0))
     out = Path(args.out)

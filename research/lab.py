@@ -35,6 +35,9 @@ from vllm_plasticity.launcher import ServerProcess  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32"]
+# A --quick (or --smoke) run checks the script, not vLLM's compiled path (the plugin's tests check that):
+# without torch.compile a CPU server starts 30-90 s sooner. Full runs keep vLLM's default, compiled.
+QUICK_SERVER_ARGS = ["--enforce-eager"]
 # Experiments post more samples per job than a production default allows.
 SERVER_ENV = {"PLASTICITY_TRAIN_MAX_SAMPLES": "256", "PLASTICITY_TRAIN_MAX_TOKENS": "65536"}
 
@@ -97,8 +100,8 @@ class Lab:
             self.vectors_dir = Path(self.get("/readout/available")["vectors_dir"])
             return
         self.starts += 1
-        args = [*SERVER_ARGS, "--training", "--state-dir", str(self.work / f"state-{self.starts}"),
-                "--vectors-dir", str(self.vectors_dir)]
+        args = [*SERVER_ARGS, *(QUICK_SERVER_ARGS if self.quick else []), "--training",
+                "--state-dir", str(self.work / f"state-{self.starts}"), "--vectors-dir", str(self.vectors_dir)]
         self.server = ServerProcess.plasticity(self.model, extra_args=args, env=self.env,
                                                log_path=self.work / f"server-{self.starts}.log")
         self.server.wait_ready()

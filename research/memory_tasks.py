@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
+from lab import QUICK_SERVER_ARGS  # noqa: E402
 
 from plasticity_training.memory_tasks import TASKS, Sample, make  # noqa: E402
 from vllm_plasticity.launcher import ServerProcess  # noqa: E402
@@ -49,9 +50,9 @@ SERVER_ARGS = ["--dtype", "float32", "--max-num-seqs", "32", "--max-model-len", 
 def settings(quick: bool) -> dict:
     if quick:
         return dict(steps=8, batch=8, train_span=16, spans=[8, 16], eval_samples=8, rounds=2, round_steps=2,
-                    round_samples=4)
+                    round_samples=4, server_args=QUICK_SERVER_ARGS)
     return dict(steps=400, batch=16, train_span=32, spans=[8, 32, 64, 128], eval_samples=32, rounds=8,
-                round_steps=5, round_samples=16)
+                round_steps=5, round_samples=16, server_args=[])
 
 
 # ---- the models ------------------------------------------------------------------------------------------
@@ -149,8 +150,8 @@ def run_arch(arch: str, cfg: dict, work: Path, log) -> dict:
     final_loss = train_offline(model, cfg, seed=1, log=log)
     train_seconds = time.monotonic() - t0
     model.save_pretrained(model_dir)
-    server = ServerProcess.plasticity(model_dir, extra_args=[*SERVER_ARGS, "--training", "--state-dir",
-                                                             str(work / f"state-{arch}")], log_path=work / f"{arch}.log")
+    args = [*SERVER_ARGS, *cfg["server_args"], "--training", "--state-dir", str(work / f"state-{arch}")]
+    server = ServerProcess.plasticity(model_dir, extra_args=args, log_path=work / f"{arch}.log")
     try:
         server.wait_ready()
         rng = random.Random(2)

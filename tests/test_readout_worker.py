@@ -244,3 +244,33 @@ def test_steering_along_a_basis_coordinate_adds_to_that_coordinate_only(engine):
     batch.step({"s": (0, 1)})
     row = batch.seen_index[0]
     assert row != 0 and torch.equal(eng.buffers.steer[2, row], 3.0 * torch.eye(HIDDEN)[5])
+
+
+def test_scores_follow_every_load_replace_and_unload_between_steps(engine):
+    """The tap's product reads the banks loaded now: after a bank is replaced, another loaded beside it (the
+    columns in use widen) or one unloaded, each request's scores are its stream times its bank's vectors."""
+    eng, batch = engine
+    streams = batch.streams = torch.randn(LAYERS, 64, HIDDEN)
+
+    def read(bank: str, key: str, vectors: dict) -> None:
+        batch.add(key, {"readout": bank, "plasticity_key": key})
+        batch.step({key: (0, 3)})
+        out = eng.fetch(key, final=True)[key]
+        scores = np.frombuffer(out["scores"], dtype="<f4").reshape(out["shape"])  # (positions, layers, concepts)
+        for i, L in enumerate(out["layers"]):
+            want = streams[L, :3] @ (vectors[L] / vectors[L].norm(dim=1, keepdim=True)).T
+            assert np.allclose(scores[:, i], want.numpy(), atol=1e-5), (bank, L)
+
+    read("b", "r1", {0: torch.eye(HIDDEN)[:2], 2: torch.eye(HIDDEN)[2:4]})
+    replaced = {0: torch.randn(2, HIDDEN), 2: torch.randn(2, HIDDEN)}
+    eng.load("b", ["x", "y"], replaced, source="test")
+    read("b", "r2", replaced)
+    wider = {0: torch.randn(5, HIDDEN), 1: torch.randn(5, HIDDEN)}
+    eng.load("c", [f"c{i}" for i in range(5)], wider, source="test")  # columns 2..6: the width in use grows
+    read("c", "r3", wider)
+    read("b", "r4", replaced)
+    eng.unload("b")
+    moved = {0: torch.randn(2, HIDDEN)}
+    eng.load("d", ["p", "q"], moved, source="test")  # in b's freed columns 0..1
+    read("d", "r5", moved)
+    read("c", "r6", wider)

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 from vllm_plasticity.launcher import ServerProcess
 
 sys.path.insert(0, str(REPO / "research"))
-from lab import SERVER_ARGS, SERVER_ENV  # noqa: E402  (research/ is scripts, not a package)
+from lab import QUICK_SERVER_ARGS, SERVER_ARGS, SERVER_ENV  # noqa: E402  (research/ is scripts, not a package)
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,8 @@ EXPERIMENTS = {
 @pytest.fixture(scope="module")
 def research_server(servers_restart, default_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("research")
-    args = [*SERVER_ARGS, "--training", "--state-dir", str(work / "state"), "--vectors-dir", str(work / "vectors")]
+    args = [*SERVER_ARGS, *QUICK_SERVER_ARGS, "--training", "--state-dir", str(work / "state"),
+            "--vectors-dir", str(work / "vectors")]
     (work / "vectors").mkdir()
     return servers_restart.start("research", lambda log_path: ServerProcess.plasticity(
         default_model, extra_args=args, env=SERVER_ENV, log_path=log_path))

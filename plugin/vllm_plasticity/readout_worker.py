@@ -220,7 +220,7 @@ class ReadoutEngine:
             v = v / v.norm(dim=1, keepdim=True)
             digest.update(v.numpy().tobytes())
             unit[L] = v.to(b.read.device)
-            b.read[L, columns.start:columns.stop] = unit[L]
+            b.write_read(L, columns, unit[L])
         offset = scale = steer = None
         if calibration is not None:  # the constants of calibrated_scores, in `sorted(vectors)` layer order
             at = sorted(vectors)
@@ -280,7 +280,7 @@ class ReadoutEngine:
     def _clear(self, bank: LoadedBank) -> None:
         if bank.columns is not None:
             for L in bank.layers:
-                self.buffers.read[L, bank.columns.start:bank.columns.stop] = 0
+                self.buffers.write_read(L, bank.columns, None)
 
     def _assign_capture_slots(self) -> None:
         """Capture slots for exactly the layers the loaded basis banks read (never more than before)."""
