@@ -77,7 +77,11 @@ class Lab:
         # started; by default Python dies at once and the server runs on with nobody to stop it.
         if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a SIGTERM while the server starts (its wait_ready): Python skips __exit__ then
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

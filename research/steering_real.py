@@ -11,6 +11,11 @@ Hypothesis of this run (natural unit = the concept's texts' mean offset from the
 steer rows; from an in-process probe of four concepts): the negative concepts reach -0.3 at strength 2-4
 with perplexity under 2x plain; the positive ones move less than +0.3 at any fluent strength, since plain
 text already scores about +0.45.
+Hypothesis of the multi-layer run (`--bank` of layers 9, 12, 15, 18, steered at all four; stated before it):
+the push spread over four mid layers reaches a given shift at a quarter of the one-layer strength per layer
+with less damage (each layer's addition is smaller against its own stream), so the negative concepts pass
+at strength 1 and the positive ones move further than at layer 15 alone (at most +0.18 there) but, with
+plain text at +0.45, still short of +0.3 while fluent.
 
 Method, all through a real `plasticity serve` of the model: (1) `plasticity extract` with the defaults
 (pooled, calibrated on the corpus mean, `--layers auto`) writes the bank; (2) >= 20 neutral chat prompts

@@ -4,9 +4,12 @@ by SIGTERM still stops the server it started."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 from test_extract_pipeline import tiny  # noqa: F401  (module fixture: a tiny model directory with a tokenizer)
@@ -31,9 +34,11 @@ def test_a_clean_run_removes_its_work_directory_and_a_failed_one_keeps_it(tiny, 
         shutil.rmtree(failed.work, ignore_errors=True)
 
 
-def test_a_run_ended_by_sigterm_stops_its_server(tiny, tmp_path):  # noqa: F811
-    """`kill PID` (or a test's timeout) on an experiment: the Lab's exit still runs and stops its server (it
-    used to die at once and leave the server running with nobody to stop it)."""
+@pytest.mark.parametrize("during", ["the run", "the server's start"])
+def test_a_run_ended_by_sigterm_stops_its_server(tiny, tmp_path, during):  # noqa: F811
+    """`kill PID` (or a test's timeout) on an experiment, while it runs or while its server is still starting
+    (wait_ready: 30-90 s): the Lab's exit still runs and stops its server (it used to die at once, or skip
+    __exit__ when inside __enter__, and leave the server running with nobody to stop it)."""
     marker = tmp_path / "stopped"
     script = f"""
 import sys, time
@@ -42,12 +47,16 @@ from lab import Lab
 class FakeServerLab(Lab):
     def start(self):
         print("started", flush=True)
+        if {during == "the server's start"}:
+            time.sleep(60)
     def stop(self):
         open({str(marker)!r}, "w").write("stopped")
 with FakeServerLab(model={str(tiny[0])!r}):
     time.sleep(60)
 """
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    # A run ended by a signal keeps its work directory for a look: made under tmp_path, it goes with the test's.
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         assert child.stdout.readline().strip() == "started"
         child.send_signal(signal.SIGTERM)
