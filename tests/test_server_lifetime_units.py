@@ -4,6 +4,7 @@ files its ledger lists, vLLM's tensor-parallel all-reduce buffers included (shm_
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -138,3 +139,28 @@ def test_a_clean_exit_removes_the_files_its_ledger_lists_unless_another_process_
             os.kill(stranger, signal.SIGKILL)
         for path in (*tp, outside, tracked):
             path.unlink(missing_ok=True)
+
+
+def test_a_stopped_server_leaves_nothing_in_the_temp_directory(tmp_path):
+    """vLLM leaves a ZMQ socket per process pair and a `vllm_dist_*` file in its temp directory at every start
+    (over 800 in /tmp after one full test run before this): a ServerProcess's server gets a directory of its
+    own, removed at its stop, while torch.compile's kernel cache stays in the outer temp directory."""
+    from vllm_plasticity.launcher import ServerProcess
+
+    # Stands in for `vllm serve`: leaves a socket and a file where vLLM leaves them, and reports where they went.
+    leave = ("import os, socket, sys, tempfile, time; d = tempfile.gettempdir(); "
+             "s = socket.socket(socket.AF_UNIX); s.bind(os.path.join(d, 'engine.sock')); "
+             "open(os.path.join(d, 'vllm_dist_x'), 'w').close(); "
+             "print(d, os.environ['TORCHINDUCTOR_CACHE_DIR'], flush=True); time.sleep(300)")
+    server = ServerProcess([sys.executable, "-c", leave], 0, {**os.environ, "TMPDIR": str(tmp_path)},
+                           log_path=tmp_path / "server.log")
+    try:
+        deadline = time.monotonic() + 30
+        while not server.log_tail() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        used, inductor = server.log_tail().split()
+        assert Path(used).parent == tmp_path and sorted(os.listdir(used)) == ["engine.sock", "vllm_dist_x"]
+        assert inductor == str(tmp_path / f"torchinductor_{getpass.getuser()}")
+    finally:
+        server.stop(grace=5)
+    assert sorted(os.listdir(tmp_path)) == ["server.log"]

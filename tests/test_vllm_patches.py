@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import json
 import logging
 import types
 from pathlib import Path
@@ -170,6 +171,43 @@ def test_a_config_without_a_dict_to_mark_is_refused_or_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="vllm_plasticity.vllm_patches"):
         mark_compile_hash(types.SimpleNamespace(additional_config=object()), "k")  # a user's SupportsHash
     assert "VLLM_DISABLE_COMPILE_CACHE=1" in caplog.text
+
+
+# ---- the compile-cache key ------------------------------------------------------------------------------------
+
+def test_a_served_model_keeps_its_compile_key_wherever_it_lies_and_a_stock_one_keeps_vllms(default_model, tmp_path):
+    """A checkpoint or a copy of a model the plugin serves reuses its compiled graph (the same key); a changed
+    config is another key; a stock model's key is vLLM's own (its path in it)."""
+    import shutil
+
+    from vllm.config import ModelConfig
+
+    import vllm_plasticity
+
+    copy, changed = tmp_path / "copy", tmp_path / "changed"
+    shutil.copytree(default_model, copy)
+    shutil.copytree(default_model, changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (changed / "config.json").write_text(json.dumps(config))
+    served = {"architectures": [vllm_plasticity.ARCHITECTURES[config["architectures"][0]]]}  # as `plasticity serve`
+
+    def key(path, **kwargs) -> str:
+        return ModelConfig(model=str(path), dtype="float32", **kwargs).compute_hash()
+
+    from vllm import ModelRegistry
+
+    from vllm_plasticity.contract.architectures import REGISTRY
+
+    arch = next(arch for arch in REGISTRY if arch.name == served["architectures"][0])
+    ModelRegistry.register_model(arch.name, arch.vllm_class)  # as register() does, which applies the patch too
+    vllm_patches.compile_key_without_local_path(vllm_plasticity.serves_itself)
+    vllm_patches.compile_key_without_local_path(vllm_plasticity.serves_itself)  # applied twice: one wrapper
+    from vllm.config import utils as config_utils
+    assert original(config_utils, "get_hash_factors").__module__ == "vllm.config.utils"
+    assert key(default_model, hf_overrides=served) == key(copy, hf_overrides=served)
+    assert key(changed, hf_overrides=served) != key(copy, hf_overrides=served)
+    assert key(default_model) != key(copy)  # stock: vLLM's key, the path in it
 
 
 # ---- request ids ----------------------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ def register() -> None:
     die_with_parent()
     from vllm import ModelRegistry
 
-    from vllm_plasticity.vllm_patches import qwen3_5_importable
+    from vllm_plasticity.vllm_patches import compile_key_without_local_path, qwen3_5_importable
 
     qwen3_5_importable()  # Qwen 3.5 (stock or the plugin's subclass) starts without torchvision
+    compile_key_without_local_path(serves_itself)  # a restart from a checkpoint reuses the compiled graph
 
     supported = set(ModelRegistry.get_supported_archs())
     for arch in REGISTRY:
@@ -57,3 +58,8 @@ def register() -> None:
         register_with_transformers()
         for name in own:
             register_config_hook(name, RecurrentModelConfig)
+
+
+def serves_itself(model_config) -> bool:
+    """Whether a vLLM ModelConfig names one of the architectures this plugin serves."""
+    return bool(SERVED_ARCHITECTURES.intersection(getattr(model_config.hf_config, "architectures", None) or ()))

@@ -1,7 +1,9 @@
 """Start, wait for and stop a `vllm serve` process: used by the demo, the tests and the benchmarks.
 
 Runs in the caller's process. The server runs in its own process group so that stopping it by PID also
-reaches vLLM's engine-core and worker processes, and a stop always ends with the group gone.
+reaches vLLM's engine-core and worker processes, and a stop always ends with the group gone. It gets a
+temporary directory of its own (TMPDIR), removed at the stop: vLLM leaves a ZMQ socket per process pair and a
+`vllm_dist_*` rendezvous file in the temp directory at every start, and a stopped server's are no one's.
 
     >>> server = ServerProcess.plasticity(model_dir, port=8123, extra_args=["--dtype", "float32"])
     >>> try:
@@ -13,11 +15,15 @@ reaches vLLM's engine-core and worker processes, and a stop always ends with the
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -57,6 +63,7 @@ class ServerProcess:
         self.log_path = Path(log_path) if log_path else None
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self._shm_before = set(os.listdir(SHM_DIR)) if SHM_DIR.is_dir() else set()
+        self.tmp_dir, env = _own_temp_dir(env)
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
 
@@ -133,6 +140,7 @@ class ServerProcess:
             self._log.close()
         sweep_stale_arenas()
         self._remove_leftover_shm()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _remove_leftover_shm(self) -> None:
         if not SHM_DIR.is_dir():
@@ -141,6 +149,18 @@ class ServerProcess:
             stale = name.startswith("psm_") or (name.startswith("sem.loky-") and not pid_alive(_loky_pid(name)))
             if stale:
                 (SHM_DIR / name).unlink(missing_ok=True)
+
+
+def _own_temp_dir(env: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """A fresh directory under the temp directory `env` names, and `env` with TMPDIR pointing at it.
+
+    torch.compile's kernel cache stays where it was (torch's default place, under the outer temp directory),
+    so servers keep sharing compiled kernels."""
+    outer = env.get("TMPDIR") or tempfile.gettempdir()
+    own = Path(tempfile.mkdtemp(prefix="plasticity-server-", dir=outer))
+    user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())  # as torch names its default cache directory
+    inductor = env.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(outer, f"torchinductor_{user}")
+    return own, {**env, "TMPDIR": str(own), "TORCHINDUCTOR_CACHE_DIR": inductor}
 
 
 def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:

@@ -109,6 +109,13 @@ SEAMS: tuple[Seam, ...] = (
       "without the tap from being loaded for a tapped model; the plugin also reads the sub-configs named here",
       reads=("additional_config",), assigns=("additional_config", "scheduler_config", "device_config", "model_config",
                                              "cache_config", "parallel_config", "compilation_config")),
+    S("config hash factors", "vllm.config.utils", "get_hash_factors", "replaces", "vllm_patches.py",
+      "every config's compile-cache factors come from here; the wrapper drops a served local model's path",
+      params=("config", "ignored_factors"), ordered=True),
+    S("model config hash", "vllm.config.model", "ModelConfig.compute_hash", "reads", "vllm_patches.py",
+      "ModelConfig's hash takes its factors from `get_hash_factors` when it runs (the name is looked up in "
+      "vllm.config.utils then), with the model's path and whole config among them",
+      reads=("get_hash_factors", "ignored_factors"), assigns=("model", "hf_config")),
     S("request cache_salt", "vllm.v1.engine", "EngineCoreRequest", "writes", "kv_generations.py",
       "the generation goes in front of the request's own salt", assigns=("cache_salt",)),
     S("OpenAI request fields", "vllm.entrypoints.openai.completion.protocol", "CompletionRequest", "writes",
