@@ -9,7 +9,7 @@ STAMP := $(VENV)/.plasticity-setup
 PLASTICITY_VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo test test-all clean-state
+.PHONY: setup browser demo test test-all test-sweeps clean-state
 
 setup: $(STAMP)
 
@@ -43,9 +43,13 @@ RUN_PYTEST := APOLLO_TORCH_REF=$(VENV)/apollo_ref PYTHONUNBUFFERED=1 $(PY) -m py
 test: setup browser
 	$(RUN_PYTEST) -m "not slow" $(PYTEST_ARGS)
 
-# Everything: parity sweeps, restarts, TP=2, the research and GPU-check smoke runs (what CI runs).
+# The full tier (what CI runs): restarts, the stock comparison, TP=2, the research and GPU-check smoke runs.
 test-all: setup browser
-	$(RUN_PYTEST) $(PYTEST_ARGS)
+	$(RUN_PYTEST) -m "not sweep" $(PYTEST_ARGS)
+
+# The configurations beyond the one each architecture's parity is checked in, a server each (~5 min on 2 cores).
+test-sweeps: setup browser
+	$(RUN_PYTEST) -m sweep $(PYTEST_ARGS)
 
 clean-state:
 	rm -rf $${XDG_CACHE_HOME:-$$HOME/.cache}/plasticity

@@ -5,6 +5,10 @@ update and some after, so its log-probs match no single weight version (a "torn"
 (generation paused around each optimizer step) every response matches some consistent version. For a small
 learning rate the torn deviation is below the difference between neighbouring versions, so it does not
 change outputs.
+Hypothesis of the SmolLM2-135M-Instruct run (`--model smollm2-135m-instruct --lr 1e-4 --steps 10 --name
+hogwild_vs_pause_real`, with PLASTICITY_CPU_KERNELS=in-place so that requests read the weights the trainer
+writes, as on a GPU; stated before it): without pause some responses are torn, as on the built-in model, but at
+a user's learning rate every torn deviation is below one step's change of the probe; with pause none are torn.
 
 Method: a reference server is taught one step at a time (K single-step jobs) and the probe's log-probs are
 recorded at every weight version v = 0..K (the consistent versions). Then, for each mode, a fresh server runs
@@ -18,6 +22,7 @@ deterministic (same samples, same seeds), so the K single steps and the K-step j
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from pathlib import Path
@@ -62,6 +67,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--name", default="hogwild_vs_pause", help="results file name (hogwild_vs_pause_real for a "
+                        "pretrained model, beside the built-in one's)")
     add_server_args(parser)
     args = parser.parse_args()
     steps = 2 if args.quick else args.steps
@@ -85,8 +92,9 @@ def main() -> None:
                   flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_results("hogwild_vs_pause", out_dir, {"modes": results, "neighbour_distances": neighbour})
-    plot_lines(out_dir / "hogwild_vs_pause.png",
+    write_results(args.name, out_dir, {"modes": results, "neighbour_distances": neighbour, "lr": args.lr,
+                                       "cpu_kernels": os.environ.get("PLASTICITY_CPU_KERNELS", "repacked")})
+    plot_lines(out_dir / f"{args.name}.png",
                {mode: (list(range(len(r["deviations"]))), [max(d, 1e-9) for d in r["deviations"]]) for mode, r in results.items()},
                "probe response (in order)", "distance to the nearest weight version")
     median_step = sorted(neighbour)[len(neighbour) // 2]
@@ -95,6 +103,9 @@ def main() -> None:
     body = f"""
 Hypothesis (stated before the run): without pause some responses match no weight version (torn reads); with
 pause none do; torn deviations are smaller than one step's change, so outputs are not affected.
+CPU kernels: {os.environ.get("PLASTICITY_CPU_KERNELS", "repacked")} (repacked: the server reads packed copies of
+the linear layers, packed again when a step is published, so no request reads a half-written step; in-place:
+every write is seen at once, as on a GPU).
 
 Setup: model {lab.model}; one sample ("{CONTEXT}" -> "{CONTINUATION}"), {steps} APOLLO steps at lr {args.lr};
 probe: "{PROBE}" ({len(probe)} tokens), its prompt_logprobs requested back to back while the job runs.
@@ -104,7 +115,7 @@ Deviation of a response = max over tokens of |log p - log p_v| for the nearest v
 
 {table(["mode", "responses during the job", "torn responses", "max deviation", "median change between neighbouring versions"], rows)}
 
-![deviation per response](hogwild_vs_pause.png)
+![deviation per response]({args.name}.png)
 
 Reading: {'; '.join(f"{m}: {r['torn']} of {r['responses']} responses torn, largest deviation {r['max']:.2e}" for m, r in results.items())};
 one optimizer step moves the probe's log-probs by {median_step:.2e} (median over the {steps} steps). Torn responses whose
@@ -116,7 +127,7 @@ large (one step changes the probe by nats) so that tearing is visible; at a smal
 moves log-probs proportionally less. Without pause {torn_share} of the responses were torn here (CPU, where
 the requests and the step's writes share two cores); on a GPU the proportion will differ.
 """
-    print(write_report("hogwild_vs_pause", out_dir, "HOGWILD vs pause", body).read_text())
+    print(write_report(args.name, out_dir, "HOGWILD vs pause", body).read_text())
 
 
 if __name__ == "__main__":

@@ -63,6 +63,34 @@ PROMPTS = [
     "Describe the view from a second-floor window onto a road.",
     "Write two sentences about changing a light bulb.",
 ]
+# Procedural requests: how-to and factual answers, whose plain replies the judge should score near 0 (written
+# for this project, before any run on them). The everyday set above gets a reply the judge already scores
+# +0.45 on average ("a lovely walk"), which leaves a positive concept little room below the lexicon's ceiling.
+PROCEDURAL_PROMPTS = [
+    "List the steps to replace a printer cartridge.",
+    "Explain how to read a bus timetable.",
+    "Give the steps for boiling an egg.",
+    "Name the parts of a stapler.",
+    "Explain how a library sorts its books by number.",
+    "List what to check before posting a parcel.",
+    "Explain how to read an electricity meter.",
+    "Give the steps to reset a wall clock after a power cut.",
+    "Explain what a spreadsheet cell reference is.",
+    "List the tools needed to hang a shelf.",
+    "Explain how to fold a letter to fit an envelope.",
+    "Give the steps to defrost a freezer.",
+    "Explain how a ticket barrier at a station works.",
+    "List the fields on a standard delivery note.",
+    "Explain how to measure a room for carpet.",
+    "Give the steps to change a bicycle's inner tube.",
+    "Explain what a postcode is used for.",
+    "List the steps to back up files to a USB stick.",
+    "Explain how to convert centimetres to inches.",
+    "Give the steps to descale a kettle.",
+    "Explain how a thermostat controls a radiator.",
+    "List what a fire extinguisher label tells you.",
+]
+PROMPT_SETS = {"everyday": PROMPTS, "procedural": PROCEDURAL_PROMPTS}
 POSITIVE = ["joyful", "grateful", "hopeful", "calm"]
 NEGATIVE = ["sad", "angry", "afraid", "disgusted"]
 STRENGTHS = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
@@ -83,6 +111,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model directory or a pretrained name")
     parser.add_argument("--bank", help="an extracted bank directory (default: extract one with the defaults)")
     parser.add_argument("--layer", type=int, help="steer only this of the bank's layers (default: all of them)")
+    parser.add_argument("--prompts", choices=sorted(PROMPT_SETS), default="everyday",
+                        help="the neutral requests: everyday descriptions (default) or procedural how-to questions")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 1 concept each way, 2 strengths")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="steering_real", help="results file name (a second bank beside the first)")
@@ -92,9 +122,9 @@ def main() -> None:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     model = resolve_model(args.model)
-    prompts, positive, negative, strengths = PROMPTS, POSITIVE, NEGATIVE, STRENGTHS
+    prompts, positive, negative, strengths = PROMPT_SETS[args.prompts], POSITIVE, NEGATIVE, STRENGTHS
     if args.quick:
-        prompts, positive, negative, strengths = PROMPTS[:2], POSITIVE[:1], NEGATIVE[:1], STRENGTHS[1:3]
+        prompts, positive, negative, strengths = prompts[:2], POSITIVE[:1], NEGATIVE[:1], STRENGTHS[1:3]
     judge = SentimentIntensityAnalyzer()
 
     with Lab(model=model, server=args.server, api_key=args.api_key) as lab:
@@ -138,13 +168,14 @@ def main() -> None:
                 c, ids = chat[choice["index"]], outputs[choice["index"]]
                 entries = choice["prompt_logprobs"][len(c):]
                 nll.append(-sum(e[str(t)]["logprob"] for e, t in zip(entries, ids)) / max(1, len(ids)))
-            return {"sentiment": statistics.fmean(judge.polarity_scores(t)["compound"] for t in texts),
+            scores = [judge.polarity_scores(t)["compound"] for t in texts]
+            return {"sentiment": statistics.fmean(scores), "per_prompt": scores,
                     "distinct": statistics.fmean(distinct_bigrams(ids) for ids in outputs),
                     "ppl": math.exp(statistics.fmean(nll)), "texts": texts}
 
         plain = measure(generate(None))
-        print(f"plain: sentiment {plain['sentiment']:+.3f}, distinct {plain['distinct']:.2f}, ppl {plain['ppl']:.2f}",
-              flush=True)
+        print(f"plain: sentiment {plain['sentiment']:+.3f} ({sum(v >= 0.5 for v in plain['per_prompt'])} of "
+              f"{len(prompts)} replies >= +0.5), distinct {plain['distinct']:.2f}, ppl {plain['ppl']:.2f}", flush=True)
         runs = []
         for concept in positive + negative:
             for s in strengths:
@@ -159,7 +190,7 @@ def main() -> None:
                       f"ppl x{row['ppl_ratio']:.2f} {'PASS' if row['passes'] else ''}", flush=True)
 
     write_results(args.name, args.out, {"model": args.model, "method": method, "unit": unit, "layers": layers,
-                                        "steer_layer": args.layer,
+                                        "steer_layer": args.layer, "prompts": args.prompts,
                                               "plain": {k: v for k, v in plain.items() if k != "texts"},
                                               "runs": runs})
     _report(args, method, unit, layers, plain, runs, strengths, positive, negative, len(prompts))
@@ -183,9 +214,10 @@ def _report(args, method, unit, layers, plain, runs, strengths, positive, negati
     examples = [[r["concept"], r["strength"], repr(r["example"][:140])] for r in runs if r["strength"] == best]
     body = f"""
 Model: {args.model}; bank: method {method}, layers {layers}; natural unit: {unit}; steered at
-{f'layer {args.layer}' if args.layer is not None else 'each of the bank layers'}; {n_prompts} neutral chat prompts,
-greedy, {NEW_TOKENS} new tokens. Judge: VADER compound (vaderSentiment's own lexicon), mean over prompts.
-Plain: sentiment {plain['sentiment']:+.3f}, distinct bigrams {plain['distinct']:.2f}, perplexity {plain['ppl']:.2f}.
+{f'layer {args.layer}' if args.layer is not None else 'each of the bank layers'}; {n_prompts} neutral chat prompts
+({args.prompts}), greedy, {NEW_TOKENS} new tokens. Judge: VADER compound (vaderSentiment's own lexicon), mean over
+prompts. Plain: sentiment {plain['sentiment']:+.3f} ({sum(v >= 0.5 for v in plain['per_prompt'])} of {n_prompts}
+replies already at +0.5 or more), distinct bigrams {plain['distinct']:.2f}, perplexity {plain['ppl']:.2f}.
 
 A row passes when the concept moves the judge its way (positive up, negative down) by >= {TARGET_SHIFT} and the
 text stays fluent (distinct bigrams >= {MIN_DISTINCT} of tokens, perplexity under the unsteered model

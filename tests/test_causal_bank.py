@@ -197,6 +197,7 @@ def test_train_teaches_a_fact_and_a_fresh_server_from_the_checkpoint_agrees(bank
 # ---- the supported variants, and what is refused ----------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("variant", list(SERVED_SWEEP))
 def test_supported_variant_matches_the_reference(variant, servers_restart, tmp_path):
     model_dir, ref = export_variant(variant, tmp_path / variant, seed=11)

@@ -27,6 +27,9 @@ def test_serve_enables_plugin_on_cpu(tmp_path):
     assert env["PLASTICITY_TRAINING"] == "1"
     assert env["PLASTICITY_STATE_DIR"] == str((tmp_path / "s").resolve())
     assert env["VLLM_TARGET_DEVICE"] == "cpu"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    _, env = build_serve_command([model], {"VLLM_CPU_KVCACHE_SPACE": "4"}, cuda=False)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"  # the user's own setting wins
 
 
 def test_serve_with_training_on_cuda_leaves_room_for_the_trainer(tmp_path):

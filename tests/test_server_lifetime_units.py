@@ -152,7 +152,8 @@ def test_a_stopped_server_leaves_nothing_in_the_temp_directory(tmp_path):
              "s = socket.socket(socket.AF_UNIX); s.bind(os.path.join(d, 'engine.sock')); "
              "open(os.path.join(d, 'vllm_dist_x'), 'w').close(); "
              "print(d, os.environ['TORCHINDUCTOR_CACHE_DIR'], flush=True); time.sleep(300)")
-    server = ServerProcess([sys.executable, "-c", leave], 0, {**os.environ, "TMPDIR": str(tmp_path)},
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # unset: its default place
+    server = ServerProcess([sys.executable, "-c", leave], 0, {**env, "TMPDIR": str(tmp_path)},
                            log_path=tmp_path / "server.log")
     try:
         deadline = time.monotonic() + 30

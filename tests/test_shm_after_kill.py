@@ -47,7 +47,7 @@ def test_a_server_killed_by_its_own_pid_leaves_no_process_and_no_shared_memory(s
             time.sleep(0.2)
         assert not [p for p in children if running(p)], "vLLM processes outlived the killed API server"
     finally:
-        killed.stop()  # whatever is left of its group, and its temp directory
+        killed.stop(grace=0)  # SIGKILL whatever is left of its group at once; removes its temp directory
     new = {n for n in set(os.listdir(SHM_DIR)) - before if n.startswith(VLLM_SHM)}
     left = new & set(recorded["files"])
     assert any(n.startswith("vllm_dist_") for n in left), f"no TP buffers left: this test no longer shows the sweep ({new})"

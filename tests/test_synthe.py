@@ -154,6 +154,7 @@ def test_train_lowers_the_loss_and_a_fresh_server_from_the_checkpoint_agrees(syn
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("gate, settings", [("never", {}), ("always", {}),
                                             ("causal", {"memory_hub": False, "min_depth": 3})],
                          ids=["never", "always", "no-hub-no-router"])

@@ -208,7 +208,7 @@ def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_se
     units = page.locator("#steer-units").inner_text()
     assert "natural units" in units
     # the measured recommendation, per layer; a layer where no strength moved the text recommends nothing
-    assert units.endswith("recommended strength, measured on this model at extraction: layer 3: 16 to 32")
+    assert units.endswith("recommended strength at one layer, measured on this model at extraction: layer 3: 16 to 32")
     assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "40"
     page.fill("#prompt", PROMPT)
     page.fill("#max-tokens", "10")
@@ -245,8 +245,17 @@ def test_a_calibrated_banks_legend_and_sliders_use_its_units(page, plasticity_se
     page.reload()  # the page lists the vectors directory when it loads and after each load it makes
     wait_status(page, "ready", timeout=30000)
     load_in_page(page, "ui-offsets")
+    # 8 at one layer (steering_real.md); the bank's two layers steered at once add up: half each.
     assert "average offset from the corpus average" in page.locator("#steer-units").inner_text()
+    assert "2 layers steered at once add up, so the sliders reach 4 (8 at one layer)" in page.locator("#steer-units").inner_text()
+    assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "4"
+    page.fill("#steer-layers", "3")  # one layer typed: the one-layer range
     assert page.eval_on_selector("#sliders input[name='storm']", "el => el.max") == "8"
+    assert "add up" not in page.locator("#steer-units").inner_text()
+    page.eval_on_selector("#sliders input[name='storm']", "el => { el.value = el.max; el.dispatchEvent(new Event('input')); }")
+    page.fill("#steer-layers", "1,3")  # two again: a strength past the new end comes down to it, shown
+    assert page.eval_on_selector("#sliders input[name='storm']", "el => [el.max, el.value]") == ["4", "4"]
+    assert page.locator("#sliders label[data-concept='storm'] output").inner_text() == "4"
     assert page.errors == []
 
 

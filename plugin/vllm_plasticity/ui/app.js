@@ -283,8 +283,10 @@ function drawChart() {
 // the corpus average; without them (older banks) 1 adds one standard deviation of the corpus along the
 // concept. Raw (the norm added to the stream) for a bank without calibration.
 const SLIDER_UNITS = {
-  // SmolLM2-135M changed tone at 4 offsets at one layer and broke at 8 (research/results/steering_real.md).
-  offset: { min: -8, max: 8, step: 0.1,
+  // SmolLM2-135M changed tone at 4 offsets at one layer and broke at 8 (research/results/steering_real.md);
+  // steered at four layers at once it changed at 1 and broke at 4 (steering_real_multilayer.md): the layers'
+  // pushes add up, so this range is for one layer and the sliders divide it by the layers steered.
+  offset: { min: -8, max: 8, step: 0.1, perLayer: true,
             text: "strength in natural units: 1 moves the stream at each steered layer by the concept's own texts' " +
                   "average offset from the corpus average" },
   // ... and from ~32 standard deviations along the lda vectors of older banks (steering_real_lda_std.md).
@@ -308,17 +310,43 @@ function recommendedStrengths(bank) {
     .map(([layer, r]) => `layer ${layer}: ${r.low === r.high ? r.low : `${r.low} to ${r.high}`}`).join(", ");
 }
 
+// How many layers a steered request will steer: those typed in the Layers field, else all of the bank's.
+function steeredLayerCount() {
+  const typed = $("steer-layers").value.split(",").filter((s) => s.trim() !== "").length;
+  return typed || (state.bank ? state.bank.layers.length : 1) || 1;
+}
+
+// The sliders' range and the units line, for the bank's units and the layers steered (see SLIDER_UNITS).
+function sliderRange(units, recommended) {
+  const layers = units.perLayer ? steeredLayerCount() : 1;
+  const max = Math.round((units.max / layers) * 10) / 10;
+  const text = units.text + (layers > 1 ? `; ${layers} layers steered at once add up, so the sliders reach ` +
+    `${max} (${units.max} at one layer)` : "") +
+    (recommended ? `; recommended strength at one layer, measured on this model at extraction: ${recommended}` : "");
+  return { min: -max, max, step: Math.min(units.step, max / 80), text };
+}
+
+function applySliderRange() {
+  if (!state.bank) return;
+  const units = state.bank.calibrated ? sliderUnits(state.bank) : SLIDER_UNITS.raw;
+  const range = sliderRange(units, state.bank.calibrated ? recommendedStrengths(state.bank) : "");
+  $("steer-units").textContent = state.bank.concepts.length ? range.text : "";
+  for (const input of $("sliders").querySelectorAll("input[type=range]")) {
+    Object.assign(input, { min: range.min, max: range.max, step: range.step });
+    input.dispatchEvent(new Event("input"));  // the browser clamped the value: show it
+  }
+}
+
 function buildSliders(concepts, calibrated) {
   const units = calibrated ? sliderUnits(state.bank) : SLIDER_UNITS.raw;
-  const recommended = calibrated ? recommendedStrengths(state.bank) : "";
-  $("steer-units").textContent = !concepts.length ? "" : units.text +
-    (recommended ? `; recommended strength, measured on this model at extraction: ${recommended}` : "");
+  const range = sliderRange(units, calibrated ? recommendedStrengths(state.bank) : "");
+  $("steer-units").textContent = !concepts.length ? "" : range.text;
   $("sliders").replaceChildren(...concepts.map((c) => {
     const row = document.createElement("label");
     row.className = "slider"; row.dataset.concept = c;
     const name = document.createElement("span"); name.className = "name"; name.textContent = c; name.title = c;
     const input = Object.assign(document.createElement("input"),
-      { type: "range", min: units.min, max: units.max, step: units.step, value: 0, name: c });
+      { type: "range", min: range.min, max: range.max, step: range.step, value: 0, name: c });
     const out = document.createElement("output"); out.textContent = "0";
     input.addEventListener("input", () => { out.textContent = input.value; });
     row.append(name, input, out);
@@ -460,6 +488,7 @@ document.addEventListener("DOMContentLoaded", () => {
     for (const input of $("sliders").querySelectorAll("input")) { input.value = 0; input.dispatchEvent(new Event("input")); }
   });
   $("steer-generate").addEventListener("click", steerGenerate);
+  $("steer-layers").addEventListener("input", applySliderRange);
   $("teach").addEventListener("click", teach);
   for (const radio of document.getElementsByName("train-mode")) radio.addEventListener("change", showTrainMode);
   $("checkpoint").addEventListener("click", checkpoint);
