@@ -41,7 +41,7 @@ RUN_PYTEST := APOLLO_TORCH_REF=$(VENV)/apollo_ref PYTHONUNBUFFERED=1 $(PY) -m py
 
 # The quick tier: every feature end to end once against a real server, and every test that starts none.
 test: setup browser
-	$(RUN_PYTEST) -m "not slow" $(PYTEST_ARGS)
+	$(RUN_PYTEST) -m "not slow and not sweep" $(PYTEST_ARGS)
 
 # The full tier (what CI runs): restarts, the stock comparison, TP=2, the research and GPU-check smoke runs.
 test-all: setup browser

@@ -92,8 +92,10 @@ def main() -> None:
                   flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The server this script starts inherits the setting; one at --server has its own.
+    kernels = "unknown (--server)" if args.server else os.environ.get("PLASTICITY_CPU_KERNELS", "repacked")
     write_results(args.name, out_dir, {"modes": results, "neighbour_distances": neighbour, "lr": args.lr,
-                                       "cpu_kernels": os.environ.get("PLASTICITY_CPU_KERNELS", "repacked")})
+                                       "cpu_kernels": kernels})
     plot_lines(out_dir / f"{args.name}.png",
                {mode: (list(range(len(r["deviations"]))), [max(d, 1e-9) for d in r["deviations"]]) for mode, r in results.items()},
                "probe response (in order)", "distance to the nearest weight version")
@@ -103,7 +105,7 @@ def main() -> None:
     body = f"""
 Hypothesis (stated before the run): without pause some responses match no weight version (torn reads); with
 pause none do; torn deviations are smaller than one step's change, so outputs are not affected.
-CPU kernels: {os.environ.get("PLASTICITY_CPU_KERNELS", "repacked")} (repacked: the server reads packed copies of
+CPU kernels: {kernels} (repacked: the server reads packed copies of
 the linear layers, packed again when a step is published, so no request reads a half-written step; in-place:
 every write is seen at once, as on a GPU).
 

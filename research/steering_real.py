@@ -16,6 +16,9 @@ the push spread over four mid layers reaches a given shift at a quarter of the o
 with less damage (each layer's addition is smaller against its own stream), so the negative concepts pass
 at strength 1 and the positive ones move further than at layer 15 alone (at most +0.18 there) but, with
 plain text at +0.45, still short of +0.3 while fluent.
+Question of the procedural run (`--prompts procedural --bank <the four-layer bank> --layer 15`; no hypothesis
+was written down before it): is the judge's ceiling what holds the positive concepts back? On prompts whose
+plain replies score near 0 there is room for +0.3; if they still fall short, the ceiling is not the reason.
 
 Method, all through a real `plasticity serve` of the model: (1) `plasticity extract` with the defaults
 (pooled, calibrated on the corpus mean, `--layers auto`) writes the bank; (2) >= 20 neutral chat prompts

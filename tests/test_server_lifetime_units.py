@@ -149,7 +149,7 @@ def test_a_stopped_server_leaves_nothing_in_the_temp_directory(tmp_path):
 
     # Stands in for `vllm serve`: leaves a socket and a file where vLLM leaves them, and reports where they went.
     leave = ("import os, socket, sys, tempfile, time; d = tempfile.gettempdir(); "
-             "s = socket.socket(socket.AF_UNIX); s.bind(os.path.join(d, 'engine.sock')); "
+             "s = socket.socket(socket.AF_UNIX); s.bind(os.path.join(d, 'e.sock')); "
              "open(os.path.join(d, 'vllm_dist_x'), 'w').close(); "
              "print(d, os.environ['TORCHINDUCTOR_CACHE_DIR'], flush=True); time.sleep(300)")
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # unset: its default place
@@ -160,8 +160,19 @@ def test_a_stopped_server_leaves_nothing_in_the_temp_directory(tmp_path):
         while not server.log_tail() and time.monotonic() < deadline:
             time.sleep(0.1)
         used, inductor = server.log_tail().split()
-        assert Path(used).parent == tmp_path and sorted(os.listdir(used)) == ["engine.sock", "vllm_dist_x"]
+        assert Path(used).parent == tmp_path and sorted(os.listdir(used)) == ["e.sock", "vllm_dist_x"]
         assert inductor == str(tmp_path / f"torchinductor_{getpass.getuser()}")
     finally:
         server.stop(grace=5)
+    assert sorted(os.listdir(tmp_path)) == ["server.log"]
+
+
+def test_a_server_that_exits_before_it_is_ready_leaves_no_temp_directory(tmp_path):
+    from vllm_plasticity.launcher import ServerError, ServerProcess
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    server = ServerProcess([sys.executable, "-c", "raise SystemExit(3)"], 0, {**env, "TMPDIR": str(tmp_path)},
+                           log_path=tmp_path / "server.log")
+    with pytest.raises(ServerError, match="exited with code 3"):
+        server.wait_ready(timeout=60)
     assert sorted(os.listdir(tmp_path)) == ["server.log"]

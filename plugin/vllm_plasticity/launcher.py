@@ -74,7 +74,13 @@ class ServerProcess:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self._shm_before = set(os.listdir(SHM_DIR)) if SHM_DIR.is_dir() else set()
         self.tmp_dir, env = _own_temp_dir(env)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            if self._log is not subprocess.DEVNULL:
+                self._log.close()
+            raise
         self.pid = self.proc.pid
 
     @classmethod
@@ -113,7 +119,9 @@ class ServerProcess:
                 progress(time.monotonic() - start)
                 next_note += 15
             if self.proc.poll() is not None:
-                raise ServerError(f"vLLM exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}")
+                tail = self.log_tail()
+                self.stop(grace=0)  # what its processes left: the rest of its group, its temp directory
+                raise ServerError(f"vLLM exited with code {self.proc.returncode} before it was ready:\n{tail}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -165,11 +173,21 @@ def _own_temp_dir(env: dict[str, str]) -> tuple[Path, dict[str, str]]:
 
     torch.compile's kernel cache stays where it was (torch's default place, under the outer temp directory),
     so servers keep sharing compiled kernels."""
-    outer = env.get("TMPDIR") or tempfile.gettempdir()
-    own = Path(tempfile.mkdtemp(prefix="plasticity-server-", dir=outer))
-    user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())  # as torch names its default cache directory
-    inductor = env.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(outer, f"torchinductor_{user}")
+    outer = env.get("TMPDIR", "")
+    outer = os.path.abspath(outer) if os.path.isdir(outer) else tempfile.gettempdir()  # as `tempfile` falls back
+    # A short name: vLLM's sockets are <TMPDIR>/<uuid>, and a socket's path may not pass 107 bytes.
+    own = Path(tempfile.mkdtemp(prefix="pls-", dir=outer))
+    inductor = env.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(outer, f"torchinductor_{_user_name()}")
     return own, {**env, "TMPDIR": str(own), "TORCHINDUCTOR_CACHE_DIR": inductor}
+
+
+def _user_name() -> str:
+    """The user as torch names its default kernel cache directory (`torchinductor_<user>`)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a uid with no name and no USER/LOGNAME (containers)
+        user = f"uid_{os.getuid()}"
+    return re.sub(r'[\\/:*?"<>|]', "_", user)
 
 
 def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:

@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 from vllm_plasticity import ARCHITECTURES, SERVED_ARCHITECTURES, WORKER_EXTENSION
-from vllm_plasticity.launcher import CPU_SERVER_ENV
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # VLLM_PLUGINS is an allowlist for *all* plugin groups: keep vLLM's own general plugins loadable.
@@ -115,6 +114,8 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
         print("plasticity: readout and steering need vLLM's V1 model runner: VLLM_USE_V2_MODEL_RUNNER=0",
               file=sys.stderr)
     if not cuda:
+        from vllm_plasticity.launcher import CPU_SERVER_ENV  # imports torch: only when serving
+
         env = {**CPU_SERVER_ENV, **env}
 
     cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model, "--port", str(known.port)]

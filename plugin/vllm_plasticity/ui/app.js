@@ -319,11 +319,12 @@ function steeredLayerCount() {
 // The sliders' range and the units line, for the bank's units and the layers steered (see SLIDER_UNITS).
 function sliderRange(units, recommended) {
   const layers = units.perLayer ? steeredLayerCount() : 1;
-  const max = Math.round((units.max / layers) * 10) / 10;
+  const max = Number((units.max / layers).toPrecision(2));  // 8/3 -> 2.7, 8/30 -> 0.27
   const text = units.text + (layers > 1 ? `; ${layers} layers steered at once add up, so the sliders reach ` +
     `${max} (${units.max} at one layer)` : "") +
     (recommended ? `; recommended strength at one layer, measured on this model at extraction: ${recommended}` : "");
-  return { min: -max, max, step: Math.min(units.step, max / 80), text };
+  // Steps of a round size, about 40 to 400 of them over the range: 0.1 at one layer, 0.01 at 3 to 30.
+  return { min: -max, max, step: Math.min(units.step, 10 ** Math.floor(Math.log10(max / 40))), text };
 }
 
 function applySliderRange() {
