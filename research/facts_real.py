@@ -50,6 +50,7 @@ SETTINGS = {  # name: (label, /train body). Every setting: APOLLO rank 64 unless
     "rank16": ("lr 1e-4, all weights, rank 16", dict(lr=1e-4, optimizer={"rank": 16})),
     "mini": ("lr 1e-4, all weights, APOLLO-Mini", dict(lr=1e-4, optimizer={"mini": True})),
     "replay": ("lr 1e-4, all weights, replay 1:1", dict(lr=1e-4, replay=1)),
+    "replay3": ("lr 1e-4, all weights, replay 3:1", dict(lr=1e-4, replay=3)),
     "batch": ("lr 1e-4, all weights, 20 facts per call", dict(lr=1e-4, batch=True)),
 }
 

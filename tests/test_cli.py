@@ -109,13 +109,17 @@ def test_default_model_backbone_is_a_tkc_setting(capsys):
     assert exc.value.code == 2 and "--backbone is a setting of --arch tkc" in capsys.readouterr().err
 
 
-def test_serve_refuses_several_api_server_processes_instead_of_ignoring_the_option(tmp_path):
-    """vLLM's single-process server module would run one API server whatever --api-server-count says; the
-    plugin's per-process state (trainer, banks) would not be shared by several: refused with the reason."""
-    import pytest
+def test_several_api_server_processes_run_vllm_serves_mode_not_the_single_process_module(tmp_path):
+    """vLLM's single-process server module would run one API server whatever --api-server-count says:
+    N > 1 runs `vllm serve`'s own mode (vllm_plasticity.vllm_serve), the option passed through."""
+    from plasticity_training.cli import VLLM_SERVER_MODULE, VLLM_SEVERAL_SERVERS_MODULE
 
     for flag in (["--api-server-count", "2"], ["--api-server-count=4"]):
-        with pytest.raises(ValueError, match="one API server process.*trainer.*banks"):
-            build_serve_command([_model_dir(tmp_path), *flag], {}, cuda=False)
+        cmd, _ = build_serve_command([_model_dir(tmp_path), *flag], {}, cuda=False)
+        assert cmd[1:3] == ["-m", VLLM_SEVERAL_SERVERS_MODULE] and cmd[-len(flag):] == flag
+        assert cmd[cmd.index("--shutdown-timeout") + 1] == "120"  # vLLM's default 0 SIGKILLs them at once: no exit checkpoint
+    cmd, _ = build_serve_command([_model_dir(tmp_path), "--api-server-count", "2", "--shutdown-timeout", "7"], {}, cuda=False)
+    assert cmd.count("--shutdown-timeout") == 1 and cmd[-2:] == ["--shutdown-timeout", "7"]
     cmd, _ = build_serve_command([_model_dir(tmp_path), "--api-server-count", "1"], {}, cuda=False)
-    assert cmd[-2:] == ["--api-server-count", "1"]  # one is what runs anyway: passed through
+    assert cmd[1:3] == ["-m", VLLM_SERVER_MODULE] and cmd[-2:] == ["--api-server-count", "1"]
+    assert "--shutdown-timeout" not in cmd

@@ -28,7 +28,9 @@ from vllm_plasticity import __version__, chat_convert, metrics
 from vllm_plasticity.chat_convert import ConvertRequest
 from vllm_plasticity.config import PlasticityConfig, process_config
 from vllm_plasticity.contract.files import write_atomically
-from vllm_plasticity.readout_routes import attach_readout_routes
+from vllm_plasticity.api_processes import ApiProcesses, ForwardToOwner
+from vllm_plasticity.kv_generations import KVGenerations
+from vllm_plasticity.readout_routes import WRAPPED_COMPLETION_PATHS, attach_readout_routes
 from vllm_plasticity.readout_service import ReadoutService
 from vllm_plasticity.ui_routes import attach_ui_routes
 from vllm_plasticity.training_service import CheckpointRequest, TrainingService, TrainRequest
@@ -65,12 +67,15 @@ def trainable_architectures() -> str:
 
 
 class ServerState:
-    """Everything the plasticity routes share, created once per API server."""
+    """Everything the plasticity routes share, created once per API server process (with several, only the
+    owner's is more than its place among them: api_processes.py)."""
 
-    def __init__(self, engine_client: Any, args: Namespace, config: PlasticityConfig) -> None:
+    def __init__(self, engine_client: Any, args: Namespace, config: PlasticityConfig, app: FastAPI | None = None) -> None:
         self.engine_client = engine_client
         self.args = args
         self.config = config
+        self.app = app
+        self.processes = ApiProcesses.one()
         self.model_path: str = str(getattr(args, "model", ""))
         keys = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
         keys = [keys] if isinstance(keys, str) else list(keys or [])
@@ -95,14 +100,27 @@ class ServerState:
         return list(await self.engine_client.collective_rpc(method, args=args))
 
     async def start(self) -> None:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.processes = ApiProcesses.join(self.config.state_dir, getattr(self.args, "api_server_count", None))
+        atexit.register(self.processes.close)
+        if self.processes.forwards:  # another process of this server owns the trainer, the banks, the steering
+            if self.config.training:  # ... but the requests this one admits are salted with the weights' generation
+                KVGenerations.install(self.engine_client, self.processes.words)
+            return
+        try:
+            await self._start_owner()
+        finally:
+            if self.processes.address and self.app is not None:  # the others forward here from now on
+                await self.processes.serve_owner_socket(self.app)
+
+    async def _start_owner(self) -> None:
         # Labelled with the model name vLLM's own series carry (ModelConfig.served_model_name).
         metrics.install(getattr(getattr(self.engine_client, "model_config", None), "served_model_name", None)
                         or self.model_path)
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale_arenas()
         sweep_dead_servers(self.config.state_dir)  # what a SIGKILLed server of this state dir left in /dev/shm
         # vLLM's processes are up (init_state runs after the engine starts): note what they hold in /dev/shm.
-        ledger = record_shm_files(self.config.state_dir, os.getpid())
+        ledger = record_shm_files(self.config.state_dir, self.processes.server_pid)
         atexit.register(release_own_files, ledger)  # a clean exit leaves nothing for a sweep (runs last: LIFO)
         try:
             self.worker_info = await self.rpc("plasticity_info")
@@ -145,7 +163,7 @@ class ServerState:
                                         repack=(lambda trained: self.rpc("plasticity_repack", trained))
                                         if self.worker_info.get("repacked_after_step") else None,
                                         checkpoint_max_names=self.config.checkpoint_max_names,
-                                        process_config=self.config.as_json())
+                                        process_config=self.config.as_json(), shared_words=self.processes.words)
         atexit.register(self.training.checkpoint_at_exit)  # runs before trainer.kill (atexit is LIFO)
         self.training.start()
 
@@ -282,6 +300,7 @@ class PlasticityEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        self.app = app  # the owner of several API server processes serves it on its socket too
         app.include_router(router)
         ui_router = APIRouter(tags=["plasticity"])
         attach_ui_routes(ui_router)
@@ -289,8 +308,13 @@ class PlasticityEndpoints:
         readout_router = APIRouter(tags=["plasticity"])  # per app: it wraps this app's completion routes
         attach_readout_routes(app, readout_router, require_api_key)
         app.include_router(readout_router)
+        # The plugin's own routes go to the owner from the other processes; the wrapped completion routes
+        # decide per request (readout_routes.call_with_readout).
+        own = [r for r in (*router.routes, *ui_router.routes, *readout_router.routes)
+               if getattr(r, "path", None) not in WRAPPED_COMPLETION_PATHS]
+        app.add_middleware(ForwardToOwner, routes=own)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
-        server = ServerState(engine_client, args, process_config())
+        server = ServerState(engine_client, args, process_config(), getattr(self, "app", None))
         state.plasticity = server
         await server.start()

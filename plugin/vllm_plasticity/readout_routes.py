@@ -43,6 +43,9 @@ from vllm_plasticity.readout_response import with_readout
 from vllm_plasticity.readout_service import READOUT_FIELDS, DefaultSteering, LoadBankRequest, ReadoutService
 
 
+WRAPPED_COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
 def get_readout(request: Request) -> ReadoutService:
     state = getattr(request.app.state, "plasticity", None)
     service = getattr(state, "readout", None)
@@ -95,8 +98,7 @@ def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
         service.default_steer = None
         return {"default_steering": None}
 
-    completion = originals.get(("/v1/completions", "POST"))
-    chat = originals.get(("/v1/chat/completions", "POST"))
+    completion, chat = (originals.get((path, "POST")) for path in WRAPPED_COMPLETION_PATHS)
     route_args = {}
     try:  # vLLM's content-type check, as on its own routes
         from vllm.entrypoints.serve.utils.api_utils import validate_json_request
@@ -118,7 +120,11 @@ def attach_readout_routes(app: FastAPI, router: APIRouter, guard: Any) -> None:
 
 async def call_with_readout(handler: Any, request: Any, raw_request: Request, completions: bool) -> Any:
     """vLLM's own `handler` on the request with its readout/steering settings checked and applied."""
-    service = getattr(getattr(raw_request.app.state, "plasticity", None), "readout", None)
+    state = getattr(raw_request.app.state, "plasticity", None)
+    processes = getattr(state, "processes", None)
+    if processes is not None and processes.forwards and (processes.words.default_steering or ReadoutService.asks_for(request)):
+        return await processes.forward(raw_request)  # the banks and the default steering are the owner's
+    service = getattr(state, "readout", None)
     plan = None
     if service is not None:
         raw_xargs = None

@@ -31,6 +31,8 @@ from vllm_plasticity.contract.files import is_inside
 from vllm_plasticity.steer_spec import SteeringError, check_steer, check_steer_size
 
 READOUT_FIELDS = ("readout", "signals", "steer", "steer_layers", "steer_units")
+# Every name a completion request may set for the plugin (the reserved one too: it is refused by name).
+PLASTICITY_FIELDS = (*READOUT_FIELDS, "readout_encoding", "plasticity_key")
 BANK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -91,9 +93,20 @@ class ReadoutService:
         self.state = state  # endpoints.ServerState: config, rpc, worker_info
         self.limits: dict | None = state.worker_info.get("readout")
         self.banks: dict[str, dict] = {}
-        self.default_steer: dict | None = None
+        self._default_steer: dict | None = None
         self.enabled = False  # the worker's bookkeeping is installed (by a bank load, or by enable())
         metrics.banks_changed(self.banks, self.limits)
+
+    @property
+    def default_steer(self) -> dict | None:
+        """Steering for completion requests that set none (POST /steering/default), with its checked terms."""
+        return self._default_steer
+
+    @default_steer.setter
+    def default_steer(self, value: dict | None) -> None:
+        self._default_steer = value
+        # Other API server processes send every completion request here while one is set (api_processes.py).
+        self.state.processes.words.default_steering = value is not None
 
     # ---- banks -------------------------------------------------------------------------------------
 
@@ -228,6 +241,12 @@ class ReadoutService:
         return self.default_view()
 
     # ---- requests ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def asks_for(request: CompletionRequest | ChatCompletionRequest) -> bool:
+        """Whether a completion request sets any of the plugin's fields (in `vllm_xargs` or the body)."""
+        xargs, extra = request.vllm_xargs or {}, request.model_extra or {}
+        return any(name in xargs or name in extra for name in PLASTICITY_FIELDS)
 
     def plan(self, request: CompletionRequest | ChatCompletionRequest, raw_xargs: Any = None) -> dict | None:
         """Check and rewrite a completion request's readout/steering settings in place.

@@ -44,6 +44,7 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 from vllm_plasticity.config import PlasticityConfig, TrainLimits
 from vllm_plasticity.contract.files import is_inside
 from vllm_plasticity.contract.messages import BeginJob, Checkpoint, EndJob, Ping, Step, TrainerError
+from vllm_plasticity.api_processes import SharedWords
 from vllm_plasticity.kv_generations import KVGenerations
 from vllm_plasticity.contract.settings import (
     ContextMode, Number, Objective, OptimizerSettings, ParamsFilter, PreferenceSample, PreferenceSettings, Sample, Strict,
@@ -172,12 +173,12 @@ class TrainingService:
                  allow_model_dir: bool = _DEFAULTS.checkpoint_into_model_dir,
                  limits: TrainLimits = _DEFAULTS.train_limits, param_names: list[str] = (), repack=None,
                  checkpoint_max_names: int | None = _DEFAULTS.checkpoint_max_names,
-                 process_config: dict | None = None) -> None:
+                 process_config: dict | None = None, shared_words: SharedWords | None = None) -> None:
         self.engine_client, self.trainer = engine_client, trainer
         # async (trained names) -> {"layers", "seconds"}: on a CPU server with packed kernels, the worker packs
         # the layers a step wrote again (cpu_repack.py); None where the served kernels read the weights in place
         self.repack = repack
-        self.kv_generations = KVGenerations.install(engine_client)
+        self.kv_generations = KVGenerations.install(engine_client, shared_words)  # shared: api_processes.py
         self.vocab_size, self.max_model_len, self.limits = vocab_size, max_model_len, limits
         self.param_names = list(param_names)  # the served weights' names (weight manifest): filters are checked on them
         self._job_numbers = itertools.count(1)

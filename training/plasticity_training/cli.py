@@ -28,6 +28,8 @@ from pathlib import Path
 from vllm_plasticity import ARCHITECTURES, SERVED_ARCHITECTURES, WORKER_EXTENSION
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+VLLM_SEVERAL_SERVERS_MODULE = "vllm_plasticity.vllm_serve"  # --api-server-count N > 1
+SEVERAL_SERVERS_SHUTDOWN_SECONDS = "120"  # --shutdown-timeout unless given: time for the exit checkpoint
 # VLLM_PLUGINS is an allowlist for *all* plugin groups: keep vLLM's own general plugins loadable.
 VLLM_BUILTIN_PLUGINS = ("lora_filesystem_resolver", "lora_hf_hub_resolver")
 TRAINING_GPU_MEMORY_UTILIZATION = "0.6"
@@ -72,12 +74,9 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
         model, argv = argv[0], argv[1:]
     known, passthrough = parser.parse_known_args(argv)
     api_servers, _ = _option_value(passthrough, "--api-server-count")
-    if api_servers is not None and api_servers != "1":
-        # vLLM's single-process server module (below) would ignore the option without a word.
-        raise ValueError(f"--api-server-count {api_servers}: plasticity serve runs one API server process. The "
-                         "plugin's routes keep state in that process (the trainer and its job queue, the loaded "
-                         "banks and their readout columns), which several API server processes would not share; "
-                         "drop --api-server-count (README, 'Metrics')")
+    # vLLM's single-process server module (below) would ignore the option; several API server processes are
+    # `vllm serve`'s mode (vllm_plasticity.vllm_serve; the plugin shares its state between them: api_processes.py)
+    several = api_servers is not None and api_servers != "1"
     model_from_flag, passthrough = _option_value(passthrough, "--model")
     model = model or model_from_flag
     if model is None:
@@ -118,7 +117,8 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
 
         env = {**CPU_SERVER_ENV, **env}
 
-    cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model, "--port", str(known.port)]
+    cmd = [sys.executable, "-m", VLLM_SEVERAL_SERVERS_MODULE if several else VLLM_SERVER_MODULE, "--model", model,
+           "--port", str(known.port)]
     overrides_json, passthrough = _option_value(passthrough, "--hf-overrides")
     overrides = json.loads(overrides_json) if overrides_json else {}
     arch = model_architecture(model)
@@ -133,6 +133,10 @@ def build_serve_command(argv: list[str], env: dict[str, str], cuda: bool) -> tup
     # activations, gradients (one model's worth) and optimizer state. 0.6 leaves 40% unless the operator says.
     if cuda and known.training and not any(a.startswith("--gpu-memory-utilization") for a in passthrough):
         cmd += ["--gpu-memory-utilization", TRAINING_GPU_MEMORY_UTILIZATION]
+    if several and not any(a.split("=")[0] == "--shutdown-timeout" for a in passthrough):
+        # vLLM's manager SIGKILLs its API server processes `--shutdown-timeout` seconds (default 0) after its
+        # SIGTERM: the owner's exit checkpoint and clean-up need that time (api_processes.py).
+        cmd += ["--shutdown-timeout", SEVERAL_SERVERS_SHUTDOWN_SECONDS]
     if "--worker-extension-cls" not in passthrough and not any(a.startswith("--worker-extension-cls=") for a in passthrough):
         cmd += ["--worker-extension-cls", WORKER_EXTENSION]
     return cmd + passthrough, env
