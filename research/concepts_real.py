@@ -9,9 +9,10 @@ saw (amygdala_stories/heldout/, six-way) in >= 90% of them.
 
 Method: (1) the default extraction with its report (held-out accuracy: held_out.py, 3 folds, every vector,
 centre and scale refitted without the held-out texts; the layer choice's per-layer scores); (2) the previous
-default (pooled) at the chosen layer and at layer 0.66, the same way, for comparison; (3) a real `plasticity
+default (pooled) at the chosen layer(s) and at layer 0.66, the same way, for comparison; (3) a real `plasticity
 serve` of the model loads the default bank and reads each held-out story (prompt only, no generation); a
-story's score per concept is the mean calibrated score over its tokens after the first (as extraction pools);
+story's score per concept is the mean calibrated score over its tokens after the first (as extraction pools) and
+over the bank's layers (a bank of several layers: calibrated scores share one scale across layers);
 its prediction is the highest of the six basic emotions.
 
     python research/concepts_real.py [--model smollm2-135m-instruct] [--quick] [--server URL]
@@ -42,8 +43,15 @@ def extract(out: Path, model: str, **options) -> dict:
 
 
 def held_out(quality: dict) -> dict:
-    layer, values = next(iter(quality["layers"].items()))
-    return {"layer": int(layer), **{k: values["loso"][k] for k in ("accuracy", "top5", "evaluated", "chance")}}
+    """The bank's held-out figures: of its layers read together when it has several (quality's loso_combined)."""
+    combined = quality.get("loso_combined")
+    if combined:
+        layers, values = combined["layers"], combined
+    else:
+        layer, per_layer = next(iter(quality["layers"].items()))
+        layers, values = [int(layer)], per_layer["loso"]
+    return {"layer": ",".join(map(str, layers)), "layers": layers,
+            **{k: values[k] for k in ("accuracy", "top5", "evaluated", "chance")}}
 
 
 def main() -> None:
@@ -71,7 +79,7 @@ def main() -> None:
             quality = extract(bank, model)
         default = held_out(quality)
         choice = quality["settings"]["layer_choice"]
-        print(f"default: layer {default['layer']}: held-out top-1 {default['accuracy']:.1%}, "
+        print(f"default: layers {default['layer']}: held-out top-1 {default['accuracy']:.1%}, "
               f"top-5 {default['top5']:.1%}", flush=True)
         compare = []
         if not args.quick:
@@ -85,8 +93,10 @@ def main() -> None:
             ids = lab.ids(path.read_text().strip())
             read = lab.completion(ids, max_tokens=1, vllm_xargs={"readout": "emo"})["readout"]
             cols = [read["concepts"].index(e) for e in SIX]
-            tokens = [row[0] for pos, row in zip(read["positions"], read["scores"]) if 1 <= pos < len(ids)]
-            mean = [sum(t[c] for t in tokens) / len(tokens) for c in cols]
+            # A token's score per concept: its calibrated scores' mean over the bank's layers (one layer: that one).
+            tokens = [[sum(layer[c] for layer in row) / len(row) for c in cols]
+                      for pos, row in zip(read["positions"], read["scores"]) if 1 <= pos < len(ids)]
+            mean = [sum(t[j] for t in tokens) / len(tokens) for j in range(len(cols))]
             predicted = SIX[max(range(len(SIX)), key=mean.__getitem__)]
             hits += predicted == path.parent.name
             rows.append([f"{path.parent.name}/{path.name}", predicted, *(f"{m:+.2f}" for m in mean)])
@@ -96,7 +106,7 @@ def main() -> None:
     per_concept = quality["concepts"]
     by_depth = {}
     for c, m in per_concept.items():
-        loso = m["layers"][str(default["layer"])].get("loso")
+        loso = m["layers"][str(default["layers"][0])].get("loso")  # per concept: the first layer's
         if loso and loso["held_out"]:
             n = m["n_positives"]
             got = by_depth.setdefault(n, [0, 0])
@@ -116,7 +126,7 @@ def main() -> None:
 
 def _report(args, default, choice, compare, six_way, rows, by_depth) -> None:
     verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
-    comparison = table(["method", "layer", "top-1", "top-5"],
+    comparison = table(["method", "layer(s), read together", "top-1", "top-5"],
                        [["lda (default)", default["layer"], f"{default['accuracy']:.1%}", f"{default['top5']:.1%}"]]
                        + [[c["method"], c["layer"], f"{c['accuracy']:.1%}", f"{c['top5']:.1%}"] for c in compare])
     depth = table(["texts per concept", "held-out texts", "top-1"],
@@ -147,7 +157,8 @@ By depth of the corpus (how many texts the concept has; a held-out text leaves t
 ## Six-way basic emotions through the server
 
 {len(rows)} stories from amygdala_stories/heldout/ (never read by extraction), each read through a real
-`plasticity serve` with the default bank loaded; prediction = the highest mean calibrated score among
+`plasticity serve` with the default bank loaded; prediction = the highest mean calibrated score (over the story's
+tokens and the bank's layers) among
 {', '.join(SIX)}. Accuracy **{six_way:.1%}** (target >= {SIX_TARGET:.0%}: {verdict(six_way >= SIX_TARGET)}).
 {_errors(rows)}
 

@@ -11,8 +11,8 @@ Protocol, per setting, on a fresh `plasticity serve` (research/lab.py): 20 inven
 facts_real.json), each taught as the assistant's reply to its question through the model's chat template, one
 fact after another. A fact trains in one-step /train calls (the optimizer state carries over between calls, as in
 one job) until its reply is produced greedily (every taught token ranks first in the server's prompt_logprobs),
-at most 10 steps: the count is the steps it needed. "batch" teaches all 20 in each call. "replay 1:1" adds one of
-the model's own greedy replies to other prompts (recorded before training) to each call. Before training and
+at most 10 steps: the count is the steps it needed. "batch" teaches all 20 in each call. "replay N:1" adds N of
+the model's own greedy replies to other prompts (recorded before training) per fact to each call. Before training and
 after the last fact: greedy chat answers to the general-knowledge questions (only those the model answered right
 before count), perplexity on held-out text it never trained on (amygdala_stories paragraphs), and every fact
 asked again (the earlier facts after the later ones).
@@ -47,11 +47,13 @@ SETTINGS = {  # name: (label, /train body). Every setting: APOLLO rank 64 unless
     "mlp": ("lr 1e-4, MLP only", dict(lr=1e-4, params=MLP_ONLY)),
     "layers10-19": ("lr 1e-4, layers 10-19 (all kinds)", dict(lr=1e-4, params={"layers": [10, 19]})),
     "mlp-lr3e-4": ("lr 3e-4, MLP only", dict(lr=3e-4, params=MLP_ONLY)),
+    "mlp-lr1e-3": ("lr 1e-3, MLP only", dict(lr=1e-3, params=MLP_ONLY)),
     "rank16": ("lr 1e-4, all weights, rank 16", dict(lr=1e-4, optimizer={"rank": 16})),
     "mini": ("lr 1e-4, all weights, APOLLO-Mini", dict(lr=1e-4, optimizer={"mini": True})),
     "replay": ("lr 1e-4, all weights, replay 1:1", dict(lr=1e-4, replay=1)),
     "replay3": ("lr 1e-4, all weights, replay 3:1", dict(lr=1e-4, replay=3)),
     "batch": ("lr 1e-4, all weights, 20 facts per call", dict(lr=1e-4, batch=True)),
+    "batch-replay": ("lr 1e-4, all weights, 20 facts per call, replay 1:1", dict(lr=1e-4, batch=True, replay=1)),
 }
 
 
@@ -293,6 +295,21 @@ def trade_off_points(results: dict) -> dict[str, tuple[float, float, float]]:
     return {n: (s["recalled"], s["kept_fraction"], -s["ppl_rise"]) for n, s in rows.items()}
 
 
+def steps_and_kept(settings: dict) -> str:
+    """How the answers kept go with the optimizer steps taken, over the one-fact-at-a-time settings without replay
+    (Spearman's rank correlation: the settings differ in lr, rank and weights trained, not on one scale)."""
+    runs = {n: r["summary"] for n, r in settings.items() if not r["setting"].get("batch") and not r["setting"].get("replay")}
+    if len(runs) < 4:
+        return ""
+    from scipy.stats import spearmanr
+
+    names = sorted(runs, key=lambda n: runs[n]["total_steps"])
+    rho = spearmanr([runs[n]["total_steps"] for n in names], [runs[n]["kept_fraction"] for n in names]).statistic
+    listed = ", ".join(f"{n} {runs[n]['total_steps']} steps {100 * runs[n]['kept_fraction']:.0f}%" for n in names)
+    return (f"Optimizer steps taken (20 facts) against answers kept, one fact at a time without replay, by steps: {listed}; "
+            f"Spearman rank correlation {rho:+.2f} over {len(runs)} settings.")
+
+
 def write_report_from(results: dict, out_dir: Path) -> Path:
     from lab import table, write_report
 
@@ -308,6 +325,9 @@ def write_report_from(results: dict, out_dir: Path) -> Path:
               "questions still right", "held-out perplexity", "s per step", "tokens/s", "meets goal"]
     points = trade_off_points(results)
     front = pareto(points) if points else []
+    online = {n: p for n, p in points.items() if n in settings and not settings[n]["setting"].get("batch")}
+    online_front = pareto(online) if online else []
+    steps_vs_kept = steps_and_kept(settings)
     passing = [n for n, r in [*settings.items(), *lora.items()] if r["summary"]["meets_goal"]]
     if points:
         plot_trade_off(out_dir / f"{NAME}.png", results)
@@ -348,7 +368,8 @@ plasticity_training.apollo over the parameters each filter selects, AdamW over L
 Reading (computed): goal = every fact produced within {GOAL['max_steps']} steps, held-out perplexity up <= {100 * GOAL['max_ppl_rise']:g}%,
 >= {100 * GOAL['min_kept']:g}% of the questions still right. Settings that meet it: {', '.join(passing) or 'none'}. Trade-off
 curve (no other run recalls as many facts, keeps as many answers and raises perplexity as little, all at once):
-{', '.join(front) or 'none'}. Runs in this file: {', '.join([*settings, *lora]) or 'none'}{' (a --quick smoke run: not a result)' if quick else ''};
+{', '.join(front) or 'none'}. Among the settings that teach one fact at a time (online, as the goal asks; batch settings
+see all 20 together): {', '.join(online_front) or 'none'}. {steps_vs_kept} Runs in this file: {', '.join([*settings, *lora]) or 'none'}{' (a --quick smoke run: not a result)' if quick else ''};
 settings defined in facts_real.py but not run: {', '.join(n for n in SETTINGS if n not in settings) or 'none'}.
 
 What one seed and 2 CPU cores can and cannot show: one ordering of one set of 20 facts, one seed, one run per

@@ -124,9 +124,9 @@ one optimizer step moves the probe's log-probs by {median_step:.2e} (median over
 deviation exceeds that median step: {'; '.join(f"{m}: {sum(d > median_step for d in r['deviations'])}" for m, r in results.items())}; such a
 response is farther from every version the trainer passed through than one step is from the next: a
 different model for that request, not a blend of two neighbours. With pause, the count of torn responses is
-the check that the method works (the same steps, replayed, pass the same versions). The learning rate here is
-large (one step changes the probe by nats) so that tearing is visible; at a small rate the same tearing
-moves log-probs proportionally less. Without pause {torn_share} of the responses were torn here (CPU, where
+the check that the method works (the same steps, replayed, pass the same versions). The deviations scale
+with the learning rate (one step here moves the probe by {median_step:.2g} nats at most per token, median): at
+a smaller rate the same tearing moves log-probs proportionally less. Without pause {torn_share} of the responses were torn here (CPU, where
 the requests and the step's writes share two cores); on a GPU the proportion will differ.
 """
     print(write_report(args.name, out_dir, "HOGWILD vs pause", body).read_text())

@@ -166,7 +166,7 @@ def test_held_out_accuracy_fails_on_scrambled_labels(tmp_path, name):
 
 
 def test_layers_auto_picks_the_layer_that_names_held_out_texts_and_says_why(tmp_path):
-    from plasticity_training.layer_choice import choose_layer
+    from plasticity_training.layer_choice import choose_layers
 
     corpus = load_corpus(write_corpus(tmp_path / "corpus"))
     H = 24
@@ -177,16 +177,41 @@ def test_layers_auto_picks_the_layer_that_names_held_out_texts_and_says_why(tmp_
     # Layer 2 carries the concepts; layers 0 and 1 are noise.
     acts = Activations(layers=[0, 1, 2], hidden_size=H, pooled={"mean": {0: noise, 1: noise.flip(0), 2: signal}},
                        n_tokens=[10] * len(corpus.texts))
-    choice = choose_layer(Contrasts(corpus, acts, device="cpu", whiten=True), [0, 1, 2], num_layers=3)
-    assert choice.layer == 2
+    choice = choose_layers(Contrasts(corpus, acts, device="cpu", whiten=True), [0, 1, 2], num_layers=3)
+    assert choice.layers == [2]  # the noise layers add nothing read with it
     assert choice.per_layer[2]["accuracy"] == 1.0 and choice.per_layer[0]["accuracy"] < 0.7
     assert choice.reason.startswith("layer 2: held-out top-1 100.0%")
     assert choice.record()["per_layer"]["0"] == choice.per_layer[0]
 
 
+def test_layers_auto_reads_two_layers_together_when_their_errors_differ_and_says_why(tmp_path):
+    """Layers 1 and 2 carry the same concepts under independent noise: each alone names few held-out texts,
+    the mean of their calibrated scores names more (by more than the two-text minimum); layer 0 is noise."""
+    from plasticity_training.held_out import accuracy_of, held_out_folds, held_out_scores
+    from plasticity_training.layer_choice import MIN_TEXTS, choose_layers
+
+    corpus = load_corpus(write_corpus(tmp_path / "corpus"))
+    H = 24
+    g = torch.Generator().manual_seed(0)
+    directions = {c: unit(torch.randn(H, generator=g)) for c in corpus.concepts}
+    one, two = (synthetic(corpus, directions, H, noise=1.5, seed=s).pooled["mean"][0] for s in (100, 200))
+    acts = Activations(layers=[0, 1, 2], hidden_size=H, n_tokens=[10] * len(corpus.texts),
+                       pooled={"mean": {0: torch.randn(len(corpus.texts), H, generator=g), 1: one, 2: two}})
+    contrasts = Contrasts(corpus, acts, device="cpu", whiten=True)
+    choice = choose_layers(contrasts, [0, 1, 2], num_layers=3)
+    assert choice.layers == [1, 2]
+    folds, lda = held_out_folds(contrasts), get_method("lda")
+    together = accuracy_of(contrasts, [a + b for a, b in zip(*(held_out_scores(contrasts, lda, L, folds) for L in (1, 2)))], folds)
+    assert choice.combined["accuracy"] == round(together["accuracy"], 4)
+    best_single = max(choice.per_layer[L]["accuracy"] for L in (0, 1, 2))
+    assert (choice.combined["accuracy"] - best_single) * together["evaluated"] >= MIN_TEXTS - 1e-6
+    assert choice.reason.startswith("layers 1, 2 read together: held-out top-1")
+    assert choice.record()["chosen"] == [1, 2]
+
+
 def test_layers_auto_without_two_texts_per_concept_falls_back_to_a_depth_and_says_so(tmp_path):
     from plasticity_training.corpus import Corpus, Text
-    from plasticity_training.layer_choice import choose_layer
+    from plasticity_training.layer_choice import choose_layers
 
     concepts = ["afraid", "calm", "joyful"]
     one_each = [Text(c, (f"stories/{c}.txt",), frozenset({c}), frozenset(), ()) for c in concepts]
@@ -194,5 +219,5 @@ def test_layers_auto_without_two_texts_per_concept_falls_back_to_a_depth_and_say
     H = 8
     acts = Activations(layers=list(range(4)), hidden_size=H,
                        pooled={"mean": {L: torch.randn(len(one_each), H) for L in range(4)}}, n_tokens=[3] * len(one_each))
-    choice = choose_layer(Contrasts(thin, acts, device="cpu", whiten=True), list(range(4)), num_layers=4)
-    assert choice.layer == 2 and "no concept has two texts" in choice.reason and choice.per_layer == {}
+    choice = choose_layers(Contrasts(thin, acts, device="cpu", whiten=True), list(range(4)), num_layers=4)
+    assert choice.layers == [2] and "no concept has two texts" in choice.reason and choice.per_layer == {}

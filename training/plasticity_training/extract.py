@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from plasticity_training.activations import DEFAULT_LAYERS, POOLINGS, resolve_layers
+from plasticity_training.activations import POOLINGS, resolve_layers
 from plasticity_training.calibration import CENTRES
 from plasticity_training.corpus import Corpus, CorpusError, load_corpus
 from plasticity_training.vectors import Contrasts, extract_vectors
@@ -127,7 +127,7 @@ def run(options: ExtractOptions, log=None) -> Path:
                                batch_size=options.batch_size, max_tokens=options.max_tokens)
     auto = options.layers == AUTO
     layers = list(range(source.num_layers)) if auto else resolve_layers(options.layers, source.num_layers)
-    depth = "auto: every layer forwarded, one chosen" if auto else ", ".join(
+    depth = "auto: every layer forwarded, the best read chosen" if auto else ", ".join(
         f"{L} ({L / max(1, source.num_layers - 1):.0%})" for L in layers)
     log(f"[extract] model {source.model_name}: {source.num_layers} layers, hidden {source.hidden_size}; layers {depth}")
 
@@ -144,12 +144,12 @@ def run(options: ExtractOptions, log=None) -> Path:
                           subspace_rank=rank, heads=options.report, progress=options.progress)
     layer_choice = None
     if auto:
-        from plasticity_training.layer_choice import choose_layer
+        from plasticity_training.layer_choice import choose_layers
 
         scoring = Contrasts(corpus, acts, pooling=options.pooling, device=options.device, whiten=True,
                             shrinkage=options.shrinkage)
-        layer_choice = choose_layer(scoring, layers, source.num_layers)
-        layers = [layer_choice.layer]
+        layer_choice = choose_layers(scoring, layers, source.num_layers)
+        layers = layer_choice.layers
         log(f"[extract] --layers auto: {layer_choice.reason}")
         acts = acts.only(layers)
         if trajectories:  # token bases at every layer would be texts x rank x hidden x layers floats
@@ -274,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sparse); subspace: top eigenvectors of the difference of the positives' and negatives' "
                         "token-trajectory projectors")
     m.add_argument("--layers", default=d.layers, metavar="SPEC",
-                   help="auto: forward every layer and keep the one whose vectors name held-out texts best "
-                        "(measured on this model; the log and the report say why) [default]; or layers to "
+                   help="auto: forward every layer and keep the one, or the few read together, whose vectors "
+                        "name held-out texts best (measured on this model; the log and the report say why) "
+                        "[default]; or layers to "
                         "extract: indices (12,-1), relative depths with a decimal point (0.66 = two thirds of the "
                         "way up), or 'all'; comma-separated. Layer L is the residual stream at the output of "
                         "decoder layer L, before the final norm")

@@ -5,6 +5,7 @@ Runs in the extraction process (the report, and `--layers auto`'s layer choice).
     >>> folds = held_out_folds(contrasts)                         # FOLDS sets of held-out texts
     >>> result = held_out_accuracy(contrasts, method, layer, folds)
     >>> result["accuracy"], result["top5"], result["chance"]
+    >>> accuracy_of(contrasts, [a + b for a, b in zip(scores_15, scores_21)], folds)   # a bank of two layers
 
 Fold j holds out the j-th text of every concept that has at least two (so one is always left). Per fold,
 every concept's vector, the centre and any shared statistic (the lda covariance, the subspace projector
@@ -42,17 +43,31 @@ def held_out_accuracy(contrasts: Contrasts, method: Method, layer: int,
     """Top-1 and top-5 accuracy of calibrated readout on held-out texts at `layer`, and per concept its hits
     ({"held_out": n, "hits": k}); accuracy is None when nothing could be held out."""
     folds = held_out_folds(contrasts) if folds is None else folds
+    return accuracy_of(contrasts, held_out_scores(contrasts, method, layer, folds), folds)
+
+
+def held_out_scores(contrasts: Contrasts, method: Method, layer: int, folds: list[frozenset[int]]) -> list[torch.Tensor]:
+    """Per fold, every text's calibrated score for every concept (N, C) at `layer`, with every vector, the
+    centre and the scales fitted without that fold's held-out texts. Scores of several layers add up to the
+    readout of a bank of those layers (calibrated scores share one scale: accuracy_of their sum)."""
     concepts = contrasts.corpus.concepts
     X = contrasts.acts.pooled[contrasts.pooling][layer].double()  # (N, H)
-    hits = top5 = evaluated = 0
-    per_concept = {c: {"held_out": 0, "hits": 0} for c in concepts}
+    out = []
     for held in folds:
         kept = [i for i in range(len(X)) if i not in held]
         V = torch.stack([method(contrasts.data(c, layer, held_out=held)).vector for c in concepts]).double()
         centre = X[kept].mean(0)
-        projections = (X - centre) @ V.T  # (N, C)
         scale, _, _ = concept_scales(X[kept], centre, V)  # as the bank's calibration measures it
-        scores = projections / scale
+        out.append((X - centre) @ V.T / scale)
+    return out
+
+
+def accuracy_of(contrasts: Contrasts, fold_scores: list[torch.Tensor], folds: list[frozenset[int]]) -> dict:
+    """held_out_accuracy's figures from per-fold scores (held_out_scores, or a sum of several layers')."""
+    concepts = contrasts.corpus.concepts
+    hits = top5 = evaluated = 0
+    per_concept = {c: {"held_out": 0, "hits": 0} for c in concepts}
+    for held, scores in zip(folds, fold_scores):
         for k, c in enumerate(concepts):
             for t in contrasts.pos[c]:
                 if t in held:

@@ -15,7 +15,9 @@ manifest's valence and arousal when it has them.
 
 Held-out accuracy ("loso" in quality.json): held_out.py, leave-one-story-out in folds, every concept's
 vector, the centre and the scales refitted without the held-out texts, scored as the readout scores them.
-With `--layers auto` the report also keeps every layer's score and why the layer was chosen.
+With `--layers auto` the report also keeps every layer's score and why the layers were chosen. A bank of several
+layers also gets "loso_combined": held-out accuracy of the mean of its layers' calibrated scores (how the
+readout of all its layers names a text).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from plasticity_training import quality
 from plasticity_training.corpus import Corpus
-from plasticity_training.held_out import held_out_accuracy
+from plasticity_training.held_out import accuracy_of, held_out_folds, held_out_scores
 from plasticity_training.methods import Method
 from plasticity_training.vectors import Contrasts, Extraction
 
@@ -51,6 +53,8 @@ def build_report(contrasts: Contrasts, extraction: Extraction, method: Method, s
                          "layers": {}} for c in concepts},
     }
     attributes = {k: v for k in ("valence", "arousal") if (v := corpus.attribute(k)) is not None}
+    folds = held_out_folds(contrasts) if loso else []
+    summed = None  # the layers' held-out scores added up, per fold
     for L in extraction.layers:
         V = extraction.vectors[L]  # (C, H)
         per_layer = {"r2_chance": r2_chance, "saturated_texts": acts.saturated(L) if acts.bases else None}
@@ -60,7 +64,9 @@ def build_report(contrasts: Contrasts, extraction: Extraction, method: Method, s
         for i, c in enumerate(concepts):
             report["concepts"][c]["layers"][str(L)] = _concept_metrics(contrasts, extraction, i, L, r2_meaningful)
         if loso:
-            result = held_out_accuracy(contrasts, method, L)
+            fold_scores = held_out_scores(contrasts, method, L, folds)
+            summed = fold_scores if summed is None else [a + b for a, b in zip(summed, fold_scores)]
+            result = accuracy_of(contrasts, fold_scores, folds)
             for c, hits in result.pop("per_concept").items():
                 report["concepts"][c]["layers"][str(L)]["loso"] = hits
             per_layer["loso"] = result
@@ -70,6 +76,10 @@ def build_report(contrasts: Contrasts, extraction: Extraction, method: Method, s
         per_layer["triage"] = {label: [c for c in concepts if report["concepts"][c]["layers"][str(L)]["triage"] == label]
                                for label in ("clean", "fragmented", "redundant", "thin")}
         report["layers"][str(L)] = per_layer
+    if loso and len(extraction.layers) > 1:
+        combined = accuracy_of(contrasts, summed, folds)
+        combined.pop("per_concept")
+        report["loso_combined"] = {"layers": list(extraction.layers), **combined}
     return report
 
 
@@ -137,6 +147,11 @@ def summary_text(report: dict) -> str:
         lines += ["", f"--layers auto: {s['layer_choice']['reason']}"]
     for reason in s.get("steering", []):  # measured at extraction (steering_range.py)
         lines += ["", f"steering: {reason}"]
+    combined = report.get("loso_combined")
+    if combined and combined["evaluated"]:
+        lines += ["", f"held-out, layers {', '.join(map(str, combined['layers']))} read together (mean of calibrated "
+                      f"scores): {combined['accuracy']:.1%} top-1, {combined['top5']:.1%} top-5 over {combined['evaluated']} "
+                      f"held-out texts"]
     for L, layer in report["layers"].items():
         lines += ["", f"== layer {L} ==" + (f" ({layer['mixer']})" if layer.get("mixer") else "")]
         lines += [f"not decomposed: {why}" for why in layer.get("not_decomposed", [])]
