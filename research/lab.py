@@ -59,7 +59,11 @@ class Lab:
                  server: str | None = None, api_key: str | None = None) -> None:
         from transformers import AutoTokenizer
 
-        self.model = str(model or default_model())
+        from plasticity_training.pretrained import resolve_model
+
+        # A pretrained name (smollm2-135m-instruct) becomes its converted directory, as `plasticity serve` resolves it:
+        # the tokenizer loads from there and requests name the model the server serves.
+        self.model = str(resolve_model(str(model)) if model else default_model())
         self.quick = quick
         self.external = server  # a server this lab did not start: it is never stopped or restarted here
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
