@@ -168,3 +168,16 @@ def test_a_default_steering_set_or_cleared_is_seen_by_every_process(tmp_path):
     finally:
         other.close()
         owner.close()
+
+
+def test_an_operator_is_told_when_several_processes_leave_no_time_for_the_exit_checkpoint(tmp_path):
+    from vllm_plasticity.api_processes import exit_checkpoint_warning
+
+    owner = ApiProcesses.join(tmp_path, 2)
+    try:
+        assert "--shutdown-timeout 0" in exit_checkpoint_warning(owner, 0)  # `vllm serve` run directly
+        assert exit_checkpoint_warning(owner, None) is not None
+        assert exit_checkpoint_warning(owner, 120) is None  # what plasticity serve passes
+        assert exit_checkpoint_warning(ApiProcesses.one(), 0) is None  # one process: vLLM's own SIGTERM handling
+    finally:
+        owner.close()

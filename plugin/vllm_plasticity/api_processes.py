@@ -171,6 +171,16 @@ class ApiProcesses:
         self._fd = None
 
 
+def exit_checkpoint_warning(processes: ApiProcesses, shutdown_timeout: int | None) -> str | None:
+    """What to tell an operator whose training server cannot write its exit checkpoint: with several API server
+    processes vLLM's manager SIGKILLs them `--shutdown-timeout` seconds after its SIGTERM (default 0: at once).
+    `plasticity serve` passes 120; `vllm serve` run directly does not."""
+    if processes.address and not shutdown_timeout:
+        return ("several API server processes with --shutdown-timeout 0: vLLM kills them at once on shutdown, so no "
+                "checkpoint is written at exit; give --shutdown-timeout 120 (plasticity serve does)")
+    return None
+
+
 def _remove_files_of_dead_servers(state_dir: Path) -> None:
     """The shared files of servers whose manager is gone (an owner SIGKILLed has no exit to remove its own)."""
     for path in state_dir.glob("api-*.shared"):

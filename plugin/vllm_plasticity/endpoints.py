@@ -18,6 +18,7 @@ import json
 import math
 import os
 import secrets
+import sys
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from vllm_plasticity import __version__, chat_convert, metrics
 from vllm_plasticity.chat_convert import ConvertRequest
 from vllm_plasticity.config import PlasticityConfig, process_config
 from vllm_plasticity.contract.files import write_atomically
-from vllm_plasticity.api_processes import ApiProcesses, ForwardToOwner
+from vllm_plasticity.api_processes import ApiProcesses, ForwardToOwner, exit_checkpoint_warning
 from vllm_plasticity.kv_generations import KVGenerations
 from vllm_plasticity.readout_routes import WRAPPED_COMPLETION_PATHS, attach_readout_routes
 from vllm_plasticity.readout_service import ReadoutService
@@ -142,6 +143,9 @@ class ServerState:
             atexit.register(self.remove_shared_files)
         if self.config.training:
             self._start_training()
+            warning = exit_checkpoint_warning(self.processes, getattr(self.args, "shutdown_timeout", None))
+            if warning:
+                print(f"plasticity: WARNING: {warning}", file=sys.stderr, flush=True)
 
     def _start_training(self) -> None:
         if self.weight_manifest_path is None:

@@ -319,8 +319,9 @@ SEAMS: tuple[Seam, ...] = (
     S("several API servers", "vllm.entrypoints.cli.serve", "run_multi_api_server", "reads",
       "api_processes.py, metrics.py", "the API server processes are children of the process that runs it "
       "(api_processes.py names a server's lock and socket by that parent's pid) and share the listening socket "
-      "it sets up; Prometheus' multiprocess mode is set for them (metrics.py)",
-      reads=("APIServerProcessManager", "setup_multiprocess_prometheus", "setup_server")),
+      "it sets up; Prometheus' multiprocess mode is set for them (metrics.py); it SIGKILLs them shutdown_timeout "
+      "seconds after its SIGTERM (cli.py passes 120: the exit checkpoint)",
+      reads=("APIServerProcessManager", "setup_multiprocess_prometheus", "setup_server", "shutdown_timeout")),
     S("serve argument parser", "vllm.entrypoints.launchers.cli_args", "make_arg_parser", "calls", "vllm_serve.py",
       "the parser `vllm serve` and the single-process module both build", params=("parser",)),
     S("serve argument checks", "vllm.entrypoints.launchers.cli_args", "validate_parsed_serve_args", "calls",
