@@ -6,7 +6,8 @@ shared weight tensor changes nothing such a handle reads, so until this module e
 kept every layer in place and multiplied with `F.linear` (0.67 of stock throughput at a 105M shape on 2
 cores, against 1.01 with this module: research/serving_results.md). Here each layer keeps its weight tensor (the trainer's view) and a handle of its own; after a step
 the API server asks the worker to pack again the layers that step wrote (`repack`), between two engine
-steps, so a forward never sees half a step.
+steps, so a forward never sees half a pack; whether it can see parts of two steps is the job's `pause`
+(training_service.TrainingService._publish).
 
     >>> use_repacked_kernels(model)             # before vLLM's process_weights_after_loading
     >>> repack(model, ["model.layers.0.mlp.gate_proj.weight"])   # names as the trainer's HF view has them

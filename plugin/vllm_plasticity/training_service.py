@@ -333,6 +333,7 @@ class TrainingService:
                                                                            begin.skipped_zero_weight)
             job.rollback_bytes = begin.rollback_bytes
             success, end = False, None
+            repacks: list[asyncio.Future] = []  # re-packs still running in the worker (`_publish`)
             try:
                 for _ in range(req.steps if begin.samples else 0):
                     if job.cancel_requested:
@@ -341,7 +342,9 @@ class TrainingService:
                         await self.engine_client.pause_generation(mode="keep", clear_cache=False)
                     try:
                         reply = await self._trainer_request(Step())
-                        await self._publish(job, begin.trained)
+                        # Paused: the step and its re-pack land between two engine steps. Otherwise the
+                        # re-pack runs in the worker while the trainer computes the next step.
+                        await self._publish(job, begin.trained, repacks, wait=req.pause)
                     finally:
                         if req.pause:
                             await self.engine_client.resume_generation()
@@ -359,12 +362,17 @@ class TrainingService:
                     job.error = f"{exc}; not rolled back: {begin.rollback_note or 'no copy was kept'}"
                 raise
             finally:
-                if self.trainer.alive():
-                    end = await self._trainer_request(EndJob(success=success))
-                    job.weight_version = self._advance_version(end.weight_version)
-                    if end.rolled_back:  # the restore wrote the weights: serve and publish them like a step
-                        await self._publish(job, begin.trained)
-                        job.rolled_back = True
+                # The trainer saves its state while the last re-pack runs; the job ends once both are done.
+                ending = asyncio.ensure_future(self._trainer_request(EndJob(success=success))) if self.trainer.alive() else None
+                try:
+                    await self._settle(repacks)
+                finally:
+                    if ending is not None:
+                        end = await ending
+                        job.weight_version = self._advance_version(end.weight_version)
+                        if end.rolled_back:  # the restore wrote the weights: serve and publish them like a step
+                            await self._publish(job, begin.trained, repacks, wait=True)
+                            job.rolled_back = True
             if job.cancel_requested:
                 self._cancelled(job)
             else:
@@ -383,14 +391,41 @@ class TrainingService:
             if self.trainer.state == "busy":
                 self.trainer.state = "ready"
 
-    async def _publish(self, job: TrainJob, trained: list[str]) -> None:
+    async def _publish(self, job: TrainJob, trained: list[str], repacks: list[asyncio.Future], *,
+                       wait: bool) -> None:
         """The trainer wrote the weights (a step, a rollback): the served kernels take them, and later
-        requests never reuse KV computed before."""
-        if self.repack is not None:  # the served kernels take the new weights, between two engine steps
-            job.repack_seconds.append((await self.repack(trained))["seconds"])
+        requests never reuse KV computed before.
+
+        On a CPU server with packed kernels the worker packs the stepped layers again (one engine round trip,
+        run between two engine steps; round trips run in the order sent). With `wait` false the re-pack is
+        left running in `repacks` and the caller goes on: the next step's forward and backward overlap it.
+        If that step writes while the worker packs, the served copy mixes two steps until the next re-pack:
+        the hogwild of a job without `pause`, as in-place serving has it. `_settle` waits for them."""
+        if self.repack is not None:
+            repack = asyncio.ensure_future(self.repack(trained))
+            repack.add_done_callback(lambda done: None if done.cancelled() or done.exception() is not None
+                                     else job.repack_seconds.append(done.result()["seconds"]))
+            repacks.append(repack)
+            if wait:
+                await self._settle(repacks, publish=False)  # published below
         t0 = time.perf_counter()
         self.kv_generations.publish()
         job.publish_seconds.append(time.perf_counter() - t0)
+
+    async def _settle(self, repacks: list[asyncio.Future], *, publish: bool = True) -> None:
+        """Wait for the re-packs still running (the first failure is raised once all have ended). Then, with
+        `publish`, publish again: a request admitted while a re-pack was running may have computed KV with
+        the previous copy under the new generation, and nothing after the job may reuse it."""
+        if not repacks:
+            return
+        waited = list(repacks)
+        repacks.clear()
+        results = await asyncio.gather(*waited, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+        if publish:
+            self.kv_generations.publish()
 
     def _diverged(self, job: TrainJob, reason: str) -> None:
         if job.rolled_back:
