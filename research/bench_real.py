@@ -9,7 +9,8 @@ this order; every figure is a ratio against a baseline measured in the same run,
   2. extraction on the plugin server: the corpus's first `--texts` texts forwarded through the server's
      readout vs Hugging Face in this process, rounds alternating which goes first.
   3. /train on the training server: a job of `--train-steps` steps vs the same steps on a private copy
-     of the model in this process (bench_train.standalone_step), rounds alternating. goal end to end <= 1.05x
+     of the model in this process (bench_train.standalone_step), and the same job with `pause: true`
+     (which waits for each step's CPU re-pack), rounds rotating the order.     goal end to end <= 1.05x
   4. checkpoint on the training server: /checkpoint after a one-layer step and after a full-model step
      (block diff), beside a full safetensors rewrite of the same tensors in this process, alternating.
   5. readout and steering in vLLM's offline engine with the residual tap (bench_readout's child): one-layer
@@ -255,34 +256,42 @@ def train_phase(server, model_dir: Path, args) -> dict:
         step = standalone_step(model_dir, samples, dtype=getattr(torch, args.dtype))
         step()  # warm-up: optimizer state, allocator
 
-        def job(steps: int) -> dict:
+        def job(steps: int, pause: bool = False) -> dict:
             t0 = time.perf_counter()
             r = requests.post(server.url + "/train", timeout=3600, json={
-                "samples": samples, "steps": steps, "force": True, "optimizer": {"lr": LR}})
+                "samples": samples, "steps": steps, "force": True, "optimizer": {"lr": LR}, "pause": pause})
             r.raise_for_status()
             wall = time.perf_counter() - t0
             detail = requests.get(server.url + f"/train/status/{r.json()['job_id']}", timeout=30).json()
             return {"wall": wall, **detail}
 
         job(1)  # warm-up on the server side too
-        standalone, end_to_end, compute, publish, repack = [], [], [], [], []
+        # "server" is the default job; "paused" the same job with `pause: true`, which also waits for each
+        # step's CPU re-pack before the next step (the default overlaps it with the next step's compute).
+        standalone, end_to_end, compute, paused, paused_compute, publish, repack = [], [], [], [], [], [], []
+        sides = ("server", "paused", "standalone")
         for r in range(args.paired_rounds):
-            for side in (("server", "standalone") if first_goes_first(r) else ("standalone", "server")):
+            for side in sides[r % 3:] + sides[:r % 3]:  # each side goes first equally often
+                if side == "standalone":
+                    standalone.append(statistics.median(step() for _ in range(args.train_steps)))
+                    continue
+                d = job(args.train_steps, pause=side == "paused")
+                (end_to_end if side == "server" else paused).append(d["wall"] / args.train_steps)
+                (compute if side == "server" else paused_compute).append(statistics.median(d["step_seconds"]))
                 if side == "server":
-                    d = job(args.train_steps)
-                    end_to_end.append(d["wall"] / args.train_steps)
-                    compute.append(statistics.median(d["step_seconds"]))
                     publish += d["publish_seconds"]
                     repack += d.get("repack_seconds") or []
-                else:
-                    standalone.append(statistics.median(step() for _ in range(args.train_steps)))
-            log(f"train round {r + 1}: /train {end_to_end[-1]:.3f}s/step end to end, trainer {compute[-1]:.3f}s, "
-                f"standalone {standalone[-1]:.3f}s")
+            log(f"train round {r + 1}: /train {end_to_end[-1]:.3f}s/step end to end, trainer {compute[-1]:.3f}s; "
+                f"with pause {paused[-1]:.3f}s, trainer {paused_compute[-1]:.3f}s; standalone {standalone[-1]:.3f}s")
     finally:
         torch.set_num_threads(threads)
         gc.collect()
     return {"end_to_end": compare(end_to_end, standalone, TRAIN_GOAL),
             "trainer_compute": compare(compute, standalone),
+            "paused": compare(paused, standalone),
+            # per round: what a job adds to the trainer's own step time (HTTP, job, messages, re-packs waited)
+            "overhead_s": spread([e - c for e, c in zip(end_to_end, compute)]),
+            "paused_overhead_s": spread([e - c for e, c in zip(paused, paused_compute)]),
             "tokens_per_step": tokens, "samples": len(samples), "threads": max(1, (os.cpu_count() or 2) // 2),
             "publish_s": spread(publish) if publish else None, "repack_s": spread(repack) if repack else None}
 
@@ -434,6 +443,10 @@ def write(results: dict, out: Path) -> None:
                  e["goal"], met(e)],
                 ["/train trainer compute per step", f(c["subject"]["median"]), f(c["baseline"]["median"]), f(c["ratio"]),
                  f"{f(c['round_ratios']['median'])} ({span(c['round_ratios'])})", "-", "-"],
+                *([["/train with `pause: true` (each step's re-pack waited) end to end per step",
+                    f(t["paused"]["subject"]["median"]), f(t["paused"]["baseline"]["median"]), f(t["paused"]["ratio"]),
+                    f"{f(t['paused']['round_ratios']['median'])} ({span(t['paused']['round_ratios'])})", "-", "-"]]
+                  if "paused" in t else []),
                 ["tokens/s end to end", f"{tps(e['subject']['median']):.1f}", f"{tps(e['baseline']['median']):.1f}",
                  f(e["baseline"]["median"] / e["subject"]["median"]), "-", "-", "-"]]
         extra = []
@@ -441,10 +454,14 @@ def write(results: dict, out: Path) -> None:
             extra.append(f"publish median {t['publish_s']['median'] * 1e3:.3f} ms")
         if t.get("repack_s"):
             extra.append(f"packing the stepped linear layers again (CPU) median {t['repack_s']['median'] * 1e3:.0f} ms")
+        if t.get("overhead_s"):
+            extra.append(f"what a job adds to the trainer's own step (end to end minus trainer compute, per round), "
+                         f"median {t['overhead_s']['median']:.3f} s ({span(t['overhead_s'])}) per step; with pause "
+                         f"{t['paused_overhead_s']['median']:.3f} s ({span(t['paused_overhead_s'])})")
         body += ["## 3. /train vs the same step standalone", "",
                  f"{t['samples']} samples, {t['tokens_per_step']} tokens per step, APOLLO at lr 1e-4, "
-                 f"{results['settings']['train_steps']} steps per round, {e['subject']['n']} rounds alternating "
-                 f"which side goes first. Standalone: Hugging Face model + APOLLO in this process with "
+                 f"{results['settings']['train_steps']} steps per round, {e['subject']['n']} rounds "
+                 f"{'rotating which of the three goes first' if 'paused' in t else 'alternating which side goes first'}. Standalone: Hugging Face model + APOLLO in this process with "
                  f"{t['threads']} torch thread(s) (the trainer's budget), while the same server is up and idle. "
                  "Times in seconds per step.", "",
                  table(["measure", "plasticity", "standalone", "ratio", "per-round ratio median (range)", "goal", "met"],
