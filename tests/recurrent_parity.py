@@ -6,7 +6,7 @@ for i = 1..n-1 (the reference implementation's full-sequence forward, fp32).
 
     logits_match(server, model, reference, prompts, tol)  served prompt_logprobs = the reference's
     decode_equals_prefill(server, model, prompt, n, tol)  generated tokens' log-probs = scoring the text
-    batch_invariant(server, model, prompts, tol)          a batch of different prompts = each alone
+    batch_invariant(server, model, prompts, tol, n)       a batch of different prompts = each alone
     causal(server, model, prompt, t, vocab, tol)          tokens after t never change log-probs at <= t
     isolated(server, model, prompts, tol)                 concurrent generations = each one alone
     readout_and_steering(server, width, ids, tol)         scores and steered log-probs = the HF form's
@@ -85,12 +85,21 @@ def decode_equals_prefill(server, model: str, prompt: list[int], n: int, tol: fl
     return tokens
 
 
-def batch_invariant(server, model: str, prompts: list[list[int]], tol: float) -> None:
-    out = _post(server, {"model": model, "prompt": prompts, "max_tokens": 1, "prompt_logprobs": 0})
+def batch_invariant(server, model: str, prompts: list[list[int]], tol: float, generate: int = 1) -> None:
+    """The prompts sent in one request (prefilled together, those of one length as one batch in the recurrent
+    layer) score as each alone; with `generate` > 1 each also continues greedily as it does alone (the state
+    a batched prefill wrote into each request's slot is that request's)."""
+    out = _post(server, {"model": model, "prompt": prompts, "max_tokens": generate, "prompt_logprobs": 0,
+                         "logprobs": 0, "return_token_ids": True, "ignore_eos": True})
     for ids, choice in zip(prompts, sorted(out["choices"], key=lambda c: c["index"])):
         batched = [choice["prompt_logprobs"][i][str(t)]["logprob"] for i, t in enumerate(ids) if i > 0]
         gap = max_gap(batched, served_logprobs(server, model, ids))
         assert gap <= tol, f"prompt of {len(ids)} tokens: in a batch of {len(prompts)} vs alone differ by {gap:.2e}"
+        if generate > 1:
+            tokens, decoded = greedy(server, model, ids, generate)
+            assert choice["token_ids"] == tokens, f"prompt of {len(ids)} tokens: continued otherwise in a batch"
+            gap = max_gap(choice["logprobs"]["token_logprobs"], decoded)
+            assert gap <= tol, f"prompt of {len(ids)} tokens: continuation in a batch vs alone differs by {gap:.2e}"
 
 
 def causal(server, model: str, prompt: list[int], t: int, vocab: int, tol: float, seed: int = 0) -> None:

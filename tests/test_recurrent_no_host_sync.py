@@ -208,8 +208,9 @@ def test_a_step_reads_nothing_on_the_host_and_equals_the_whole_sequence_forward(
     a, b, c, d = (Request(slot, draw(12)) for slot in (2, 4, 5, 7))
     got = {id(r): [] for r in (a, b, c, d)}
     with torch.no_grad():
-        for rows in ([(a, 5), (b, 3), (c, 4)],  # three fresh prompts (c's first chunk)
-                     [(a, 1), (b, 1), (c, 3), (d, 4)],  # two decodes, c continues its prompt, d starts
+        # Prefills of one step run together in segments, shortest first (fresh ones, then continuing ones).
+        for rows in ([(a, 5), (b, 3), (c, 4), (d, 2)],  # four fresh prompts (c's and d's first chunks)
+                     [(a, 1), (b, 1), (c, 3), (d, 4)],  # two decodes, c and d continue their prompts
                      [(a, 1), (b, 1), (c, 1), (d, 1)],  # decodes only
                      [(d, 1), (a, 1), (c, 1), (b, 1)]):  # decodes in another order
             for (r, _), out in zip(rows, engine.step(rows)):

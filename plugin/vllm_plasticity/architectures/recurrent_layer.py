@@ -21,7 +21,9 @@ host integers (recurrent_metadata.py). Each step it:
     whole batch, no per-request Python, so decode cost per token does not grow with the context;
   * runs each prefill (or chunk of one) with the architecture's parallel form, starting from zero state
     when the request has no earlier tokens (a reused slot holds another request's state) and from its slot
-    otherwise, so chunked prefill continues exactly;
+    otherwise, so chunked prefill continues exactly; the step's prefills run together in segments (every
+    one for the shortest's length, the longer ones on from there), so a recurrence's per-token loop runs as
+    many times as the longest prefill has tokens, not once per request;
   * writes each request's final state back into its slot, in place.
 It reads no device tensor on the host (no `.tolist()`/`.item()`: tests/test_recurrent_no_host_sync.py), so
 on a GPU a decode-only step can run inside a full CUDA graph, as vLLM's own Mamba layers do: the builder is
@@ -99,24 +101,60 @@ class RecurrentStateLayer(MambaBase, nn.Module):
         tokens = metadata.num_decode_tokens + metadata.num_prefill_tokens
         output[tokens:].zero_()  # padding rows, if any
         if decodes:  # all decoding requests at once, one token each, from and back to their slots
-            self._advance(inputs[:decodes, None], output[:decodes], metadata.state_indices_tensor_d[:decodes, 0])
-        for i, (start, end, continues) in enumerate(metadata.prefills):
-            # A request with no earlier tokens starts from zero: its slot may hold a finished request's state.
-            self._advance(inputs[None, start:end], output[start:end], metadata.state_indices_tensor_p[i:i + 1],
-                          None if continues else arch.zero_states(1, inputs.device))
+            hidden = self._advance(inputs[:decodes, None], metadata.state_indices_tensor_d[:decodes, 0])
+            output[:decodes] = hidden.reshape(decodes, -1).to(output.dtype)
+        for rows, continues in _prefill_groups(metadata.prefills):
+            self._prefill_together(inputs, output, metadata, rows, continues)
 
-    def _advance(self, inputs: torch.Tensor, output: torch.Tensor, slots: torch.Tensor,
-                 initial: list[torch.Tensor] | None = None) -> None:
-        """Run `inputs` (R, L, ...) from the states in `slots` (R,) (or from `initial`), write the outputs
-        (R * L rows) and the states after the last token back into the slots, in place."""
+    def _prefill_together(self, inputs: torch.Tensor, output: torch.Tensor, metadata: RecurrentStateMetadata,
+                          rows: list[int], continues: bool) -> None:
+        """Run the prefills `rows` (shortest first) as one batch, in segments: every row for the shortest one's
+        length, then the longer rows on from their states for the next length, and so on; each row's state goes
+        into its slot when its tokens end. A recurrence's per-token loop so runs as many times as the longest
+        prefill has tokens, not as all of them together (chunked prefill already checks that continuing from
+        a state mid-sequence is exact)."""
+        arch = self.architecture
+        ranges = [metadata.prefills[i][:2] for i in rows]
+        slots = torch.cat([metadata.state_indices_tensor_p[i:i + 1] for i in rows]).long()
+        # A request with no earlier tokens starts from zero: its slot may hold a finished request's state.
+        states = (arch.zero_states(len(rows), inputs.device) if not continues
+                  else [s.index_select(0, slots) for s in self.kv_cache])
+        done, first = 0, 0  # tokens of every unfinished row run so far; the first unfinished row
+        while first < len(rows):
+            length = ranges[first][1] - ranges[first][0]
+            batch = torch.stack([inputs[start + done:start + length] for start, _ in ranges[first:]])
+            hidden, states = arch.stream(batch, states, **self.options)
+            for r, (start, _) in enumerate(ranges[first:]):
+                output[start + done:start + length] = hidden[r].to(output.dtype)
+            ended = first
+            while ended < len(rows) and ranges[ended][1] - ranges[ended][0] == length:
+                ended += 1
+            for s, n in zip(self.kv_cache, states):
+                s[slots[first:ended]] = n[:ended - first]  # into the slots of the rows that ended, in place
+            states = [n[ended - first:] for n in states]
+            done, first = length, ended
+
+    def _advance(self, inputs: torch.Tensor, slots: torch.Tensor, initial: list[torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+        """Run `inputs` (R, L, ...) from the states in `slots` (R,) (or from `initial`), write the states after
+        the last token back into the slots, in place, and return the outputs (R, L, W)."""
         index = slots.long()
         states = self.kv_cache
         if initial is None:
             initial = [s.index_select(0, index) for s in states]
         hidden, new = self.architecture.stream(inputs, initial, **self.options)
-        output.copy_(hidden.reshape(output.shape).to(output.dtype))
         for s, n in zip(states, new):
             s[index] = n  # into the slot, in place
+        return hidden
+
+
+def _prefill_groups(prefills: tuple[tuple[int, int, bool], ...]) -> list[tuple[list[int], bool]]:
+    """The step's prefills (start, end, continues) as the rows that run together: those starting from zero,
+    and those continuing from their slots, each shortest first. Host data only (vLLM's builder made the ranges)."""
+    groups: dict[bool, list[int]] = {}
+    for i in sorted(range(len(prefills)), key=lambda i: prefills[i][1] - prefills[i][0]):
+        groups.setdefault(prefills[i][2], []).append(i)
+    return [(rows, continues) for continues, rows in groups.items()]
 
 
 @eager_break_during_capture
