@@ -12,7 +12,7 @@ garbage or is not offered at all:
 The arena (contract/weights.py) is filled in `load_weights`, before those run, so the shared tensors keep
 the loaded layout: they are what the trainer maps and writes. After a published step the worker packs
 them again *into the served copy's own storage* (`refresh`), so the compiled forward, which holds that
-storage, computes with the new weights; like cpu_repack.py, a forward never sees half a step.
+storage, computes with the new weights; like cpu_repack.py, a forward never sees half a pack.
 
     >>> copies = PackedCopies(model, model.plasticity_shared_views)   # after process_weights_after_loading
     >>> copies.refresh(["model.layers.0.mlp.experts.gate_up_proj"])   # the trainer's (HF) names; None: all
