@@ -18,7 +18,8 @@ deep-write count are kept per request (diagnostics).
 Both forms call `stream` (per token: the fused vector the head reads, and the new state) and `logits`;
 the served Mamba2 form runs the backbone in vLLM's own MambaMixer2 layers and `memory_stream` in a state
 layer of its own (tkc_vllm.py). The memory is sequential by design (each token reads what earlier tokens
-wrote), so `memory_stream` loops over the tokens of a chunk; the backbone runs the chunk at once (nn.GRU
+wrote), so `memory_stream` loops over the tokens of a chunk for the reads and writes alone (the
+projections and the fusion run on the whole chunk); the backbone runs the chunk at once (nn.GRU
 from the saved hidden state, or the Mamba2 scan from the saved convolution and SSM states). Decode is one
 step: its cost does not grow with the context. Torch (and transformers' Mamba2 scan) only.
 """
@@ -119,32 +120,35 @@ class TKCModules:
         return x, new
 
     def memory_stream(self, h: torch.Tensor, memory: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """DualTierMiras over a chunk of backbone outputs h (R, T, d), token by token -> the fused stream."""
-        fused = []
+        """DualTierMiras over a chunk of backbone outputs h (R, T, d) -> the fused stream. What a token computes
+        from its own backbone output (query, key, value, tier blend, the fusion with what it read) runs for the
+        whole chunk at once; only the reads and writes, which depend on earlier tokens' writes, run token by
+        token (a per-token loop of eager ops is the cost of a prefill: research/results/bench_architectures.md)."""
+        q = F.normalize(self.query(h).float(), dim=-1)  # (R, T, d)
+        key, value = self.key(h).float(), self.value(h).float()
+        w_fast = torch.sigmoid(self.mix_logit + self.context_gate(h)).float()  # (R, T, 1)
+        slots = torch.arange(self.tkc.mem_slots, device=h.device, dtype=torch.float32)  # pointers are fp32 state
+        reads = []
         for t in range(h.shape[1]):
-            out, memory = self.memory_step(h[:, t], memory)
-            fused.append(out)
-        return torch.stack(fused, dim=1), memory
+            v, memory = self.memory_update(q[:, t], key[:, t], value[:, t], w_fast[:, t], memory, slots)
+            reads.append(v)
+        v = torch.stack(reads, dim=1).to(h.dtype)  # (R, T, d): what each token read
+        return h + torch.sigmoid(self.fusion_gate(torch.cat([h, v], dim=-1))) * self.fusion_out(v), memory
 
-    def memory_step(self, h: torch.Tensor, memory: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One token: read both tiers with the backbone output h (R, d), fuse, then write."""
+    def memory_update(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, w_fast: torch.Tensor,
+                      memory: list[torch.Tensor], slots: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One token (each (R, ...)): read both tiers with the unit query q, blend them by w_fast, then write
+        key and value. -> what it read (R, d) and the memory after its writes."""
         f = self.tkc.fields
         fast_k, fast_v, deep_k, deep_v, strength, stats = memory
-        q = F.normalize(self.query(h).float(), dim=-1)  # (R, d)
 
         def read(keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-            sim = torch.einsum("rd,rmd->rm", q, F.normalize(keys, dim=-1)) / float(f["temperature"])
+            # (Batched products as bmm: an einsum here costs a permute, a copy and a clone per token.)
+            sim = torch.bmm(F.normalize(keys, dim=-1), q[:, :, None])[..., 0] / float(f["temperature"])
             weights = torch.softmax(sim.masked_fill(~used, _UNUSED), dim=-1)  # (R, M)
-            return torch.einsum("rm,rmd->rd", weights, values)
+            return torch.bmm(weights[:, None], values)[:, 0]
 
-        v_fast = read(fast_k, fast_v, strength[:, 0] > 0)
-        v_deep = read(deep_k, deep_v, strength[:, 1] > 0)
-        w_fast = torch.sigmoid(self.mix_logit + self.context_gate(h)).float()  # (R, 1)
-        v = w_fast * v_fast + (1 - w_fast) * v_deep  # (R, d)
-        vh = v.to(h.dtype)
-        fused = h + torch.sigmoid(self.fusion_gate(torch.cat([h, vh], dim=-1))) * self.fusion_out(vh)
-
-        key, value = self.key(h).float(), self.value(h).float()
+        v = w_fast * read(fast_k, fast_v, strength[:, 0] > 0) + (1 - w_fast) * read(deep_k, deep_v, strength[:, 1] > 0)
         surprise = 1.0 - F.cosine_similarity(v, value, dim=-1, eps=1e-8)  # (R,): 1 when the memory is empty
         deep = (surprise > float(f["surprise_threshold"])).float()  # (R,): the write gate, no branch
         M = self.tkc.mem_slots
@@ -154,15 +158,17 @@ class TKCModules:
             pointer = stats[:, tier]
             # (R, M): the slot written, or none. A comparison, not F.one_hot: on CPU one_hot reads the
             # pointers' range on the host, which the served step must not do (recurrent_layer.py).
-            slot = (torch.arange(M, device=pointer.device) == pointer.long()[:, None]).float() * gate[:, None]
+            slot = (slots == pointer[:, None]).float()  # whole numbers in fp32: exact
+            if gate is not None:
+                slot = slot * gate[:, None]
             used = strength[:, tier]
-            step = (slot * (1 - ema * (used > 0).float()))[..., None]  # overwrite, or blend into a used slot
+            step = (slot * (1 - ema * (used > 0).float()) if ema else slot)[..., None]  # overwrite, or blend
             keys = keys + step * (key[:, None] - keys)
             values = values + step * (scale * value[:, None] - values)
-            return keys, values, torch.maximum(used, slot), torch.remainder(pointer + gate, M)
+            advanced = pointer + 1 if gate is None else pointer + gate
+            return keys, values, torch.maximum(used, slot), torch.remainder(advanced, M)
 
-        ones = torch.ones_like(deep)
-        fast_k, fast_v, fast_used, fast_ptr = write(fast_k, fast_v, 0, ones, float(f["lr_fast"]))
+        fast_k, fast_v, fast_used, fast_ptr = write(fast_k, fast_v, 0, None, float(f["lr_fast"]))  # every token
         deep_k, deep_v, deep_used, deep_ptr = write(deep_k, deep_v, 1, deep, float(f["lr_deep"]))
         seen = stats[:, 2] + 1
         s = surprise.detach()
@@ -170,7 +176,7 @@ class TKCModules:
         mean = stats[:, 3] + delta / seen
         var = stats[:, 4] + (delta * (s - mean) - stats[:, 4]) / seen
         stats = torch.stack([fast_ptr, deep_ptr, seen, mean, var, stats[:, 5] + deep], dim=1)
-        return fused, [fast_k, fast_v, deep_k, deep_v, torch.stack([fast_used, deep_used], dim=1), stats]
+        return v, [fast_k, fast_v, deep_k, deep_v, torch.stack([fast_used, deep_used], dim=1), stats]
 
     # ---- per token, stateless --------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
