@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# _PER_TOKEN: inside the per-token loops, products are written as matmul rather than einsum: on CPU an einsum
+# with batch dimensions adds a permute, a copy and a clone per call, ~40 us each time (a prefill runs these
+# loops once per token: research/results/bench_architectures.md).
+
+
 def heads(x: torch.Tensor, n: int) -> torch.Tensor:
     """(R, T, n * k) -> (R, T, n, k)"""
     return x.unflatten(-1, (n, -1))
@@ -44,7 +49,7 @@ class JordanLayer(nn.Module):
         ys = []
         for t in range(x.shape[1]):
             S = a[:, t] * S + (1 - a[:, t]) * k[:, t, :, :, None] * v[:, t, :, None, :]
-            ys.append(torch.einsum("rhi,rhij->rhj", q[:, t], S))
+            ys.append((q[:, t, :, None, :] @ S)[..., 0, :])  # q S per head (matmul: see _PER_TOKEN)
         return self.W_out(torch.stack(ys, 1).flatten(2).to(x.dtype)), S
 
 
@@ -68,10 +73,10 @@ class HopfieldCore(nn.Module):
         gate = torch.sigmoid(self.W_gate(xn)).float()[..., None, None]
         ys, surprise = [], []
         for t in range(x.shape[1]):
-            error = v[:, t] - torch.einsum("rhij,rhj->rhi", S, k[:, t])
+            error = v[:, t] - (S @ k[:, t, :, :, None])[..., 0]  # S k per head
             surprise.append(error.norm(dim=-1).mean(dim=-1))
             S = gate[:, t] * S + beta[:, t] * error[..., :, None] * k[:, t, :, None, :]
-            ys.append(torch.einsum("rhij,rhj->rhi", S, q[:, t]))
+            ys.append((S @ q[:, t, :, :, None])[..., 0])  # S q per head
         return self.W_out(torch.stack(ys, 1).flatten(2).to(x.dtype)), S, torch.stack(surprise, 1)
 
 
