@@ -55,37 +55,69 @@ class TemporalMemoryHub(nn.Module):
 
     def scan(self, x: torch.Tensor, tiers: torch.Tensor, ring: torch.Tensor, seen: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (R, T, d); tiers (R, hub_width); ring (R, B, d); seen (R,) tokens before the chunk."""
-        dtype = x.dtype
+        """x (R, T, d); tiers (R, hub_width); ring (R, B, d); seen (R,) tokens before the chunk.
+
+        What does not depend on the tiers runs on the whole chunk (a prefill pays per token for what stays in
+        the loop: research/results/bench_architectures.md): x's share of tier 1's gate and candidate, the
+        ring's mean before each token (a sliding-window sum) and what tier 2 moves toward from it, the update
+        schedule, and after the loop the reads, the fusion and the ring's new contents. The loop keeps the
+        tiers' own recurrences."""
+        dtype, (_, T, d) = x.dtype, x.shape
         tier1, tier2, tier3, var = tiers.split(self.dims, dim=-1)
-        slots = torch.arange(ring.shape[1], device=x.device)
-        out = []
-        for t in range(x.shape[1]):
-            xt = x[:, t]
-            c = seen + t + 1  # (R,)
+        positions = seen[:, None] + torch.arange(T, device=x.device)  # (R, T): each token's position
+        counts = positions + 1
+        update2, update3 = (counts % self.interval2 == 0)[..., None], (counts % self.interval3 == 0)[..., None]
+        gate_x = F.linear(x, self.tier1_gate.weight[:, :d], self.tier1_gate.bias)  # (R, T, t1)
+        candidate_x = F.linear(x, self.tier1_candidate.weight[:, :d], self.tier1_candidate.bias)
+        gate_tier, candidate_tier = self.tier1_gate.weight[:, d:], self.tier1_candidate.weight[:, d:]
+        summary = self._ring_means(x.detach().float(), ring, positions).to(dtype)  # (R, T, d)
+        beta = torch.sigmoid(self.tier2_beta(summary)).float()
+        target2 = self.tier2_value(summary).float()
+        tiers1, reads2, tiers3, variances = [], [], [], []
+        for t in range(T):
             bias21 = self.broadcast_2to1(tier2.to(dtype)).float()
             bias32 = self.broadcast_3to2(tier3.to(dtype)).float()
             biased1 = tier1 + bias21
-            both = torch.cat([xt, biased1.to(dtype)], dim=-1)
-            gate = torch.sigmoid(self.tier1_gate(both)).float()
-            tier1 = gate * biased1 + (1 - gate) * torch.tanh(self.tier1_candidate(both)).float()
+            tier_in = biased1.to(dtype)
+            gate = torch.sigmoid(gate_x[:, t] + F.linear(tier_in, gate_tier)).float()
+            tier1 = gate * biased1 + (1 - gate) * torch.tanh(candidate_x[:, t] + F.linear(tier_in, candidate_tier)).float()
 
-            summary = ring.mean(dim=1).to(dtype)  # the ring before this token is added
             biased2 = tier2 + bias32
-            beta = torch.sigmoid(self.tier2_beta(summary)).float()
-            moved = biased2 + beta * (self.tier2_value(summary).float() - biased2)
-            tier2 = torch.where((c % self.interval2 == 0)[:, None], moved, tier2)
+            tier2 = torch.where(update2[:, t], biased2 + beta[:, t] * (target2[:, t] - biased2), tier2)
 
             read2 = self.tier2_read(tier2.to(dtype))
             noise = F.softplus(self.tier3_obs_noise(read2)).float() + self.MIN_OBS_NOISE
             predicted = self.TIER3_DECAY * var + self.TIER3_NOISE
             gain = predicted / (predicted + noise + self.EPS)
-            step3 = (c % self.interval3 == 0)[:, None]
-            tier3 = torch.where(step3, tier3 + gain * (self.tier3_obs(read2).float() - tier3), tier3)
-            var = torch.where(step3, (1.0 - gain) * predicted, var)
+            tier3 = torch.where(update3[:, t], tier3 + gain * (self.tier3_obs(read2).float() - tier3), tier3)
+            var = torch.where(update3[:, t], (1.0 - gain) * predicted, var)
+            tiers1.append(tier1), reads2.append(read2), tiers3.append(tier3), variances.append(var)
+        read1 = self.tier1_read(torch.stack(tiers1, 1).to(dtype))
+        read3 = self.tier3_read(torch.cat([torch.stack(tiers3, 1), torch.stack(variances, 1)], -1).to(dtype))
+        out = self.fusion(torch.cat([read1, torch.stack(reads2, 1), read3], dim=-1))
+        return self.norm(out), torch.cat([tier1, tier2, tier3, var], dim=-1), self._ring_after(x, ring, positions)
 
-            read1, read3 = self.tier1_read(tier1.to(dtype)), self.tier3_read(torch.cat([tier3, var], -1).to(dtype))
-            out.append(self.fusion(torch.cat([read1, read2, read3], dim=-1)))
-            written = (slots == torch.remainder(c - 1, ring.shape[1])[:, None])[..., None]  # (R, B, 1)
-            ring = torch.where(written, xt.detach().float()[:, None], ring)
-        return self.norm(torch.stack(out, 1)), torch.cat([tier1, tier2, tier3, var], dim=-1), ring
+    @staticmethod
+    def _ring_means(x: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(R, T, d): the ring's mean over its B slots before each token is written (slot = position % B).
+        Token i overwrites what token i - B wrote (from the ring for i < B), so the sum before token t is the
+        ring's sum plus the running sum of (x_i - overwritten_i) for i < t, accumulated in fp64."""
+        R, T, d = x.shape
+        B = ring.shape[1]
+        slots = torch.remainder(positions[:, : min(T, B)], B).long()  # the slots the first B tokens overwrite
+        overwritten = ring.gather(1, slots[..., None].expand(-1, -1, d))
+        if T > B:
+            overwritten = torch.cat([overwritten, x[:, : T - B]], dim=1)
+        change = (x - overwritten).double().cumsum(dim=1) - (x - overwritten).double()  # before token t
+        return ((ring.double().sum(dim=1, keepdim=True) + change) / B).float()
+
+    @staticmethod
+    def _ring_after(x: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The ring after the chunk: each slot holds the latest token written to it, from the chunk when one was."""
+        R, T, d = x.shape
+        B = ring.shape[1]
+        slot = torch.arange(B, device=x.device)
+        latest = positions[:, -1:] - torch.remainder(positions[:, -1:] - slot, B)  # (R, B): position last in slot
+        from_chunk = (latest >= positions[:, :1])[..., None]
+        index = (latest - positions[:, :1]).clamp(0, T - 1).long()[..., None].expand(R, B, d)
+        return torch.where(from_chunk, x.detach().float().gather(1, index), ring)
