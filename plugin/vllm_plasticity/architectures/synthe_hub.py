@@ -104,6 +104,8 @@ class TemporalMemoryHub(nn.Module):
         ring's sum plus the running sum of (x_i - overwritten_i) for i < t, accumulated in fp64."""
         R, T, d = x.shape
         B = ring.shape[1]
+        if T == 1:  # a decode step: the ring as it is (the general form's setup would cost more than the step)
+            return ring.mean(dim=1, keepdim=True)
         slots = torch.remainder(positions[:, : min(T, B)], B).long()  # the slots the first B tokens overwrite
         overwritten = ring.gather(1, slots[..., None].expand(-1, -1, d))
         if T > B:
@@ -117,6 +119,8 @@ class TemporalMemoryHub(nn.Module):
         R, T, d = x.shape
         B = ring.shape[1]
         slot = torch.arange(B, device=x.device)
+        if T == 1:  # a decode step: one slot written
+            return torch.where((slot == torch.remainder(positions, B))[..., None], x.detach().float(), ring)
         latest = positions[:, -1:] - torch.remainder(positions[:, -1:] - slot, B)  # (R, B): position last in slot
         from_chunk = (latest >= positions[:, :1])[..., None]
         index = (latest - positions[:, :1]).clamp(0, T - 1).long()[..., None].expand(R, B, d)
