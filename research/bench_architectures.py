@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
-from lab import _exit_on_sigterm  # noqa: E402  (a `kill PID` ends the run through the servers' `finally`)
+from lab import exit_on_sigterm  # noqa: E402  (a SIGTERM ends the run through its `finally`)
 
 from plasticity_training.default_causal_bank import CausalBankSpec  # noqa: E402
 from plasticity_training.default_model import SPECIAL_TOKENS, ModelSpec, build_model, hf_config  # noqa: E402
@@ -139,7 +138,7 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="more `plasticity serve` arguments, for both sides")
     parser.add_argument("--out", default=str(RESULTS / "bench_architectures"))
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # by default Python dies at once, the server running on
+    exit_on_sigterm()  # a `kill PID` stops the servers this run started
     specs = architectures(args.context)
     names = args.archs.split(",")
     unknown = sorted(set(names) - set(specs))

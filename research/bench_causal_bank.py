@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
+from lab import exit_on_sigterm  # noqa: E402  (a SIGTERM ends the run through its `finally`)
 
 from plasticity_training.causal_bank_export import export_causal_bank  # noqa: E402
 from plasticity_training.default_model import ModelSpec, build_model  # noqa: E402
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--reference-tokens", type=int, default=8, help="tokens the reference generates per length")
     parser.add_argument("--out", default=str(Path(__file__).with_name("causal_bank_results.md")))
     args = parser.parse_args()
+    exit_on_sigterm()  # a `kill PID` stops the servers this run started
     lengths = [int(x) for x in args.lengths.split(",")]
     rng = random.Random(0)
     prompts = {n: [rng.randrange(256) for _ in range(n)] for n in lengths}

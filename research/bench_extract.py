@@ -35,6 +35,8 @@ from plasticity_training.corpus import load_corpus
 from plasticity_training.methods import METHODS, get_method
 from plasticity_training.report import build_report, write_report
 from plasticity_training.vectors import Contrasts, extract_vectors
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab import exit_on_sigterm  # noqa: E402  (a SIGTERM ends the run through its `finally`)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--server-cores", help="VLLM_CPU_OMP_THREADS_BIND for the server (vLLM's default reserves one "
                                           "core for its engine process: on 2 cores the forward gets one)")
     args = p.parse_args()
+    exit_on_sigterm()  # a `kill PID` stops the servers this run started
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="plasticity-bench-extract-") as tmp:
         if args.hidden:

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
+from lab import exit_on_sigterm  # noqa: E402  (a SIGTERM ends the run through its `finally`)
 
 from plasticity_training.default_model import ModelSpec, build_model  # noqa: E402
 from vllm_plasticity.contract.bank import save_bank  # noqa: E402
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--out", default=str(Path(__file__).with_name("readout_prefix_results.md")))
     args = ap.parse_args()
+    exit_on_sigterm()  # a `kill PID` stops the servers this run started
 
     with tempfile.TemporaryDirectory(prefix="plasticity-bench-prefix-") as tmp:
         workdir = Path(tmp)

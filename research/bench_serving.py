@@ -31,6 +31,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
+from lab import exit_on_sigterm  # noqa: E402  (a SIGTERM ends the run through its `finally`)
 
 from plasticity_training.default_model import ModelSpec, build_model  # noqa: E402
 from vllm_plasticity.launcher import ServerProcess  # noqa: E402
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).with_name("serving_results.md")))
     args = ap.parse_args()
+    exit_on_sigterm()  # a `kill PID` stops the servers this run started
 
     with tempfile.TemporaryDirectory(prefix="plasticity-bench-serving-") as tmp:
         workdir = Path(tmp)

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_causal_bank import served_latency  # noqa: E402  (one way to time decode, shared)
 from bench_checkpoint import command, machine  # noqa: E402  (the benchmarks' shared report header)
+from lab import exit_on_sigterm  # noqa: E402  (a SIGTERM ends the run through its `finally`)
 
 from plasticity_training.default_model import (  # noqa: E402
     ModelSpec, build_model, default_model_path, project_text_files)
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=12, help="stories read for the firing rate")
     parser.add_argument("--out", default=str(Path(__file__).with_name("synthe_results.md")))
     args = parser.parse_args()
+    exit_on_sigterm()  # a `kill PID` stops the servers this run started
     lengths = [int(x) for x in args.lengths.split(",")]
     rng = random.Random(0)
 

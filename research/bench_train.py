@@ -34,6 +34,8 @@ from plasticity_training.apollo import Apollo
 from plasticity_training.default_model import default_model_path
 from vllm_plasticity.contract.settings import OptimizerSettings
 from vllm_plasticity.launcher import ServerProcess
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab import exit_on_sigterm  # noqa: E402  (a SIGTERM ends the run through its `finally`)
 
 LR = 1e-4
 
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--load-seconds", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("train_results.md"))
     args = parser.parse_args()
+    exit_on_sigterm()  # a `kill PID` stops the servers this run started
     model_dir = args.model or default_model_path()
     from transformers import AutoTokenizer
 

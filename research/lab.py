@@ -46,6 +46,14 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def exit_on_sigterm() -> None:
+    """For a script that starts servers itself (not through Lab): a SIGTERM (a timeout, `kill PID`) ends it
+    through its `finally` blocks, which stop them; by default Python dies at once, the servers running on.
+    Only the main thread may set a handler: elsewhere (a script's main() run by another program) it does nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 def default_model() -> Path:
     from plasticity_training.default_model import default_model_path
 
