@@ -71,13 +71,14 @@ class HopfieldCore(nn.Module):
         v, q = heads(self.W_v(xn), self.n_heads).float(), heads(self.W_q(xn), self.n_heads).float()
         beta = (self.BETA_MIN + (self.BETA_MAX - self.BETA_MIN) * torch.sigmoid(self.W_beta(xn))).float()[..., None, None]
         gate = torch.sigmoid(self.W_gate(xn)).float()[..., None, None]
-        ys, surprise = [], []
+        ys, errors = [], []
         for t in range(x.shape[1]):
             error = v[:, t] - (S @ k[:, t, :, :, None])[..., 0]  # S k per head
-            surprise.append(error.norm(dim=-1).mean(dim=-1))
+            errors.append(error)
             S = gate[:, t] * S + beta[:, t] * error[..., :, None] * k[:, t, :, None, :]
             ys.append((S @ q[:, t, :, :, None])[..., 0])  # S q per head
-        return self.W_out(torch.stack(ys, 1).flatten(2).to(x.dtype)), S, torch.stack(surprise, 1)
+        surprise = torch.stack(errors, 1).norm(dim=-1).mean(dim=-1)  # (R, T), after the loop: fewer ops per token
+        return self.W_out(torch.stack(ys, 1).flatten(2).to(x.dtype)), S, surprise
 
 
 class WienerCore(nn.Module):
@@ -103,17 +104,19 @@ class WienerCore(nn.Module):
         q = F.softplus(heads(q_raw, self.n_heads)) + self.MIN_PROCESS_NOISE
         alpha = torch.sigmoid(heads(self.W_alpha(xn), self.n_heads)).float()
         mu, var = state[..., 0], state[..., 1]
-        reads, ior = [], []
+        means, variances, innovations = [], [], []
         for t in range(x.shape[1]):
             innovation = z[:, t] - mu
-            ior.append(innovation.abs().mean(dim=(-1, -2)) / (z[:, t].abs().mean(dim=(-1, -2)) + self.EPS))
+            innovations.append(innovation)
             predicted = alpha[:, t] * var + q[:, t]
             gain = predicted / (predicted + r[:, t] + self.EPS)
             mu = mu + gain * innovation
             var = (1.0 - gain) * predicted
-            reads.append(torch.cat([mu.flatten(1), var.flatten(1)], dim=-1))
-        out = self.W_read(torch.stack(reads, 1).to(x.dtype))
-        return out, torch.stack([mu, var], dim=-1), torch.stack(ior, 1)
+            means.append(mu), variances.append(var)
+        # After the loop, for the whole chunk: what needs no state (fewer ops per token).
+        ior = torch.stack(innovations, 1).abs().mean(dim=(-1, -2)) / (z.abs().mean(dim=(-1, -2)) + self.EPS)
+        reads = torch.cat([torch.stack(means, 1).flatten(2), torch.stack(variances, 1).flatten(2)], dim=-1)
+        return self.W_read(reads.to(x.dtype)), torch.stack([mu, var], dim=-1), ior
 
 
 class AttentionProbe(nn.Module):
